@@ -1,0 +1,379 @@
+"""The one config tree: every option, its default and its help live here.
+
+A run is configured by a YAML recipe (nested by section) plus command-line flags (flat:
+every field name is unique across sections, so ``--lr`` needs no section prefix). The
+flags of the original MiniF2F script are accepted as aliases with the same meaning.
+Validation collects every problem before reporting, and names the flag of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import get_origin, get_type_hints
+
+import yaml
+
+DEMO_RECIPE = Path(__file__).parent / "demo" / "demo.yaml"
+
+PRECISIONS = ("bf16", "fp32", "fp16")
+MODES = ("full", "lora", "qlora")
+ATTN = ("auto", "sdpa", "eager", "flash_attention_2")
+WEIGHTS = ("instance_table", "instance_net", "domain_table")
+METHODS = ("finite_diff", "exact")
+AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
+META_LOSSES = ("bce", "mse")
+SCHEDULES = ("constant", "cosine", "linear")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def opt(default, help, choices=None, alias=()):
+    """A config field with its help text, allowed values and old-script flag aliases."""
+    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, "choices": choices, "alias": tuple(alias)}, **kw)
+
+
+@dataclass
+class DataConfig:
+    train_file: str = opt("", "training data (JSONL/JSON, any format `dreamprm data` reads); "
+                          "empty with no --config = the bundled demo data", alias=("--train_json_file",))
+    meta_file: str = opt("", "meta (held-out, outcome-labelled) data for the hypergradient",
+                         alias=("--meta_json_file",))
+    eval_file: str = opt("", "optional held-out step-labelled file evaluated every eval_every steps")
+    train_format: str = opt("auto", "format of train_file (see `dreamprm data convert --help`)")
+    meta_format: str = opt("auto", "format of meta_file")
+    eval_format: str = opt("auto", "format of eval_file")
+    max_length: int = opt(4096, "tokens per example; longer solutions are cut at a step boundary")
+    skip_invalid: bool = opt(False, "drop invalid records (reported by file:line) instead of failing")
+    num_workers: int = opt(0, "DataLoader worker processes for batch collation")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("", "local HF causal-LM or PRM folder; empty = built-in tiny Qwen2 PRM",
+                            alias=("--model_name",))
+    step_tag: str = opt("<extra_0>", "step tag token placed after every step (must be one token)")
+    mode: str = opt("lora", "what trains: full fine-tune, LoRA, or QLoRA (4-bit base, one GPU)", MODES)
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    lora_dropout: float = opt(0.05, "LoRA dropout (off during meta passes)")
+    lora_targets: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                             "module names that get LoRA adapters")
+    attn_implementation: str = opt("auto", "attention kernel; auto = flash_attention_2 if installed "
+                                   "on a GPU, else sdpa", ATTN)
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    trust_remote_code: bool = opt(False, "allow model code from the checkpoint folder")
+    chat_template: bool = opt(True, "wrap the question in the tokenizer's chat template when it has one")
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = opt(2000, "optimizer updates of the PRM")
+    batch_size: int = opt(1, "training examples per rank per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per PRM update")
+    lr: float = opt(2e-4, "PRM learning rate")
+    weight_decay: float = opt(0.0, "PRM AdamW weight decay")
+    lr_schedule: str = opt("constant", "PRM learning-rate schedule after warm-up", SCHEDULES)
+    warmup_steps: int = opt(0, "linear warm-up updates")
+    grad_clip: float = opt(1.0, "gradient-norm clipping of the PRM (0 = off)")
+    precision: str = opt("bf16", "bf16 or fp32 (fp16 is not supported: its loss scaling breaks "
+                         "meta gradients)", PRECISIONS)
+    seed: int = opt(42, "random seed")
+    deepspeed: str = opt("", "DeepSpeed JSON (engine settings only); empty = ZeRO stage 0 in-process")
+
+
+@dataclass
+class MetaConfig:
+    baseline: bool = opt(False, "uniform weights, no meta pass (ablation)")
+    weights: str = opt("instance_table", "what the weight module weights", WEIGHTS)
+    hypergrad: str = opt("finite_diff", "alignment method: finite differences (DreamPRM) or exact "
+                         "<grad l_i, v>", METHODS)
+    meta_batch_size: int = opt(1, "meta examples per rank per meta pass")
+    meta_lr: float = opt(0.1, "weight-module learning rate (Adam)")
+    meta_interval: int = opt(1, "PRM updates between meta passes")
+    fd_radius: float = opt(0.01, "finite differences: eps = fd_radius / ||v||")
+    aggregation: str = opt("mean_logodds", "step scores -> solution score for the meta loss", AGGREGATIONS)
+    meta_loss: str = opt("bce", "meta loss on the solution score", META_LOSSES)
+    net_hidden: int = opt(32, "hidden width of the instance_net weight module")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = opt("runs/dreamprm", "run directory (config, metrics, checkpoints)",
+                          alias=("--weights_path",))
+    resume_from: str = opt("auto", "checkpoint folder to resume from; auto = output_dir's latest if "
+                           "any; none = start fresh (fails if output_dir has checkpoints)")
+    save_every: int = opt(500, "updates between checkpoints (a final one is always written)")
+    keep_last: int = opt(3, "checkpoints kept")
+    log_every: int = opt(10, "updates between metrics.jsonl lines")
+    eval_every: int = opt(0, "updates between evaluations on eval_file (0 = off)")
+    project_name: str = opt("dreamprm", "wandb project")
+    experiment_name: str = opt("", "wandb run name (default: the output_dir name)")
+    disable_wandb: bool = opt(False, "no wandb at all")
+    wandb_mode: str = opt("auto", "auto = online with an API key, else offline", WANDB_MODES)
+    dry_run: bool = opt(False, "validate config and data, build the model, then exit")
+    debug: bool = opt(False, "log every update and check gradients for NaN")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _section_types() -> dict:
+    return get_type_hints(Config)
+
+
+def _fields():
+    """(section name, field, python type) for every option, in declaration order."""
+    for name, cls in _section_types().items():
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield name, f, hints[f.name]
+
+
+def _coerce(value, typ, where: str, problems: list[str]):
+    """Check a YAML value against the field type; ints are fine where floats are expected."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is list or get_origin(typ) is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{where}: {value!r} is not a {getattr(typ, '__name__', typ)}")
+    return None
+
+
+def _yaml_with_lines(path: Path):
+    """Load YAML keeping the line of every top-level and section key for error messages."""
+    text = path.read_text(encoding="utf-8")
+    node = yaml.compose(text)
+    data = yaml.safe_load(text) or {}
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            lines[(k.value,)] = k.start_mark.line + 1
+            if isinstance(v, yaml.MappingNode):
+                for k2, _ in v.value:
+                    lines[(k.value, k2.value)] = k2.start_mark.line + 1
+    return data, lines
+
+
+def apply_yaml(cfg: Config, path: Path, problems: list[str]) -> None:
+    try:
+        data, lines = _yaml_with_lines(path)
+    except (OSError, yaml.YAMLError) as e:
+        problems.append(f"{path}: cannot read YAML: {e}")
+        return
+    if not isinstance(data, dict):
+        problems.append(f"{path}: top level must be a mapping of sections ({', '.join(_sections())})")
+        return
+    for sec, body in data.items():
+        where = f"{path}:{lines.get((sec,), '?')}"
+        if sec not in _sections():
+            problems.append(f"{where}: unknown section {sec!r} (sections: {', '.join(_sections())})")
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"{where}: section {sec!r} must be a mapping")
+            continue
+        obj = getattr(cfg, sec)
+        hints = get_type_hints(type(obj))
+        names = {f.name for f in dataclasses.fields(obj)}
+        for key, value in body.items():
+            kwhere = f"{path}:{lines.get((sec, key), '?')}"
+            if key not in names:
+                problems.append(f"{kwhere}: unknown option {sec}.{key} (see launch/train.py --help)")
+                continue
+            v = _coerce(value, hints[key], f"{kwhere}: {sec}.{key}", problems)
+            if v is not None:
+                setattr(obj, key, v)
+
+
+def _sections():
+    return list(_section_types())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/train.py",
+        description="Train a process reward model with bilevel instance reweighting. "
+                    "Options come from --config (YAML, nested by section) and these flags, "
+                    "which override it. With neither --config nor --train_file the built-in "
+                    "demo runs (tiny PRM, bundled data).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML recipe (see recipes/)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
+    defaults = Config()
+    for sec, cls in _section_types().items():
+        g = p.add_argument_group(sec)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            typ, md = hints[f.name], f.metadata
+            default = getattr(getattr(defaults, sec), f.name)
+            names = [f"--{f.name}", *md["alias"]]
+            kw = {"dest": f"{sec}.{f.name}", "metavar": f.name.upper(), "help": f"{md['help']} (default: {default!r})"}
+            if typ is bool:
+                g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            elif typ is list or get_origin(typ) is list:
+                g.add_argument(*names, nargs="+", metavar="NAME", **kw)
+            else:
+                g.add_argument(*names, type=typ, choices=md["choices"], **kw)
+    return p
+
+
+def load_config(argv=None) -> tuple[Config, list[str]]:
+    """Parse flags (and --config) into a validated Config.
+
+    Returns the config and notes to print (e.g. that the demo recipe was used). Raises
+    ConfigError listing every problem.
+    """
+    args = vars(build_parser().parse_args(argv))
+    cfg, problems, notes = Config(), [], []
+    recipe = args.pop("config", None)
+    args.pop("local_rank", None)
+    if recipe is None and "data.train_file" not in args:
+        recipe = str(DEMO_RECIPE)
+        notes.append(f"no --config and no --train_file: running the built-in demo ({DEMO_RECIPE.name})")
+    if recipe is not None:
+        if not Path(recipe).is_file():
+            problems.append(f"--config: {recipe} does not exist")
+        else:
+            apply_yaml(cfg, Path(recipe), problems)
+    for dest, value in args.items():
+        sec, name = dest.split(".")
+        setattr(getattr(cfg, sec), name, value)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg, notes
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem with the config, each naming its flag and the fix."""
+    p = []
+    d, m, t, meta, r = cfg.data, cfg.model, cfg.train, cfg.meta, cfg.run
+    for sec, f, _ in _fields():
+        choices = f.metadata["choices"]
+        value = getattr(getattr(cfg, sec), f.name)
+        if choices and value not in choices:
+            p.append(f"--{f.name}: {value!r} is not one of {', '.join(choices)}")
+    positive = {"--max_length": d.max_length, "--total_steps": t.total_steps, "--batch_size": t.batch_size,
+                "--grad_accum": t.grad_accum, "--meta_batch_size": meta.meta_batch_size,
+                "--meta_interval": meta.meta_interval, "--lora_r": m.lora_r, "--save_every": r.save_every,
+                "--keep_last": r.keep_last, "--log_every": r.log_every, "--net_hidden": meta.net_hidden}
+    p += [f"{k}: must be >= 1 (got {v})" for k, v in positive.items() if v < 1]
+    nonneg = {"--num_workers": d.num_workers, "--warmup_steps": t.warmup_steps, "--grad_clip": t.grad_clip,
+              "--weight_decay": t.weight_decay, "--eval_every": r.eval_every}
+    p += [f"{k}: must be >= 0 (got {v})" for k, v in nonneg.items() if v < 0]
+    for k, v in {"--lr": t.lr, "--meta_lr": meta.meta_lr, "--fd_radius": meta.fd_radius,
+                 "--lora_alpha": m.lora_alpha}.items():
+        if not v > 0:
+            p.append(f"{k}: must be > 0 (got {v})")
+    if not 0 <= m.lora_dropout < 1:
+        p.append(f"--lora_dropout: must be in [0, 1) (got {m.lora_dropout})")
+    if t.precision == "fp16":
+        p.append("--precision: fp16 is not supported (dynamic loss scaling corrupts meta gradients); "
+                 "use bf16 on GPUs that have it, or fp32")
+    if m.mode == "qlora" and t.precision == "fp32":
+        p.append("--precision: qlora computes in bf16; use --precision bf16 with --mode qlora")
+    if (meta.hypergrad == "finite_diff" and not meta.baseline and m.mode == "full"
+            and t.precision == "bf16"):
+        p.append("--hypergrad: finite_diff with --mode full in bf16 loses the perturbation to bf16 "
+                 "rounding (see docs); use --hypergrad exact, --mode lora, or --precision fp32")
+    if not m.step_tag:
+        p.append("--step_tag: must not be empty")
+    for flag, path in (("--train_file", d.train_file), ("--meta_file", d.meta_file),
+                       ("--eval_file", d.eval_file), ("--deepspeed", t.deepspeed)):
+        if path and not Path(path).is_file():
+            p.append(f"{flag}: {path} does not exist")
+    if d.train_file and not d.meta_file and not meta.baseline:
+        p.append("--meta_file: bilevel training needs a meta file with outcome labels "
+                 "(or pass --baseline to train without reweighting)")
+    if m.name_or_path and not Path(m.name_or_path).is_dir():
+        p.append(f"--model_name: {m.name_or_path} is not a local folder (dreamprm never downloads: "
+                 "put a HF checkpoint there, e.g. with `huggingface-cli download`)")
+    if r.eval_every and not d.eval_file:
+        p.append("--eval_every: set --eval_file too, or --eval_every 0")
+    if r.resume_from not in ("auto", "none") and not Path(r.resume_from).is_dir():
+        p.append(f"--resume_from: {r.resume_from} is not a checkpoint folder (or use auto / none)")
+    if t.deepspeed and Path(t.deepspeed).is_file():
+        p += check_ds_json(cfg, Path(t.deepspeed))
+    return p
+
+
+# DeepSpeed JSON keys that the run config owns; a JSON that sets them differently is an error.
+_DS_OWNED = {
+    "train_micro_batch_size_per_gpu": lambda c, w: c.train.batch_size,
+    "gradient_accumulation_steps": lambda c, w: c.train.grad_accum,
+    "train_batch_size": lambda c, w: c.train.batch_size * c.train.grad_accum * w,
+    "gradient_clipping": lambda c, w: c.train.grad_clip,
+}
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_ds_json(cfg: Config, path: Path) -> list[str]:
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"--deepspeed: {path}: not valid JSON: {e}"]
+    p = []
+    w = world_size()
+    for key, want in _DS_OWNED.items():
+        if key in ds and ds[key] != "auto" and ds[key] != want(cfg, w):
+            p.append(f"--deepspeed: {path} sets {key}={ds[key]} but the run config gives {want(cfg, w)} "
+                     f"(batch_size={cfg.train.batch_size} x grad_accum={cfg.train.grad_accum} x "
+                     f"world={w}); remove {key} from the JSON or set it to \"auto\"")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            p.append(f"--deepspeed: {path} has an {key!r} block; dreamprm builds the optimizer and "
+                     "schedule from --lr/--lr_schedule: remove it")
+    for key, flag in (("bf16", "bf16"), ("fp16", "fp16")):
+        enabled = ds.get(key, {}).get("enabled")
+        if enabled not in (None, "auto") and enabled != (cfg.train.precision == flag):
+            p.append(f"--deepspeed: {path} sets {key}.enabled={enabled} but --precision is "
+                     f"{cfg.train.precision}; set it to \"auto\" or remove it")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if cfg.model.mode == "qlora" and stage == 3:
+        p.append("--mode qlora cannot run under ZeRO-3 (4-bit weights are not partitioned: "
+                 "bitsandbytes/peft known issue); use ds_configs/zero2.json or one GPU without --deepspeed")
+    return p
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """The resolved config as YAML: loadable again with --config."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def main_error(e: ConfigError) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2

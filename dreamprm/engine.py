@@ -1,0 +1,444 @@
+"""Everything that touches DeepSpeed: process group, engine, the bilevel step, checkpoints.
+
+This is the only module that imports deepspeed. The PRM loss and the hypergradient math
+come from hypergrad.py (plain torch); this module runs them inside the engine:
+
+inner_update: grad_accum micro-batches of the weighted loss, then the engine's own step.
+meta_update:  right after an update (so the engine holds no accumulated gradients),
+  1. v = grad of the meta loss on a meta batch, via torch.autograd.grad (full-shape local
+     gradients on every ZeRO stage) averaged over ranks with one all-reduce;
+  2. a_i for the instances of the last update (exact or finite differences);
+  3. the weight module's gradient from hypergrad.weight_objective, summed over ranks,
+     then its own optimizer step.
+  Afterwards ds.optimizer.zero_grad() clears what autograd.grad left in ZeRO's buffers and
+  the perturbed parameters are copied back from a saved clone, so the PRM, its optimizer
+  state and the rest of the trajectory are bit-identical to a run without the meta pass
+  (see ../shared/notes/zero3-meta-pass.md and tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from dreamprm import hypergrad
+from dreamprm.config import Config
+from dreamprm.model import build_prm
+
+MANIFEST = "MANIFEST.json"
+SHARED_STATE = "dreamprm_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- process group
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, for a plain `python` run, create) the process group; returns rank, world."""
+    if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    # The shm op is never used for training and costs a 20-50 s compile on a cold cache.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ---------------------------------------------------------------- engine
+
+
+def ds_config(cfg: Config, world: int) -> dict:
+    """The DeepSpeed JSON (engine settings) completed with the batch fields of the run config."""
+    ds = json.loads(Path(cfg.train.deepspeed).read_text()) if cfg.train.deepspeed else {}
+    t = cfg.train
+    ds.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+              train_batch_size=t.batch_size * t.grad_accum * world, gradient_clipping=t.grad_clip)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16"}
+    ds["fp16"] = {"enabled": False}
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds["zero_allow_untested_optimizer"] = True  # a client torch AdamW: no FusedAdam JIT compile
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+@dataclass
+class Engine:
+    ds: object  # deepspeed.DeepSpeedEngine
+    stage: int
+    rank: int
+    world: int
+    tokenizer: object
+    params: list = field(default_factory=list)  # trainable parameters, in a fixed order
+    hf_ds_config: object = None  # keeps zero.Init partitioning active for ZeRO-3 loads
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        frac = (step - t.warmup_steps) / max(1, t.total_steps - t.warmup_steps)
+        if t.lr_schedule == "linear":
+            return max(0.0, 1.0 - frac)
+        return 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item())  # cosine
+    return f
+
+
+def create_engine(cfg: Config, rank: int, world: int) -> Engine:
+    dsc = ds_config(cfg, world)
+    stage = dsc["zero_optimization"].get("stage", 0)
+    hf_ds = None
+    if stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        hf_ds = HfDeepSpeedConfig(dsc)  # must stay alive while the model is built
+    torch.manual_seed(cfg.train.seed)  # head and LoRA init come from the global RNG
+    prm, tokenizer = build_prm(cfg.model, cfg.train.precision)
+    params = [p for p in prm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    ds, _, _, _ = deepspeed.initialize(model=prm, optimizer=opt, lr_scheduler=sched, config=dsc,
+                                       model_parameters=params)
+    return Engine(ds=ds, stage=stage, rank=rank, world=world, tokenizer=tokenizer,
+                  params=[p for p in ds.module.parameters() if p.requires_grad], hf_ds_config=hf_ds)
+
+
+def forward(eng: Engine, batch: dict) -> torch.Tensor:
+    dev = eng.ds.device
+    return eng.ds(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["tag_pos"].to(dev))
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- inner update
+
+
+def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int) -> dict:
+    """One PRM update: grad_accum weighted micro-batches, then the engine's step.
+
+    Returns logging sums and the micro-batches (with detached features) for the meta pass.
+    A non-finite instance loss on any rank stops before backward, naming step and ids.
+    """
+    recent, sums = [], torch.zeros(4, dtype=torch.float64)  # loss*w, loss, n, tokens
+    for _ in range(eng.ds.gradient_accumulation_steps()):
+        batch = to_device(next(stream), eng.ds.device)
+        logits = forward(eng, batch)
+        losses = hypergrad.instance_losses(logits, batch)
+        check_finite(losses, batch, f"inner loss at update {step}")
+        feats = hypergrad.instance_features(logits, batch, losses)
+        with torch.no_grad():
+            w = torch.ones_like(losses) if baseline else wmod(batch["index"], batch["domain"], feats)
+        loss = (w.to(losses.dtype) * losses).mean()
+        eng.ds.backward(loss)
+        eng.ds.step()
+        recent.append({"batch": batch, "features": feats})
+        sums += torch.tensor([(w * losses).sum().item(), losses.sum().item(), len(losses),
+                              batch["n_tokens"]], dtype=torch.float64)
+    all_reduce_(sums)
+    return {"loss": sums[0].item() / sums[2].item(), "loss_unweighted": sums[1].item() / sums[2].item(),
+            "instances": int(sums[2].item()), "tokens": int(sums[3].item()), "recent": recent}
+
+
+def check_finite(losses: torch.Tensor, batch: dict, what: str) -> None:
+    """Raise on every rank if any rank saw a non-finite loss, with the instance ids."""
+    bad = ~torch.isfinite(losses.detach())
+    flag = all_reduce_(torch.tensor([float(bad.sum())]))
+    if flag.item() > 0:
+        ids = batch["index"][bad.cpu()].tolist() if bad.any() else []
+        raise NonFiniteError(f"non-finite {what}; instance indices on this rank: {ids}. Nothing was "
+                             "applied to the PRM or the weights; resume from the last checkpoint after "
+                             "fixing the data (dreamprm data check) or lowering --lr.")
+
+
+# ---------------------------------------------------------------- meta update
+
+
+def meta_gradient(eng: Engine, meta_batch: dict, aggregation: str, kind: str):
+    """v: the meta-loss gradient for every trainable parameter, full shape, mean over ranks."""
+    logits = forward(eng, meta_batch)
+    lm = hypergrad.meta_loss(logits, meta_batch, aggregation, kind)
+    grads = torch.autograd.grad(lm, eng.params, allow_unused=True)
+    v = [torch.zeros(p.ds_shape if eng.stage == 3 else p.shape, dtype=torch.float32, device=eng.ds.device)
+         if g is None else g.float() for p, g in zip(eng.params, grads)]
+    flat = torch.cat([x.flatten() for x in v])
+    all_reduce_(flat)
+    flat /= eng.world
+    out, i = [], 0
+    for x in v:
+        out.append(flat[i:i + x.numel()].view_as(x))
+        i += x.numel()
+    loss = all_reduce_(lm.detach().float().reshape(1)).item() / eng.world
+    return out, loss
+
+
+def _local(eng: Engine, p: torch.Tensor, v: torch.Tensor):
+    """The tensor the forward reads for p on this rank, and the matching part of v."""
+    if eng.stage != 3:
+        return p.data, v
+    shard = p.ds_tensor
+    n = shard.ds_numel
+    start = n * eng.rank
+    part = v.flatten()[start:start + n]
+    if part.numel() < n:  # the last shard is padded
+        part = torch.cat([part, part.new_zeros(n - part.numel())])
+    return shard.data, part.view_as(shard.data)
+
+
+def _params_changed(eng: Engine) -> None:
+    if eng.stage == 3:  # gathered copies from the last forward would otherwise be reused
+        eng.ds.optimizer.empty_partition_cache()
+
+
+def fd_alignments(eng: Engine, recent: list, v: list, radius: float):
+    """a_i by central differences along v, parameters restored bit-exactly from a clone."""
+    vnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
+    eps = hypergrad.fd_epsilon(radius, vnorm)
+    if eps == 0.0:
+        return [torch.zeros(len(r["batch"]["index"])) for r in recent], vnorm
+    local = [_local(eng, p, x) for p, x in zip(eng.params, v)]
+    saved = [t.clone() for t, _ in local]
+    losses = {}
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            for (t, d), s in zip(local, saved):
+                t.copy_(s.float().add(d, alpha=sign * eps).to(t.dtype))
+            _params_changed(eng)
+            losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"]), r["batch"]) for r in recent]
+        for (t, _), s in zip(local, saved):
+            t.copy_(s)
+        _params_changed(eng)
+    return [hypergrad.fd_alignments(lp, lm, eps).cpu() for lp, lm in zip(losses[1.0], losses[-1.0])], vnorm
+
+
+def exact_alignments(eng: Engine, recent: list, v: list):
+    """a_i = <grad l_i, v>: one forward and backward per instance (local, no communication)."""
+    vnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
+    out = []
+    for r in recent:
+        b = r["batch"]
+        a = torch.zeros(len(b["index"]))
+        for i in range(len(b["index"])):
+            row = {k: (x[i:i + 1] if torch.is_tensor(x) and x.dim() > 0 else x) for k, x in b.items()}
+            li = hypergrad.instance_losses(forward(eng, row), row)[0]
+            grads = torch.autograd.grad(li, eng.params, allow_unused=True)
+            a[i] = sum((g.float() * x).sum() for g, x in zip(grads, v) if g is not None).item()
+        out.append(a)
+    return out, vnorm
+
+
+def meta_update(eng: Engine, meta_batch: dict, recent: list, wmod, wopt, cfg: Config, step: int) -> dict:
+    """One meta pass (see module docstring). Leaves the PRM and its optimizer untouched."""
+    m = cfg.meta
+    meta_batch = to_device(meta_batch, eng.ds.device)
+    module = eng.ds.module
+    was_training = module.training
+    module.eval()  # no dropout: the +/- passes and the reference must see the same function
+    try:
+        v, lmeta = meta_gradient(eng, meta_batch, m.aggregation, m.meta_loss)
+        if m.hypergrad == "exact":
+            align, vnorm = exact_alignments(eng, recent, v)
+        else:
+            align, vnorm = fd_alignments(eng, recent, v, m.fd_radius)
+    finally:
+        eng.ds.optimizer.zero_grad()  # what autograd.grad left in ZeRO's buffers
+        module.train(was_training)
+    n_local = sum(len(a) for a in align)
+    n_global = int(all_reduce_(torch.tensor([float(n_local)])).item())
+    a_all = torch.cat(align)
+    bad = all_reduce_(torch.tensor([float((~torch.isfinite(a_all)).sum())]))
+    if bad.item() > 0 or not torch.isfinite(torch.tensor(lmeta)):
+        ids = torch.cat([r["batch"]["index"].cpu() for r in recent])[~torch.isfinite(a_all)].tolist()
+        raise NonFiniteError(f"non-finite meta loss or alignment at update {step} (meta loss {lmeta}, "
+                             f"instance indices {ids}); the weights were not updated")
+    wopt.zero_grad()
+    obj = sum(hypergrad.weight_objective(
+        wmod(r["batch"]["index"].cpu(), r["batch"]["domain"].cpu(), r["features"].cpu()), a, n_global)
+        for r, a in zip(recent, align))
+    obj.backward()
+    for p in wmod.parameters():
+        if p.grad is not None:
+            all_reduce_(p.grad)
+    wopt.step()
+    if hasattr(wmod, "observe"):  # instance net: running level from the global batch mean
+        with torch.no_grad():
+            w = torch.cat([wmod.positive(r["batch"]["domain"].cpu(), r["features"].cpu()) for r in recent])
+            mean = all_reduce_(torch.tensor([w.sum().item(), float(len(w))]))
+        wmod.observe(mean[0] / mean[1])
+    return {"meta_loss": lmeta, "v_norm": vnorm,
+            "align_mean": all_reduce_(torch.tensor([a_all.sum().item()])).item() / max(1, n_global)}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def save_checkpoint(eng: Engine, root: Path, step: int, shared: dict, per_rank: dict, keep_last: int) -> Path:
+    """Write a checkpoint atomically: into <tag>.tmp, manifest last, rename, then `latest`.
+
+    shared (rank 0's copy is written) holds the weight module, its optimizer, the config;
+    per_rank holds the data positions; the RNG state is added here.
+    """
+    tag = checkpoint_tag(step)
+    final, tmp = root / tag, root / f"{tag}.tmp"
+    if eng.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    eng.ds.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    torch.save({**per_rank, "rng": _rng_state()}, tmp / f"dreamprm_rank{eng.rank:05d}.pt")
+    if eng.rank == 0:
+        torch.save({**shared, "step": step, "world": eng.world, "stage": eng.stage}, tmp / SHARED_STATE)
+    barrier()
+    if eng.rank == 0:
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "world": eng.world, "stage": eng.stage,
+                                                  "files": files}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", tag + "\n")
+        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ptr = root / "latest"
+    if not ptr.is_file():
+        return None
+    return root / ptr.read_text().strip()
+
+
+def verify_checkpoint(ckpt: Path, world: int) -> dict:
+    """The manifest of a complete checkpoint; raises CheckpointError saying what is wrong."""
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt} does not exist")
+    man_path = ckpt / MANIFEST
+    if not man_path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {MANIFEST}: the save was interrupted); "
+                              f"resume from an earlier one with --resume_from, or delete it")
+    try:
+        man = json.loads(man_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is corrupt ({e})") from e
+    bad = [f"{f} (missing)" if not (ckpt / f).is_file() else f"{f} ({(ckpt / f).stat().st_size} bytes, "
+           f"expected {n})" for f, n in man["files"].items()
+           if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != n]
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: " + ", ".join(bad[:10]))
+    if man["world"] != world:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was written by {man['world']} ranks and this run has {world}. "
+            f"Run again with {man['world']} ranks; changing the world size needs a DeepSpeed universal "
+            f"checkpoint (python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt} "
+            f"--output_folder {ckpt}_universal), which dreamprm does not load yet.")
+    return man
+
+
+def load_checkpoint(eng: Engine, ckpt: Path) -> tuple[dict, dict]:
+    verify_checkpoint(ckpt, eng.world)
+    path, _ = eng.ds.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt}")
+    shared = torch.load(ckpt / SHARED_STATE, weights_only=True)
+    per_rank = torch.load(ckpt / f"dreamprm_rank{eng.rank:05d}.pt", weights_only=True)
+    _set_rng_state(per_rank["rng"])
+    return shared, per_rank
+
+
+def gathered_state_dict(eng: Engine, fn):
+    """Run fn(module) on rank 0 with every parameter whole (ZeRO-3 gathers); None elsewhere."""
+    module = eng.ds.module
+    if eng.stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            out = fn(module) if eng.rank == 0 else None
+        return out
+    return fn(module) if eng.rank == 0 else None
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def now() -> float:
+    return time.perf_counter()

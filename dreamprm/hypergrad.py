@@ -1,0 +1,119 @@
+"""PRM losses and the hypergradient of the instance weights, in plain torch.
+
+Notation (see docs/ in README): l_i is the inner loss of training instance i, w_i its
+weight, v the gradient of the meta loss w.r.t. the trainable PRM parameters theta (mean over
+all ranks), and a_i = <grad_theta l_i, v> the alignment of instance i with the meta set.
+The hypergradient we use is the implicit one with an identity inverse Hessian (as in
+DreamPRM / Betty's darts), evaluated at the current parameters:
+
+    d L_meta / d lambda  ~=  -(1 / B) * sum_i a_i * d w_i / d lambda
+
+over the B instances of the last PRM update (all ranks). The inner learning rate is not
+folded in: meta_lr absorbs it. Both alignment methods compute the same a_i:
+  exact:       one backward of l_i per instance, dot with v;
+  finite_diff: (l_i(theta + eps v) - l_i(theta - eps v)) / (2 eps), eps = R / ||v||.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
+
+
+def step_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Log-odds of 'step correct' from the 2-class logits [B, K, 2] -> [B, K]."""
+    return logits[..., 1] - logits[..., 0]
+
+
+def instance_losses(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-instance inner loss [B]: mean over labelled steps of soft-label cross-entropy.
+
+    log_softmax over the two logits (not BCE on probabilities) for stability.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    y = batch["labels"]
+    ce = -(y * logp[..., 1] + (1 - y) * logp[..., 0])
+    m = batch["label_mask"].float()
+    return (ce * m).sum(-1) / m.sum(-1).clamp_min(1)
+
+
+def aggregate(logits: torch.Tensor, step_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Solution score in (0, 1) [B] from the step logits of the real steps."""
+    z = step_logits(logits.float())
+    m = step_mask
+    mf = m.float()
+    n = mf.sum(-1).clamp_min(1)
+    if how == "mean_logodds":
+        return torch.sigmoid((z * mf).sum(-1) / n)
+    logp = F.logsigmoid(z)
+    if how == "prod":
+        return torch.exp((logp * mf).sum(-1))
+    p = torch.sigmoid(z)
+    if how == "mean":
+        return (p * mf).sum(-1) / n
+    if how == "min":
+        return p.masked_fill(~m, 2.0).min(-1).values.clamp_max(1.0)
+    if how == "last":
+        last = (m.long().cumsum(-1) * m.long()).argmax(-1)
+        return p.gather(1, last[:, None]).squeeze(1)
+    raise ValueError(f"unknown aggregation {how!r} (choose from {', '.join(AGGREGATIONS)})")
+
+
+def meta_loss(logits: torch.Tensor, batch: dict, how: str, kind: str) -> torch.Tensor:
+    """Mean over the meta batch of loss(aggregated score, outcome)."""
+    z = batch["outcome"]
+    if kind == "bce" and how == "mean_logodds":
+        zl = step_logits(logits.float())
+        mf = batch["step_mask"].float()
+        mean_logodds = (zl * mf).sum(-1) / mf.sum(-1).clamp_min(1)
+        return F.binary_cross_entropy_with_logits(mean_logodds, z)
+    s = aggregate(logits, batch["step_mask"], how)
+    if kind == "bce":
+        s = s.clamp(1e-6, 1 - 1e-6)
+        return F.binary_cross_entropy(s, z)
+    if kind == "mse":
+        return F.mse_loss(s, z)
+    raise ValueError(f"unknown meta loss {kind!r}")
+
+
+@torch.no_grad()
+def instance_features(logits: torch.Tensor, batch: dict, losses: torch.Tensor) -> torch.Tensor:
+    """Detached per-instance features for the instance net [B, 6].
+
+    loss, mean / min / last step probability, log(1 + steps), fraction of positive labels.
+    Detached on purpose: a net that saw the graph could learn to lower its own weight.
+    """
+    m = batch["step_mask"]
+    mf = m.float()
+    n = mf.sum(-1).clamp_min(1)
+    p = torch.sigmoid(step_logits(logits.float()))
+    mean_p = (p * mf).sum(-1) / n
+    min_p = p.masked_fill(~m, 2.0).min(-1).values.clamp_max(1.0)
+    last = (m.long().cumsum(-1) * m.long()).argmax(-1)
+    last_p = p.gather(1, last[:, None]).squeeze(1)
+    lm = batch["label_mask"].float()
+    pos = ((batch["labels"] >= 0.5).float() * lm).sum(-1) / lm.sum(-1).clamp_min(1)
+    return torch.stack([losses.detach().float(), mean_p, min_p, last_p, torch.log1p(n), pos], -1)
+
+
+def weight_objective(weights: torch.Tensor, alignments: torch.Tensor, n_global: int) -> torch.Tensor:
+    """The surrogate whose gradient w.r.t. the weight module is the hypergradient.
+
+    Sum over this rank's instances; summing the gradient over ranks gives the global one.
+    """
+    return -(weights * alignments.detach()).sum() / n_global
+
+
+def fd_alignments(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
+    return (loss_plus.double() - loss_minus.double()).float() / (2 * eps)
+
+
+def fd_epsilon(radius: float, v_norm: float) -> float:
+    """eps = R / ||v|| (DreamPRM's choice): the perturbation has norm R whatever v's scale."""
+    if not math.isfinite(v_norm) or v_norm == 0.0:
+        return 0.0
+    return radius / v_norm

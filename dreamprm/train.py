@@ -1,0 +1,284 @@
+"""The training loop: plain functions around engine.inner_update and engine.meta_update.
+
+    fit(cfg)
+      init process group -> engine (PRM + DeepSpeed) -> data -> weight module
+      -> resume (latest complete checkpoint) -> for each update:
+           inner_update; every meta_interval updates meta_update;
+           log metrics.jsonl / status.json / wandb; checkpoint every save_every;
+           stop cleanly on SIGTERM / Ctrl+C (checkpoint first)
+      -> final checkpoint, instance weights per id.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dreamprm import engine
+from dreamprm.config import Config, save_config
+from dreamprm.data.loader import BatchStream
+from dreamprm.data.readers import load_records
+from dreamprm.data.tokenize import domain_table, encode_records
+from dreamprm.weights import build_weight_module, build_weight_optimizer
+
+DEMO_DIR = Path(__file__).parent / "demo"
+# Fields that must agree between a checkpoint and the run resuming it.
+RESUME_MUST_MATCH = [("data", "train_file"), ("data", "meta_file"), ("data", "max_length"),
+                     ("model", "name_or_path"), ("model", "mode"), ("model", "lora_r"),
+                     ("model", "step_tag"), ("meta", "weights"), ("meta", "baseline"),
+                     ("train", "batch_size"), ("train", "grad_accum"), ("train", "seed")]
+
+
+def print0(*args, rank: int = 0) -> None:
+    if rank == 0:
+        print(*args, flush=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+def data_paths(cfg: Config) -> tuple[str, str, str, str]:
+    """(train file, train format, meta file, meta format); empty paths mean the demo data."""
+    d = cfg.data
+    if d.train_file:
+        return d.train_file, d.train_format, d.meta_file, d.meta_format
+    return str(DEMO_DIR / "train.jsonl"), "minif2f", str(DEMO_DIR / "meta.jsonl"), "minif2f"
+
+
+def load_data(cfg: Config, tokenizer, rank: int, needs_meta: bool):
+    """Read, validate and tokenize train / meta / eval data; every count is printed."""
+    train_path, train_fmt, meta_path, meta_fmt = data_paths(cfg)
+    tag, skip = cfg.model.step_tag, cfg.data.skip_invalid
+    train = load_records(train_path, train_fmt, step_tag=tag, skip_invalid=skip)
+    unlabelled = [r.id for r in train if all(y is None for y in r.labels)]
+    if unlabelled:
+        raise ValueError(f"--train_file {train_path}: {len(unlabelled)} records have no step labels "
+                         f"(e.g. {unlabelled[:3]}); training needs step labels (use them as --meta_file)")
+    meta = []
+    if needs_meta:
+        meta = load_records(meta_path, meta_fmt, step_tag=tag, skip_invalid=skip)
+        meta = [r for r in meta if r.outcome is not None]
+        if not meta:
+            raise ValueError(f"--meta_file {meta_path}: no record has an outcome label; the meta pass needs "
+                             "solutions labelled right/wrong (field `outcome`, `meta_label`, `passed`, ...)")
+    domains = domain_table([r.domain for r in train + meta])
+    kw = dict(tokenizer=tokenizer, step_tag=tag, max_length=cfg.data.max_length,
+              use_chat_template=cfg.model.chat_template, domains=domains)
+    train_ex, st = encode_records(train, **kw)
+    print0(f"train {train_path}: {st}", rank=rank)
+    meta_ex = []
+    if needs_meta:
+        meta_ex, sm = encode_records(meta, **kw)
+        print0(f"meta  {meta_path}: {sm}", rank=rank)
+    if not train_ex:
+        raise ValueError(f"--train_file {train_path}: no example fits in --max_length {cfg.data.max_length}")
+    return train_ex, meta_ex, domains
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, drop metric lines past the checkpoint: they are logged again."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def start_wandb(cfg: Config, run_dir: Path, rank: int):
+    if rank != 0 or cfg.run.disable_wandb or cfg.run.wandb_mode == "disabled":
+        return None
+    import wandb
+    mode = cfg.run.wandb_mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return wandb.init(project=cfg.run.project_name, name=cfg.run.experiment_name or run_dir.name,
+                      config=cfg.to_dict(), dir=str(run_dir), mode=mode, resume="allow")
+
+
+def weight_stats(wmod, baseline: bool) -> dict:
+    if baseline:
+        return {}
+    if hasattr(wmod, "all_weights"):
+        w = wmod.all_weights()
+    else:
+        return {}
+    return {"w_mean": w.mean().item(), "w_std": w.std().item() if w.numel() > 1 else 0.0,
+            "w_min": w.min().item(), "w_max": w.max().item()}
+
+
+def resolve_resume(cfg: Config, ckpt_root: Path) -> Path | None:
+    r = cfg.run.resume_from
+    if r == "none":
+        if engine.latest_checkpoint(ckpt_root) is not None:
+            raise engine.CheckpointError(f"--resume_from none but {ckpt_root} holds checkpoints; pick another "
+                                         "--output_dir, delete them, or resume with --resume_from auto")
+        return None
+    if r == "auto":
+        return engine.latest_checkpoint(ckpt_root)
+    return Path(r)
+
+
+def check_resume_config(cfg: Config, saved: dict) -> None:
+    diff = [f"--{k}: checkpoint has {saved[s][k]!r}, this run {getattr(getattr(cfg, s), k)!r}"
+            for s, k in RESUME_MUST_MATCH if saved.get(s, {}).get(k) != getattr(getattr(cfg, s), k)]
+    if diff:
+        raise engine.CheckpointError("cannot resume: the run config differs from the checkpoint's:\n  "
+                                     + "\n  ".join(diff) + "\nuse the same settings or a new --output_dir")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class _StopFlag:
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+
+def fit(cfg: Config, notes=()) -> int:
+    rank, world = engine.init_distributed()
+    for n in notes:
+        print0(n, rank=rank)
+    run_dir = Path(cfg.run.output_dir)
+    ckpt_root = run_dir / "checkpoints"
+    bilevel = not cfg.meta.baseline
+    torch.manual_seed(cfg.train.seed)
+
+    eng = engine.create_engine(cfg, rank, world)
+    pad_id = eng.tokenizer.pad_token_id
+    train_ex, meta_ex, domains = load_data(cfg, eng.tokenizer, rank, needs_meta=bilevel)
+    wmod = build_weight_module(cfg.meta.weights, len(train_ex), len(domains), cfg.meta.net_hidden)
+    wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
+    train_stream = BatchStream(train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed)
+    meta_stream = (BatchStream(meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1)
+                   if bilevel else None)
+    n_train = sum(p.numel() if eng.stage != 3 else p.ds_numel for p in eng.params)
+    print0(f"ranks {world}, ZeRO stage {eng.stage}, {cfg.train.precision}, mode {cfg.model.mode}: "
+           f"{n_train:,} trainable parameters; weights {cfg.meta.weights if bilevel else 'uniform (baseline)'}"
+           f"{', hypergradient ' + cfg.meta.hypergrad if bilevel else ''}", rank=rank)
+    if cfg.run.dry_run:
+        print0("dry run: config, data and model are valid; exiting before training", rank=rank)
+        return 0
+
+    start = 0
+    resume = resolve_resume(cfg, ckpt_root)
+    if resume is not None:
+        shared, per_rank = engine.load_checkpoint(eng, resume)
+        check_resume_config(cfg, shared["config"])
+        wmod.load_state_dict(shared["weights"])
+        wopt.load_state_dict(shared["weights_opt"])
+        train_stream.load_state_dict(per_rank["train_stream"])
+        if meta_stream is not None:
+            meta_stream.load_state_dict(per_rank["meta_stream"])
+        start = shared["step"]
+        print0(f"resumed from {resume} at update {start}", rank=rank)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        truncate_metrics(run_dir / "metrics.jsonl", start)
+    engine.barrier()
+
+    wb = start_wandb(cfg, run_dir, rank)
+    stop = _StopFlag()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    status = {"state": "running", "step": start, "total_steps": cfg.train.total_steps, "last_checkpoint": None}
+
+    def checkpoint(step):
+        path = engine.save_checkpoint(
+            eng, ckpt_root, step,
+            shared={"config": cfg.to_dict(), "weights": wmod.state_dict(), "weights_opt": wopt.state_dict()},
+            per_rank={"train_stream": train_stream.state_dict(),
+                      "meta_stream": meta_stream.state_dict() if meta_stream else {}},
+            keep_last=cfg.run.keep_last)
+        status["last_checkpoint"] = str(path)
+        return path
+
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.train.total_steps, initial=start, desc="train", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty())
+    log_every = 1 if cfg.run.debug else cfg.run.log_every
+    t_last, tok_since, step, meta = time.perf_counter(), 0, start, {}
+    try:
+        for step in range(start + 1, cfg.train.total_steps + 1):
+            out = engine.inner_update(eng, train_stream, wmod, cfg.meta.baseline, step)
+            tok_since += out["tokens"]
+            if bilevel and step % cfg.meta.meta_interval == 0:
+                meta = engine.meta_update(eng, next(meta_stream), out["recent"], wmod, wopt, cfg, step)
+            if step % log_every == 0 or step == cfg.train.total_steps:
+                dt = time.perf_counter() - t_last
+                row = {"step": step, "loss": out["loss"], "loss_unweighted": out["loss_unweighted"],
+                       **({k: meta[k] for k in ("meta_loss", "v_norm", "align_mean")} if meta else {}),
+                       "lr": eng.ds.get_lr()[0], "meta_lr": wopt.param_groups[0]["lr"],
+                       **weight_stats(wmod, cfg.meta.baseline), "tokens_per_s": tok_since / max(dt, 1e-9),
+                       "mem_mb": engine.peak_memory_mb(), "time": time.time()}
+                t_last, tok_since = time.perf_counter(), 0
+                if rank == 0:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if wb is not None:
+                        wb.log(row, step=step)
+                    status.update(step=step, loss=row["loss"], meta_loss=row.get("meta_loss"))
+                    write_json_atomic(run_dir / "status.json", {**status, "updated": time.time()})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", meta=f"{meta.get('meta_loss', math.nan):.4f}")
+            stopping = engine.all_reduce_(torch.tensor([float(stop.signum)])).item() > 0
+            if step % cfg.run.save_every == 0 or step == cfg.train.total_steps or stopping:
+                checkpoint(step)
+            if stopping:
+                print0(f"stopped by signal at update {step}; checkpoint {status['last_checkpoint']}. "
+                       "Run the same command again to resume.", rank=rank)
+                status["state"] = "stopped"
+                return 128 + (stop.signum or signal.SIGTERM)
+        status["state"] = "finished"
+        dump_instance_weights(wmod, train_ex, run_dir, rank, cfg.meta.baseline)
+        return 0
+    except BaseException as e:
+        status.update(state="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+        if rank == 0 and run_dir.is_dir():
+            status["step"] = step
+            write_json_atomic(run_dir / "status.json", {**status, "updated": time.time()})
+        if wb is not None:
+            wb.finish()
+
+
+def dump_instance_weights(wmod, train_ex, run_dir: Path, rank: int, baseline: bool) -> None:
+    """instance_weights.jsonl: the learned weight of every training instance, by record id."""
+    if rank != 0:
+        return
+    if baseline:
+        w = torch.ones(len(train_ex))
+    elif hasattr(wmod, "all_weights") and wmod.raw.numel() == len(train_ex):
+        w = wmod.all_weights()
+    elif hasattr(wmod, "all_weights"):  # domain table
+        dw = wmod.all_weights()
+        w = torch.stack([dw[ex.domain] for ex in train_ex])
+    else:  # instance net: weights depend on features seen in training; store the net's level
+        w = torch.full((len(train_ex),), math.nan)
+    with open(run_dir / "instance_weights.jsonl", "w") as f:
+        for ex, wi in zip(train_ex, w.tolist()):
+            f.write(json.dumps({"id": ex.id, "index": ex.index, "domain": ex.domain, "weight": wi}) + "\n")

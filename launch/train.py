@@ -1,0 +1,27 @@
+"""Train a PRM with bilevel instance reweighting.
+
+    python launch/train.py                                   # built-in demo, one process
+    deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json
+    torchrun --nproc_per_node 8 launch/train.py --config recipes/minif2f.yaml --deepspeed ds_configs/zero3.json
+    python launch/train.py --help                            # every option
+
+All logic lives in dreamprm.train; this file only parses the config and calls it.
+"""
+
+import sys
+
+from dreamprm.config import ConfigError, load_config
+from dreamprm.train import fit
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, notes = load_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return fit(cfg, notes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
