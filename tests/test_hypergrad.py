@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from dreamprm import hypergrad
+
+
+def batch_of(labels, mask, outcome=None):
+    labels = torch.tensor(labels, dtype=torch.float32)
+    mask = torch.tensor(mask)
+    return {"labels": torch.where(mask, labels, 0.0), "label_mask": mask, "step_mask": mask.clone(),
+            "outcome": torch.tensor(outcome if outcome is not None else [math.nan] * len(labels))}
+
+
+def test_instance_loss_is_soft_cross_entropy_over_labelled_steps():
+    logits = torch.tensor([[[0.0, 2.0], [1.0, 0.0], [5.0, 5.0]]])
+    b = batch_of([[0.8, 0.0, 1.0]], [[True, True, False]])
+    p = torch.softmax(logits, -1)[..., 1]
+    want = (-(0.8 * p[0, 0].log() + 0.2 * (1 - p[0, 0]).log()) - (1 - p[0, 1]).log()) / 2
+    torch.testing.assert_close(hypergrad.instance_losses(logits, b), want.reshape(1))
+
+
+@pytest.mark.parametrize("how", hypergrad.AGGREGATIONS)
+def test_aggregations_match_hand_values(how):
+    p = torch.tensor([0.9, 0.6, 0.8])
+    z = torch.log(p / (1 - p))
+    logits = torch.stack([torch.zeros(3), z], -1)[None]
+    logits = torch.cat([logits, torch.zeros(1, 1, 2)], 1)  # a padded 4th step
+    mask = torch.tensor([[True, True, True, False]])
+    want = {"mean_logodds": torch.sigmoid(z.mean()), "min": p.min(), "prod": p.prod(), "mean": p.mean(),
+            "last": p[-1]}[how]
+    torch.testing.assert_close(hypergrad.aggregate(logits, mask, how)[0], want, atol=1e-6, rtol=1e-6)
+
+
+def test_meta_loss_bce_and_mse():
+    logits = torch.randn(3, 4, 2)
+    b = batch_of([[1.0] * 4] * 3, [[True] * 4, [True, True, False, False], [True] * 4], [1.0, 0.0, 1.0])
+    for how in hypergrad.AGGREGATIONS:
+        s = hypergrad.aggregate(logits, b["step_mask"], how)
+        bce = torch.nn.functional.binary_cross_entropy(s.clamp(1e-6, 1 - 1e-6), b["outcome"])
+        torch.testing.assert_close(hypergrad.meta_loss(logits, b, how, "bce"), bce, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hypergrad.meta_loss(logits, b, how, "mse"), ((s - b["outcome"]) ** 2).mean())
+
+
+def test_finite_difference_alignment_matches_exact_on_a_small_function():
+    torch.manual_seed(0)
+    theta = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    xs = torch.randn(3, 5, dtype=torch.float64)
+    loss_i = lambda th: torch.log1p(torch.exp(xs @ th))  # noqa: E731
+    v = torch.randn(5, dtype=torch.float64)
+    exact = torch.stack([torch.autograd.grad(loss_i(theta)[i], theta)[0] @ v for i in range(3)])
+    eps = hypergrad.fd_epsilon(1e-3, v.norm().item())
+    with torch.no_grad():
+        fd = hypergrad.fd_alignments(loss_i(theta + eps * v), loss_i(theta - eps * v), eps)
+    torch.testing.assert_close(fd.double(), exact, atol=1e-5, rtol=1e-4)
+    assert hypergrad.fd_epsilon(0.01, 0.0) == 0.0
+
+
+def test_weight_objective_gradient_is_minus_alignment_over_n():
+    w = torch.ones(3, requires_grad=True)
+    a = torch.tensor([1.0, -2.0, 0.5])
+    hypergrad.weight_objective(w, a, n_global=6).backward()
+    torch.testing.assert_close(w.grad, -a / 6)
+
+
+def test_features_are_detached():
+    logits = torch.randn(2, 3, 2, requires_grad=True)
+    b = batch_of([[1.0, 0.0, 1.0]] * 2, [[True, True, True], [True, False, False]])
+    f = hypergrad.instance_features(logits, b, hypergrad.instance_losses(logits, b))
+    assert f.shape == (2, 6) and not f.requires_grad
