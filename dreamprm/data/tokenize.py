@@ -1,0 +1,189 @@
+"""Records -> token ids with the step tag positions known exactly (Qwen2.5-Math-PRM layout).
+
+Text of an example = prompt(question) + step_1 + TAG + step_2 + TAG + ...  The ids are built
+piece by piece (prompt, then each step encoded alone followed by the tag id) so a tag can
+never merge with its neighbours and the label of step k sits on the k-th tag. Every example
+is checked for that before it is returned (OpenRLHF issue 683: a merged tag silently left
+the model with no supervised position).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from dreamprm.data.record import Record, record_problems
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+NO_DOMAIN = "<none>"  # name of domain index 0: records without a domain
+
+# Text around the tag in check_step_tag: a tag that is one token alone but merges with a
+# neighbour ("x<tag>") would break tag-position lookup on whole-text encodings at inference.
+_PROBES = ("x{}", "{}x", "1.{}", " {} ", "\n{}\n", "a {}b")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    tag_pos: list[int]  # position of the tag after each kept step
+    labels: list[float]  # one per kept step; nan = unlabelled
+    outcome: float  # nan when the record has none
+    index: int  # dense position among the kept examples of the dataset (instance-weight id)
+    domain: int  # index into domain_table(...): 0 = no domain
+    n_steps: int  # steps in the record
+    n_kept: int  # steps kept after truncation (>= 1)
+    id: str = ""  # record id, to report and to map scores back to records
+
+
+@dataclass
+class EncodeStats:
+    n_records: int = 0
+    n_kept: int = 0  # examples returned
+    n_truncated: int = 0  # returned with fewer steps than the record had
+    n_dropped: int = 0  # not even the prompt + first step fits in max_length
+    dropped_ids: list[str] = field(default_factory=list)
+    steps_total: int = 0
+    steps_dropped: int = 0  # steps cut by truncation, dropped examples included
+    labelled_steps: int = 0  # kept steps with a label
+    domains: list[str] = field(default_factory=list)  # the domain table the indices point into
+    max_length: int = 0
+    full_len_max: int = 0  # longest untruncated example, in tokens
+    len_mean: float = 0.0  # of the returned examples
+    len_max: int = 0
+
+    def __str__(self) -> str:
+        s = (f"{self.n_kept}/{self.n_records} examples kept (max_length {self.max_length}); "
+             f"{self.n_truncated} truncated at a step boundary, {self.n_dropped} dropped "
+             f"(first step does not fit); {self.steps_dropped}/{self.steps_total} steps cut; "
+             f"{self.labelled_steps} labelled steps; tokens mean {self.len_mean:.1f} max {self.len_max} "
+             f"(untruncated max {self.full_len_max})")
+        if self.dropped_ids:
+            more = "" if len(self.dropped_ids) <= 10 else f" ... (+{len(self.dropped_ids) - 10})"
+            s += "; dropped ids: " + ", ".join(self.dropped_ids[:10]) + more
+        return s
+
+
+def check_step_tag(tokenizer, tag: str) -> int:
+    """Id of the step tag; ValueError unless the tag is exactly one token in every context."""
+    fix = (f"add it as a special token (tokenizer.add_special_tokens({{'additional_special_tokens': "
+           f"[{tag!r}]}}) and resize the model's embeddings), or choose another --step_tag that is one")
+    ids = tokenizer.encode(tag, add_special_tokens=False)
+    tid = tokenizer.convert_tokens_to_ids(tag)
+    if len(ids) != 1 or tid is None or tid != ids[0] or tid == tokenizer.unk_token_id:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(f"step tag {tag!r} is not one token of this tokenizer: it encodes to {ids} "
+                         f"{pieces} and convert_tokens_to_ids gives {tid!r}; {fix}")
+    merged = [p.format(tag) for p in _PROBES
+              if tokenizer.encode(p.format(tag), add_special_tokens=False).count(tid) != 1]
+    if merged:
+        raise ValueError(f"step tag {tag!r} (id {tid}) merges with neighbouring text: no tag token in "
+                         f"the encoding of {merged!r}; {fix}")
+    return tid
+
+
+def domain_table(names) -> list[str]:
+    """["<none>", *sorted(names)]: index 0 is reserved for records without a domain."""
+    return [NO_DOMAIN] + sorted({n for n in names if n is not None} - {NO_DOMAIN})
+
+
+def prompt_text(question: str, tokenizer, use_chat_template: bool) -> str:
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return question + "\n"
+
+
+def _prompt_ids(questions: list[str], tokenizer, use_chat_template: bool) -> list[list[int]]:
+    chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    # A rendered template already holds BOS etc., so it is encoded like apply_chat_template
+    # does it (no special tokens added); the plain form gets the tokenizer's BOS if it has one.
+    texts = [prompt_text(q, tokenizer, chat) for q in questions]
+    return tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+
+
+def _assemble(rec: Record, prompt: list[int], steps: list[list[int]], tag_id: int, max_length: int,
+              index: int, domain: int) -> Example | None:
+    for k, s in enumerate(steps):
+        if tag_id in s:
+            raise RuntimeError(f"record {rec.id!r}: steps[{k}] tokenizes to the step tag id {tag_id}; "
+                               f"remove the tag text from the step")
+    ids, tag_pos, n = list(prompt), [], 0
+    for s in steps:
+        if len(ids) + len(s) + 1 > max_length:
+            break
+        ids += s
+        tag_pos.append(len(ids))
+        ids.append(tag_id)
+        n += 1
+    if n == 0:
+        return None
+    labels = [math.nan if y is None else float(y) for y in rec.labels[:n]]
+    if (len(tag_pos) != n or len(labels) != n or ids.count(tag_id) != n
+            or any(ids[p] != tag_id for p in tag_pos)):
+        raise RuntimeError(f"record {rec.id!r}: {n} kept steps but {ids.count(tag_id)} tag tokens in the "
+                           f"ids and {len(labels)} labels (does the question contain the step tag?)")
+    outcome = math.nan if rec.outcome is None else float(rec.outcome)
+    return Example(ids, tag_pos, labels, outcome, index, domain, len(steps), n, rec.id)
+
+
+def encode_record(rec: Record, tokenizer, tag_id: int, max_length: int, use_chat_template: bool,
+                  index: int, domain: int) -> Example | None:
+    """One record -> Example, keeping the longest prefix of whole steps within max_length.
+
+    None when not even the prompt and the first step fit (the caller counts it).
+    """
+    (prompt,) = _prompt_ids([rec.question], tokenizer, use_chat_template)
+    steps = tokenizer(list(rec.steps), add_special_tokens=False)["input_ids"]
+    return _assemble(rec, prompt, steps, tag_id, max_length, index, domain)
+
+
+def encode_records(records: list[Record], tokenizer, step_tag: str, max_length: int,
+                   use_chat_template: bool, domains: list[str] | None = None
+                   ) -> tuple[list[Example], EncodeStats]:
+    """Encode a dataset; the stats say what was truncated or dropped (print them).
+
+    Records are validated first (all problems raised at once). domains: the domain names of
+    the run (pass the same list for every dataset of a run so the indices agree); the table is
+    domain_table(domains), "<none>" first. None derives it from these records. Example.index
+    is dense over the returned examples, so an instance-weight table has len(examples) rows.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length {max_length} is too small (need at least 2 tokens)")
+    bad = [f"record {r.id!r}: {p}" for r in records for p in record_problems(r, step_tag)]
+    if bad:
+        raise ValueError(f"{len(bad)} problems in the records:\n  " + "\n  ".join(bad))
+    tag_id = check_step_tag(tokenizer, step_tag)
+    table = domain_table(r.domain for r in records) if domains is None else domain_table(domains)
+    dom_index = {d: i for i, d in enumerate(table)}
+    unknown = sorted({r.domain for r in records if r.domain is not None and r.domain not in dom_index})
+    if unknown:
+        raise ValueError(f"domains {unknown} are not in the domain table {table}; pass domains= the "
+                         f"names from every dataset of the run")
+
+    # One tokenizer call for all prompts and one for all steps (fast tokenizers batch in Rust).
+    prompts = _prompt_ids([r.question for r in records], tokenizer, use_chat_template) if records else []
+    flat = [s for r in records for s in r.steps]
+    flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    st = EncodeStats(n_records=len(records), domains=table, max_length=max_length)
+    examples, lens, at = [], [], 0
+    for rec, prompt in zip(records, prompts):
+        steps = flat_ids[at:at + len(rec.steps)]
+        at += len(rec.steps)
+        st.full_len_max = max(st.full_len_max, len(prompt) + sum(len(s) + 1 for s in steps))
+        st.steps_total += len(steps)
+        ex = _assemble(rec, prompt, steps, tag_id, max_length, len(examples),
+                       dom_index[rec.domain] if rec.domain is not None else 0)
+        if ex is None:
+            st.n_dropped += 1
+            st.dropped_ids.append(rec.id)
+            st.steps_dropped += len(steps)
+            continue
+        examples.append(ex)
+        lens.append(len(ex.input_ids))
+        st.n_truncated += ex.n_kept < ex.n_steps
+        st.steps_dropped += ex.n_steps - ex.n_kept
+        st.labelled_steps += sum(not math.isnan(y) for y in ex.labels)
+    st.n_kept = len(examples)
+    if lens:
+        st.len_mean, st.len_max = sum(lens) / len(lens), max(lens)
+    return examples, st
