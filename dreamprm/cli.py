@@ -1,0 +1,118 @@
+"""The `dreamprm` command: argument parsing only; the work is done by library functions.
+
+    dreamprm data check FILE [--from FORMAT] [--tokenizer DIR] [--json]
+    dreamprm data convert --from FORMAT IN OUT
+
+Each subcommand is a parser built by an add_*_parser(subparsers) function plus a plain
+handler function(args) -> exit code; `evaluate`, `train` and `export` are added the same
+way in build_parser().
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dreamprm.data.readers import FORMATS, DataError, format_summary, load_records, summary
+from dreamprm.data.record import DEFAULT_STEP_TAG, write_jsonl
+
+
+def _print_problems(problems: list[str], skippable: bool = False) -> None:
+    for p in problems:
+        print(p, file=sys.stderr)
+    hint = "; fix them, or pass --skip-invalid to leave the bad records out" if skippable else ""
+    print(f"{len(problems)} problem(s){hint}", file=sys.stderr)
+
+
+def _load_tokenizer(path: str):
+    """A local tokenizer directory (never downloads), or an error message naming the flag."""
+    if not Path(path).is_dir():
+        return None, f"--tokenizer: {path} is not a directory (pass a local tokenizer folder)"
+    from transformers import AutoTokenizer  # slow import, only when asked for
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True), None
+    except (OSError, ValueError) as e:
+        return None, f"--tokenizer: cannot load a tokenizer from {path}: {e}"
+
+
+def data_check(args) -> int:
+    """Validate a data file and print what is in it; exit 1 listing every problem."""
+    tokenizer, error = _load_tokenizer(args.tokenizer) if args.tokenizer else (None, None)
+    try:
+        records = load_records(args.file, args.fmt, args.step_tag, skip_invalid=args.skip_invalid)
+    except DataError as e:
+        _print_problems(e.problems + ([error] if error else []), e.skippable)
+        return 1
+    if error:
+        _print_problems([error])
+        return 1
+    s = summary(records, tokenizer)
+    print(json.dumps(s, indent=1) if args.json else format_summary(s))
+    return 0
+
+
+def data_convert(args) -> int:
+    """Read any supported format and write the internal JSONL."""
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        print("OUT: is the input file; write the converted records to another path", file=sys.stderr)
+        return 1
+    try:
+        records = load_records(args.input, args.fmt, args.step_tag, skip_invalid=args.skip_invalid)
+    except DataError as e:
+        _print_problems(e.problems, e.skippable)
+        return 1
+    try:
+        write_jsonl(records, args.output)
+    except OSError as e:
+        print(f"OUT: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(records)} records to {args.output}")
+    return 0
+
+
+def add_data_parser(subparsers) -> None:
+    data = subparsers.add_parser("data", help="check and convert PRM data files")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    def common(p):
+        p.add_argument("--from", dest="fmt", default="auto", choices=["auto", *FORMATS],
+                       help="input format (default: guessed from the first record's keys)")
+        p.add_argument("--step-tag", default=DEFAULT_STEP_TAG,
+                       help="step separator token; a step containing it is an error (default: %(default)s)")
+        p.add_argument("--skip-invalid", action="store_true",
+                       help="leave invalid records out (named in a warning) instead of failing")
+
+    check = sub.add_parser("check", help="validate a file and summarise it (exit 1 on bad records)")
+    check.add_argument("file", help="data file (JSONL, or a JSON array)")
+    common(check)
+    check.add_argument("--tokenizer", metavar="DIR", help="local tokenizer folder: also report token lengths")
+    check.add_argument("--json", action="store_true", help="print the summary as JSON")
+    check.set_defaults(handler=data_check)
+
+    convert = sub.add_parser("convert", help="convert a file to the internal JSONL format")
+    convert.add_argument("input", metavar="IN", help="input data file")
+    convert.add_argument("output", metavar="OUT", help="output JSONL path")
+    common(convert)
+    convert.set_defaults(handler=data_convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamprm", description="Process reward model training.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_data_parser(subparsers)
+    # add_evaluate_parser(subparsers), add_train_parser(subparsers), add_export_parser(subparsers) go here.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,581 @@
+"""Readers that turn the PRM data formats found in the wild into Records.
+
+Every reader reports every bad record as "FILE:LINE: field: message" and keeps going, so
+one run shows all that is wrong with a file. Files are JSONL (one object a line) or one
+JSON array (ProcessBench); which one is sniffed from the first character, for any format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dreamprm.data.record import DEFAULT_STEP_TAG, Record, record_from_json, record_problems
+
+log = logging.getLogger(__name__)
+
+MAX_LEAN_STEPS = 64  # longer proofs have their tail merged into the last step
+_SHOWN_PROBLEMS = 50
+
+
+class DataError(ValueError):
+    """Bad input data; .problems holds every "FILE:LINE: field: message" line. skippable is
+    True when leaving the bad records out (skip_invalid) would give a usable file."""
+
+    def __init__(self, problems: list[str], skippable: bool = False):
+        self.problems, self.skippable = list(problems), skippable
+        shown = self.problems[:_SHOWN_PROBLEMS]
+        if len(self.problems) > _SHOWN_PROBLEMS:
+            shown.append(f"... and {len(self.problems) - _SHOWN_PROBLEMS} more")
+        super().__init__(f"{len(self.problems)} problem(s) in the data:\n" + "\n".join(shown))
+
+
+@dataclass
+class _Row:
+    """Where a raw row came from: its default id is FILE:LINE, as the problems name it."""
+    path: Path
+    line: int  # 1-based line where the row (or array element) starts
+    index: int  # 0-based position of the row in the file
+
+    @property
+    def default_id(self) -> str:
+        return f"{self.path.name}:{self.line}"
+
+
+class _Bad(Exception):
+    """A row that cannot become a record; args[0] is a list of 'field: message'."""
+
+
+# ---------------------------------------------------------------------------- field helpers
+
+_TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", bool: "true or false",
+               int: "an integer", float: "a number"}
+
+
+def _field(d: dict, key: str, kinds: tuple, errs: list, required: bool = True, where: str = ""):
+    """d[key] if it has one of the types `kinds`, else None with 'WHERE.KEY: ...' added to errs.
+    An optional field may be absent or null."""
+    if d.get(key) is None:
+        if required:
+            errs.append(f"{where}{key}: missing" if key not in d else f"{where}{key}: is null")
+        return None
+    v = d[key]
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+        name = " or ".join(_TYPE_NAMES[k] for k in kinds if not (k is int and float in kinds))
+        errs.append(f"{where}{key}: expected {name}, got {type(v).__name__} {str(v)[:40]!r}")
+        return None
+    return v
+
+
+def _prob(x):
+    """Booleans and ints as floats; anything else is passed on for record_problems to name."""
+    return float(x) if isinstance(x, (bool, int, float)) else x
+
+
+def _group(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------- formats
+
+def _dreamprm(d: dict, row: _Row) -> list[Record]:
+    try:
+        return [record_from_json(d)]
+    except KeyError as e:
+        raise _Bad([f"{k}: missing" for k in e.args[0].split(", ")])
+    except ValueError as e:
+        raise _Bad([f"schema: {e}"])
+
+
+_STEP_HEADER = re.compile(r"^###\s*Step\s+(\d+)\b[ \t]*:?[ \t]*", re.MULTILINE)
+
+
+def _minif2f(d: dict, row: _Row) -> list[Record]:
+    """MiniF2F CoT rows of the seed script: '### Step k' headers split cot_response into steps
+    (the title after the header is part of the step), cot_steps[k].pi is the soft label of
+    step k, meta_label the outcome; the question is informal_prefix + "\\n" + formal_statement."""
+    errs = []
+    text = _field(d, "cot_response", (str,), errs)
+    cot = _field(d, "cot_steps", (list,), errs)
+    prefix = _field(d, "informal_prefix", (str,), errs, required=False) or ""
+    statement = _field(d, "formal_statement", (str,), errs, required=False) or ""
+    if "informal_prefix" not in d and "formal_statement" not in d:
+        errs.append("formal_statement: missing (with informal_prefix it forms the question)")
+    outcome = _field(d, "meta_label", (int, float, bool), errs, required=False)
+    steps = []
+    if text is not None:
+        heads = list(_STEP_HEADER.finditer(text))
+        if not heads:
+            errs.append("cot_response: no '### Step k' headers found")
+        else:
+            if text[:heads[0].start()].strip():
+                errs.append("cot_response: text before ### Step 1")
+            numbers = [int(h.group(1)) for h in heads]
+            if numbers != list(range(1, len(heads) + 1)):
+                errs.append(f"cot_response: step headers numbered {numbers[:10]}, expected 1..{len(heads)}")
+            ends = [h.start() for h in heads[1:]] + [len(text)]
+            steps = [text[h.end():e].strip() for h, e in zip(heads, ends)]
+    labels = []
+    if cot is not None:
+        for k, s in enumerate(cot):
+            pi = s.get("pi") if isinstance(s, dict) else None
+            if isinstance(pi, bool) or not isinstance(pi, (int, float)) or not 0 <= pi <= 1:
+                errs.append(f"cot_steps[{k}].pi: expected a number in [0, 1], got {str(s)[:40]!r}")
+            labels.append(_prob(pi))
+        if steps and len(cot) != len(steps):
+            errs.append(f"cot_steps: {len(cot)} entries for {len(steps)} steps in cot_response")
+    if errs:
+        raise _Bad(errs)
+    question = "\n".join(p for p in (prefix.rstrip("\n"), statement) if p)
+    return [Record(id=str(d.get("id") or d.get("name") or row.default_id), question=question,
+                   steps=steps, labels=labels, outcome=_prob(outcome), domain=d.get("domain"))]
+
+
+def _trl(d: dict, row: _Row) -> list[Record]:
+    """TRL stepwise supervision: prompt, completions (one string per step), labels."""
+    errs = []
+    prompt = _field(d, "prompt", (str,), errs)
+    steps = _field(d, "completions", (list,), errs)
+    labels = _field(d, "labels", (list,), errs)
+    if errs:
+        raise _Bad(errs)
+    return [Record(id=str(d.get("id") or row.default_id), question=prompt, steps=steps,
+                   labels=[_prob(y) for y in labels], domain=d.get("domain"))]
+
+
+def _math_shepherd(d: dict, row: _Row) -> list[Record]:
+    """Math-Shepherd: "input" ends every step with the tag "ки"; "label" is the same text with
+    "+" or "-" in place of each tag. The question is the text before "Step 1:"; steps keep
+    their "Step k:" prefix as written."""
+    errs = []
+    text = _field(d, "input", (str,), errs)
+    marked = _field(d, "label", (str,), errs)
+    if errs:
+        raise _Bad(errs)
+    segs = text.split("ки")
+    if len(segs) < 2:
+        raise _Bad(["input: no 'ки' step tags"])
+    if segs[-1].strip():
+        errs.append(f"input: text after the last 'ки' tag: {segs[-1].strip()[:40]!r}")
+    start = segs[0].find("Step 1:")
+    if start < 0:
+        errs.append("input: no 'Step 1:' marker (the question is the text before it)")
+    labels, pos = [], 0
+    for k, seg in enumerate(segs[:-1]):
+        mark = marked[pos + len(seg):pos + len(seg) + 1]
+        if not marked.startswith(seg, pos) or mark not in ("+", "-"):
+            errs.append(f"label: does not match input at step {k + 1} (expected the input text "
+                        "with '+' or '-' in place of each 'ки')")
+            break
+        labels.append(1.0 if mark == "+" else 0.0)
+        pos += len(seg) + 1
+    if errs:
+        raise _Bad(errs)
+    steps = [segs[0][start:].strip()] + [s.strip() for s in segs[1:-1]]
+    return [Record(id=str(d.get("id") or row.default_id), question=segs[0][:start].strip(),
+                   steps=steps, labels=labels, domain=d.get("task", d.get("domain")))]
+
+
+def _processbench(d: dict, row: _Row) -> list[Record]:
+    """ProcessBench: label is the 0-based index of the first wrong step (-1: all correct).
+    Steps before it get 1.0, the wrong step 0.0, later steps None (not judged). meta keeps
+    first_error (for the ProcessBench metric), generator and group (problem hash, for
+    best-of-N); the domain is the split named by the file stem unless a domain is given."""
+    errs = []
+    rid = _field(d, "id", (str, int), errs)
+    problem = _field(d, "problem", (str,), errs)
+    steps = _field(d, "steps", (list,), errs)
+    first = _field(d, "label", (int,), errs)
+    correct = _field(d, "final_answer_correct", (bool,), errs)
+    if steps is not None and first is not None and not -1 <= first < len(steps):
+        errs.append(f"label: {first} is not a step index for {len(steps)} steps (use -1 for all correct)")
+    if errs:
+        raise _Bad(errs)
+    n = len(steps) if first == -1 else first
+    labels = [1.0] * n + ([0.0] + [None] * (len(steps) - n - 1) if first != -1 else [])
+    meta = {"first_error": first, "generator": d.get("generator"), "group": _group(problem)}
+    return [Record(id=str(rid), question=problem, steps=steps, labels=labels, outcome=float(correct),
+                   domain=d.get("domain") or row.path.stem, meta=meta)]
+
+
+_PRM800K_RATING = {1: 1.0, 0: 1.0, -1: 0.0, None: None}
+
+
+def _prm800k(d: dict, row: _Row) -> list[Record]:
+    """Raw PRM800K (phase 1/2) rows. Each step follows the chosen completion, or the human
+    completion when none was chosen. Ratings map +1 and 0 (neutral: not wrong) to 1.0 and -1
+    to 0.0; an unrated completion is unlabelled, a human completion counts as correct unless
+    rated. The solution ends at the first step with neither a chosen nor a human completion;
+    that step is kept only if a completion there was rated -1 (the first one, labelled 0.0),
+    which is how a found_error trajectory ends. outcome stays None: the final answer is not
+    graded here (meta keeps ground_truth_answer and finish_reason)."""
+    errs = []
+    question = _field(d, "question", (dict,), errs)
+    label = _field(d, "label", (dict,), errs)
+    if errs:
+        raise _Bad(errs)
+    problem = _field(question, "problem", (str,), errs, where="question.")
+    raw_steps = _field(label, "steps", (list,), errs, where="label.")
+    if errs:
+        raise _Bad(errs)
+    steps, labels = [], []
+    for k, s in enumerate(raw_steps):
+        comps = (s.get("completions") or []) if isinstance(s, dict) else None
+        if comps is None or not all(isinstance(c, dict) for c in comps):
+            raise _Bad([f"label.steps[{k}]: expected an object with a completions list"])
+        chosen, human = s.get("chosen_completion"), s.get("human_completion")
+        if chosen is not None:
+            if not isinstance(chosen, int) or not 0 <= chosen < len(comps):
+                raise _Bad([f"label.steps[{k}].chosen_completion: {chosen!r} is not an index into "
+                            + f"{len(comps)} completions"])
+            pick, default = comps[chosen], None
+        elif human is not None:
+            pick, default = (human if isinstance(human, dict) else {"text": human}), 1.0
+        else:
+            bad = [c for c in comps if c.get("rating") == -1]
+            if bad:
+                steps.append(bad[0].get("text"))
+                labels.append(0.0)
+            break
+        rating = pick.get("rating")
+        if rating not in _PRM800K_RATING:
+            raise _Bad([f"label.steps[{k}]: rating {rating!r} is not -1, 0, 1 or null"])
+        steps.append(pick.get("text"))
+        labels.append(_PRM800K_RATING[rating] if rating is not None else default)
+    if not steps:
+        raise _Bad(["label.steps: no step with a chosen or human completion"])
+    meta = {"finish_reason": label.get("finish_reason"),
+            "ground_truth_answer": question.get("ground_truth_answer"), "group": _group(problem)}
+    return [Record(id=str(d.get("id") or row.default_id), question=problem, steps=steps,
+                   labels=labels, domain=d.get("domain"), meta=meta)]
+
+
+_LEAN_CONTINUATION = ("<;>", ")", "]", "}", "|")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def lean_steps(completion: str, max_steps: int = MAX_LEAN_STEPS) -> list[str]:
+    """Split a prover's Lean completion (the text after the prompt's ':= by') into tactic steps.
+
+    The proof is the text before the first "```", "</think>" or "</s>" (what follows is prose
+    or a restated theorem). Its first line follows the prompt, so its indentation is lost;
+    the top level is the smallest indentation of the later code lines, at most 2. A later
+    code line at column 0 ends the proof (Lean would end the tactic block there; in the data
+    it is a new theorem or prose). A step is a top-level line plus its deeper-indented lines
+    and lines starting with <;> or a closing bracket; comments (-- and /- -/) go with the step
+    after them, trailing ones with the last step. Blank lines are dropped; steps past
+    max_steps are merged into the last one.
+    """
+    body = completion
+    for stop in ("```", "</think>", "</s>"):
+        body = body.split(stop, 1)[0]
+    lines = body.split("\n")
+    units, i = [], 0  # (indentation or None for the first line, is_comment, lines)
+    while i < len(lines):
+        s, ind = lines[i].strip(), (_indent(lines[i]) if i else None)
+        j = i
+        if s.startswith("/-"):
+            while "-/" not in (s[2:] if j == i else lines[j]) and j + 1 < len(lines):
+                j += 1
+        if s:
+            units.append((ind, s.startswith(("--", "/-")), lines[i:j + 1]))
+        i = j + 1
+    for k, (ind, com, _) in enumerate(units):
+        if ind == 0 and not com:
+            units = units[:k]
+            break
+    base = min([ind for ind, com, _ in units if ind is not None and not com] + [2])
+    steps, pending = [], []
+    for ind, com, ls in units:
+        text = [ln[min(base, _indent(ln)):].rstrip() for ln in ls if ln.strip()]
+        if steps and ((ind or base) > base or ls[0].lstrip().startswith(_LEAN_CONTINUATION)):
+            steps[-1] += pending + text
+            pending = []
+        elif com:
+            pending += text
+        else:
+            steps.append(pending + text)
+            pending = []
+    if steps:
+        steps[-1] += pending
+    if len(steps) > max_steps:
+        steps[max_steps - 1:] = [[ln for s in steps[max_steps - 1:] for ln in s]]
+    return ["\n".join(s) for s in steps]
+
+
+def _minif2f_attempts(d: dict, row: _Row) -> list[Record]:
+    """Prover attempts with pass/fail only (meta data for the outer loop): outcome = passed,
+    every step unlabelled, domain = the prover, group = the theorem name (for best-of-N).
+    The rows carry no statement, so the question is the theorem name. Steps: lean_steps();
+    a completion cut by the token limit inside a character ends in U+FFFD, which is dropped."""
+    errs = []
+    name = _field(d, "name", (str,), errs)
+    model = _field(d, "model", (str,), errs)
+    attempt = _field(d, "attempt", (int,), errs)
+    passed = _field(d, "passed", (bool,), errs)
+    completion = _field(d, "completion", (str,), errs)
+    steps = lean_steps(completion.rstrip("\ufffd")) if completion is not None else []
+    if completion is not None and not steps:
+        errs.append("completion: no proof steps found")
+    if errs:
+        raise _Bad(errs)
+    meta = {"group": name, "problem_idx": d.get("problem_idx")}
+    return [Record(id=f"{name}/{model}/{attempt}", question=name, steps=steps,
+                   labels=[None] * len(steps), outcome=float(passed), domain=model, meta=meta)]
+
+
+_FINAL_ANSWER = re.compile(r"^(?:####|A:)\s*(.+?)\s*$")
+
+
+def _gsm8k_candidates(d: dict, row: _Row) -> list[Record]:
+    """OpenAI GSM8K model solutions: one record per candidate {is_correct, solution} of a row.
+    Steps are the solution's non-empty lines (the last, "A: 18" or "#### 18", included);
+    meta keeps group (the row index, for best-of-N) and the parsed final answer."""
+    errs = []
+    question = _field(d, "question", (str,), errs)
+    keys = [k for k, v in d.items() if isinstance(v, dict) and "solution" in v]
+    if not keys:
+        errs.append("solution: no candidate objects with 'solution' and 'is_correct'")
+    out = []
+    for key in keys:
+        sol = _field(d[key], "solution", (str,), errs, where=f"{key}.")
+        ok = _field(d[key], "is_correct", (bool,), errs, where=f"{key}.")
+        if sol is None or ok is None:
+            continue
+        steps = [s.strip() for s in sol.split("\n") if s.strip()]
+        m = _FINAL_ANSWER.match(steps[-1]) if steps else None
+        out.append(Record(id=f"{row.index}/{key}", question=question, steps=steps,
+                          labels=[None] * len(steps), outcome=float(ok), domain=key,
+                          meta={"group": row.index, "answer": m.group(1) if m else None}))
+    if errs:
+        raise _Bad(errs)
+    return out
+
+
+FORMATS = {"dreamprm": _dreamprm, "minif2f": _minif2f, "trl": _trl, "math_shepherd": _math_shepherd,
+           "processbench": _processbench, "prm800k": _prm800k, "minif2f_attempts": _minif2f_attempts,
+           "gsm8k_candidates": _gsm8k_candidates}
+
+
+def _guess(d: dict) -> list[str]:
+    """Formats whose signature keys the first record has."""
+    keys = set(d)
+    found = []
+    if "schema" in keys or {"id", "question", "steps"} <= keys:
+        found.append("dreamprm")
+    if "cot_response" in keys:
+        found.append("minif2f")
+    if {"prompt", "completions", "labels"} <= keys:
+        found.append("trl")
+    if {"input", "label"} <= keys and isinstance(d["label"], str):
+        found.append("math_shepherd")
+    if {"problem", "steps", "label"} <= keys:
+        found.append("processbench")
+    if isinstance(d.get("question"), dict) and isinstance(d.get("label"), dict):
+        found.append("prm800k")
+    if {"completion", "passed"} <= keys:
+        found.append("minif2f_attempts")
+    if "question" in keys and any(isinstance(v, dict) and {"solution", "is_correct"} <= set(v)
+                                  for v in d.values()):
+        found.append("gsm8k_candidates")
+    return found
+
+
+# ---------------------------------------------------------------------------- files
+
+_SPACE = re.compile(r"\s*")
+
+
+def _rows(path: Path, problems: list) -> tuple[list, bool]:
+    """([(row, obj)], fatal): objects of a JSONL file or a JSON array, with their lines.
+    Row-level problems (bad JSON on a line) are skippable; fatal ones lose the rest of the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        problems.append(f"{path}: cannot read: {e.strerror or e}")
+        return [], True
+    lines = data.split(b"\n")
+    texts = []
+    for n, raw in enumerate(lines, 1):
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}:{n}: line: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1}); re-encode the file as UTF-8")
+            texts.append(None)
+    if texts and texts[0] is not None:
+        texts[0] = texts[0].lstrip("\ufeff")
+    first = next((t.lstrip() for t in texts if t and t.strip()), "")
+    if not first.startswith("["):  # JSONL: every line stands alone
+        out = []
+        for n, t in enumerate(texts, 1):
+            if t is not None and not t.strip():
+                continue
+            obj = None
+            if t is not None:
+                try:
+                    obj = json.loads(t)
+                    if not isinstance(obj, dict):
+                        problems.append(f"{path}:{n}: line: expected a JSON object, got {type(obj).__name__}")
+                        obj = None
+                except json.JSONDecodeError as e:
+                    problems.append(f"{path}:{n}: line: invalid JSON ({e.msg} at column {e.colno})")
+            out.append((_Row(path, n, len(out)), obj))  # unreadable rows keep their index
+        return out, False
+    if any(t is None for t in texts):
+        return [], True
+    text = "\n".join(texts)
+    dec, out = json.JSONDecoder(), []
+    pos, line = text.index("[") + 1, 1
+    while True:
+        start = _SPACE.match(text, pos).end()
+        if text.startswith("]", start) and not out:
+            return out, False
+        line += text.count("\n", pos, start)
+        try:
+            obj, end = dec.raw_decode(text, start)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{e.lineno}: line: invalid JSON ({e.msg} at column {e.colno}); "
+                            "the rest of the array was not read")
+            return out, True
+        if not isinstance(obj, dict):
+            problems.append(f"{path}:{line}: [{len(out)}]: expected a JSON object, got {type(obj).__name__}")
+            obj = None
+        out.append((_Row(path, line, len(out)), obj))
+        pos = _SPACE.match(text, end).end()
+        line += text.count("\n", start, pos)
+        if text.startswith("]", pos):
+            return out, False
+        if not text.startswith(",", pos):
+            problems.append(f"{path}:{line}: line: expected ',' or ']' after array element {len(out) - 1}")
+            return out, True
+        pos += 1
+
+
+def detect_format(path, rows: list | None = None) -> str:
+    """The format named by the keys of the file's first record; DataError if none or several."""
+    path = Path(path)
+    if rows is None:
+        rows, _ = _rows(path, [])
+    first = next((obj for _, obj in rows if obj is not None), None)
+    if first is None:
+        raise DataError([f"{path}: cannot tell the format: no readable JSON object; pass --from"])
+    found = _guess(first)
+    if len(found) != 1:
+        what = "matches " + ", ".join(found) if found else "matches no known format"
+        raise DataError([f"{path}: cannot tell the format: the first record (keys {sorted(first)[:12]}) "
+                         + f"{what}; pass --from one of {', '.join(FORMATS)}"])
+    return found[0]
+
+
+def _read(path, fmt: str, step_tag: str) -> tuple[list[Record], list[str], bool]:
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
+    path, problems = Path(path), []
+    rows, fatal = _rows(path, problems)
+    if fmt == "auto":
+        try:
+            fmt = detect_format(path, rows)
+        except DataError as e:
+            return [], problems + e.problems, True
+    records, seen = [], {}
+    for row, obj in rows:
+        if obj is None:  # already reported by _rows
+            continue
+        where = f"{path}:{row.line}"
+        try:
+            recs = FORMATS[fmt](obj, row)
+        except _Bad as e:
+            problems += [f"{where}: {m}" for m in e.args[0]]
+            continue
+        for rec in recs:
+            own = f" (record {rec.id})" if len(recs) > 1 else ""
+            bad = record_problems(rec, step_tag)
+            if rec.id in seen:
+                bad.append(f"id: duplicate id {rec.id!r} (first at line {seen[rec.id]})")
+            else:
+                seen[rec.id] = row.line
+            problems += [f"{where}: {m}{own}" for m in bad]
+            if not bad:
+                records.append(rec)
+    if not rows and not problems:
+        problems.append(f"{path}: no records (empty file)")
+        fatal = True
+    return records, problems, fatal
+
+
+def read_records(path, fmt: str = "auto", step_tag: str = DEFAULT_STEP_TAG) -> tuple[list[Record], list[str]]:
+    """(valid records, every problem as 'FILE:LINE: field: message'); fmt may be "auto"."""
+    records, problems, _ = _read(path, fmt, step_tag)
+    return records, problems
+
+
+def load_records(path, fmt: str = "auto", step_tag: str = DEFAULT_STEP_TAG,
+                 skip_invalid: bool = False) -> list[Record]:
+    """The records of a file, or DataError listing every problem. With skip_invalid, invalid
+    records are left out and named in a warning; problems that stop the file from being read
+    to its end (missing file, unknown format, broken JSON array) and a file with no valid
+    record still raise."""
+    records, problems, fatal = _read(path, fmt, step_tag)
+    if problems and (fatal or not skip_invalid or not records):
+        raise DataError(problems, skippable=not fatal and bool(records))
+    if problems:
+        lines = list(dict.fromkeys(p.split(": ", 1)[0].rsplit(":", 1)[1] for p in problems))
+        log.warning("skipped %d invalid records in %s: lines %s", len(lines), path, ", ".join(lines))
+    return records
+
+
+# ---------------------------------------------------------------------------- summary
+
+def summary(records: list[Record], tokenizer=None) -> dict:
+    """Counts for `dreamprm data check`. Token lengths (with a tokenizer) count the question,
+    each step and one token per step tag, as the piecewise encoding builds them (no chat
+    template), so they are a close lower bound of the training length; percentiles are
+    observed lengths (numpy's "higher" method), handy for choosing max_length."""
+    n_steps = [len(r.steps) for r in records]
+    labels = [y for r in records for y in r.labels]
+    known = [y for y in labels if y is not None]
+    outcomes = [r.outcome for r in records]
+    domains: dict = {}
+    for r in records:
+        domains[r.domain or "(none)"] = domains.get(r.domain or "(none)", 0) + 1
+    out = {
+        "records": len(records),
+        "steps": {"total": sum(n_steps), "mean": round(float(np.mean(n_steps)), 2) if records else 0.0,
+                  "max": max(n_steps, default=0)},
+        "labels": {"correct (>=0.5)": sum(y >= 0.5 for y in known), "wrong (<0.5)": sum(y < 0.5 for y in known),
+                   "unlabelled": len(labels) - len(known), "soft (0<y<1)": sum(0 < y < 1 for y in known)},
+        "outcomes": {"correct (>=0.5)": sum(o is not None and o >= 0.5 for o in outcomes),
+                     "wrong (<0.5)": sum(o is not None and o < 0.5 for o in outcomes),
+                     "none": sum(o is None for o in outcomes)},
+        "domains": dict(sorted(domains.items())),
+    }
+    if tokenizer is not None and records:
+        def n_tok(texts):
+            return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        q = n_tok([r.question for r in records])
+        s = iter(n_tok([s for r in records for s in r.steps]))
+        lengths = np.array([q[i] + sum(next(s) + 1 for _ in r.steps) for i, r in enumerate(records)])
+        pct = {p: int(np.percentile(lengths, p, method="higher")) for p in (50, 95)}
+        out["tokens"] = {"mean": round(float(lengths.mean()), 1), "p50": pct[50], "p95": pct[95],
+                         "max": int(lengths.max())}
+    return out
+
+
+def format_summary(s: dict) -> str:
+    """The summary as aligned text lines."""
+    lines = [f"records: {s['records']}",
+             f"steps: {s['steps']['total']} (mean {s['steps']['mean']}, max {s['steps']['max']} per record)"]
+    for key in ("labels", "outcomes", "domains", "tokens"):
+        if key in s:
+            lines.append(f"{key}: " + ", ".join(f"{k} {v}" for k, v in s[key].items()))
+    return "\n".join(lines)
