@@ -1,0 +1,377 @@
+"""The process reward model: a Hugging Face backbone plus the Qwen2.5-Math-PRM head at step-tag positions.
+
+Layout (same as Qwen2ForProcessRewardModel, so exported folders load in its code and vice versa):
+  model.*  the base transformer (e.g. Qwen2Model); no LM head is kept (it would cost vocab x hidden memory)
+  score    Sequential(Linear(h, h), ReLU(), Linear(h, 2)); softmax(logits)[..., 1] is P(step correct).
+
+Precision: bf16/fp16 load the backbone in that dtype; the head and the LoRA adapters stay fp32 (peft's
+autocast_adapter_dtype), so small updates to trainable weights are not rounded away.
+Nothing here downloads: every path is a local folder (model.name_or_path "" is the built-in tiny model).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("full", "lora", "qlora")
+ATTNS = ("auto", "sdpa", "eager", "flash_attention_2")
+PRM_ARCH = "Qwen2ForProcessRewardModel"
+HEAD_KEYS = {"0.weight", "0.bias", "2.weight", "2.bias"}
+HEAD_FILE = "score.safetensors"  # head weights next to a PEFT adapter
+DEFAULT_TAG = "<extra_0>"  # Qwen2.5-Math-PRM's tag, assumed for PRM folders that do not record one
+
+
+class PRM(nn.Module):
+    """Backbone + 2-class head applied only at the step-tag positions (never full-vocabulary logits)."""
+
+    def __init__(self, model: nn.Module, hidden: int):
+        super().__init__()
+        self.model = model
+        self.score = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def forward(self, input_ids, attention_mask, tag_pos):
+        """input_ids, attention_mask [B,S]; tag_pos [B,K] long -> logits [B,K,2] float32."""
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        h = torch.gather(h, 1, tag_pos.unsqueeze(-1).expand(-1, -1, h.size(-1)))
+        return self.score(h.to(self.score[0].weight.dtype)).float()
+
+
+def step_probs(logits: torch.Tensor) -> torch.Tensor:
+    """P(step correct) from PRM logits [..., 2]."""
+    return logits.float().softmax(-1)[..., 1]
+
+
+def resolve_attn(name: str) -> str:
+    """'auto' -> flash_attention_2 when flash-attn and CUDA are there, else sdpa; never a silent swap."""
+    if name not in ATTNS:
+        raise ValueError(f"model.attn_implementation {name!r} is not one of {ATTNS}")
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if name == "auto":
+        return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
+    if name == "flash_attention_2" and not has_flash:
+        raise ImportError("model.attn_implementation is flash_attention_2 but the flash_attn package is not "
+                          "installed: `pip install dreamprm[flash]` (needs CUDA to build), or pass "
+                          "--attn_implementation sdpa")
+    return name
+
+
+def check_model_dir(path) -> Path:
+    """The folder must hold config.json, weights and tokenizer files; report everything missing at once."""
+    p = Path(path).expanduser()
+    want = ("a Hugging Face model folder holds config.json, the weights (*.safetensors) and the tokenizer "
+            "files (tokenizer.json / tokenizer_config.json). dreamprm never downloads: fetch one with "
+            "`huggingface-cli download ORG/NAME --local-dir DIR` and pass DIR, or leave model.name_or_path "
+            "empty for the built-in tiny model")
+    if not p.is_dir():
+        raise FileNotFoundError(f"model folder {str(path)!r} does not exist ({p.resolve()}); {want}")
+    missing = []
+    if not (p / "config.json").is_file():
+        missing.append("config.json")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        missing.append("weights (*.safetensors)")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        missing.append("tokenizer files (tokenizer.json, tokenizer_config.json)")
+    if missing:
+        raise FileNotFoundError(f"model folder {p} lacks {', '.join(missing)}; {want}")
+    return p.resolve()
+
+
+def load_tokenizer(path, step_tag: str, trust_remote_code: bool = False):
+    """AutoTokenizer from a local folder; the step tag must be exactly one token of it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    ids = tok.encode(step_tag, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"model.step_tag {step_tag!r} is {len(ids)} tokens {ids} for the tokenizer in {path}; it must be "
+            "exactly one token or step positions are lost. Use a tag the tokenizer already has as one token "
+            "(Qwen2.5 tokenizers: '<extra_0>'), or add it as a special token: "
+            "tok.add_special_tokens({'additional_special_tokens': [TAG]}), tok.save_pretrained(DIR), and "
+            "resize the model's embeddings (model.resize_token_embeddings(len(tok))) before saving it to DIR")
+    return tok
+
+
+def _read_head(path: Path) -> dict | None:
+    """score.* tensors of a PRM checkpoint (safetensors, else torch.load weights_only), None if absent."""
+    from safetensors import safe_open
+
+    head = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            head.update({k[6:]: sf.get_tensor(k) for k in sf.keys() if k.startswith("score.")})  # noqa: SIM118
+    if not head:
+        for f in sorted(path.glob("*.bin")):
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            head.update({k[6:]: v for k, v in sd.items() if k.startswith("score.")})
+    if head and set(head) != HEAD_KEYS:
+        raise ValueError(f"{path} has a score head with keys {sorted('score.' + k for k in head)}; dreamprm "
+                         f"reads the {PRM_ARCH} layout score.0.*, score.2.* (Linear, ReLU, Linear)")
+    return head or None
+
+
+def _load_backbone(path: Path, precision: str, attn: str, trust_remote_code: bool, quantize: bool):
+    """Base transformer without LM head (the checkpoint's 'model.' prefix is stripped by from_pretrained)."""
+    from transformers import MODEL_MAPPING, AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    # The real Qwen2.5-Math-PRM maps AutoModel to its whole remote PRM class: take the library's base class.
+    cls = MODEL_MAPPING.get(type(config), AutoModel)
+    kw = {"config": config, "dtype": DTYPES[precision], "attn_implementation": resolve_attn(attn),
+          "local_files_only": True, "output_loading_info": True}
+    if cls is AutoModel:
+        kw["trust_remote_code"] = trust_remote_code
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[precision],
+            bnb_4bit_use_double_quant=True)
+        kw["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the head/lm_head keys we skip on purpose
+    try:
+        model, info = cls.from_pretrained(str(path), **kw)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise ValueError(f"{path}: backbone weights missing from the checkpoint: "
+                         f"{sorted(info['missing_keys'])}")
+    other = sorted(k for k in info["unexpected_keys"] if not k.startswith(("score.", "lm_head.")))
+    if other:
+        log.warning("%s: checkpoint keys not used by the backbone: %s", path, other)
+    return model
+
+
+def _load(path: Path, precision: str, attn: str, trust_remote_code: bool, quantize: bool,
+          want_head: bool = True) -> tuple[PRM, bool]:
+    """(PRM, head loaded): the checkpoint's head if it is a PRM folder, else a fresh one (global RNG)."""
+    backbone = _load_backbone(path, precision, attn, trust_remote_code, quantize)
+    prm = PRM(backbone, backbone.config.hidden_size)
+    head = _read_head(path) if want_head else None
+    if want_head and head is None and PRM_ARCH in (backbone.config.architectures or []):
+        raise ValueError(f"{path} says {PRM_ARCH} but has no score.0/score.2 weights")
+    if head is not None:
+        prm.score.load_state_dict({k: v.float() for k, v in head.items()})
+    prm.score.to(next(backbone.parameters()).device)
+    return prm, head is not None
+
+
+def _enable_checkpointing(model, reentrant: bool):
+    kw = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; also hooks input grads
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        model.enable_input_require_grads()  # reentrant checkpointing of a frozen base needs inputs with grad
+
+
+def _lora_targets(model, wanted: list[str]) -> list[str]:
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    found = [t for t in wanted if t in names]
+    if not found:
+        raise ValueError(f"none of model.lora_targets {list(wanted)} is a linear layer of this model; "
+                         f"its linear layers are named {names}")
+    if len(found) < len(wanted):
+        log.warning("model.lora_targets %s are not in this model; LoRA goes on %s",
+                    [t for t in wanted if t not in names], found)
+    return found
+
+
+def build_prm(mcfg, precision: str = "fp32", *, gc_reentrant: bool = False):
+    """PRM and tokenizer for training, from a local causal-LM or PRM folder (mcfg: config.ModelConfig).
+
+    A PRM folder (architectures has Qwen2ForProcessRewardModel, or the weights have score.0.weight) keeps
+    its head; a causal-LM folder gets a fresh head from the global RNG (seed before calling).
+    gc_reentrant: reentrant activation checkpointing. Non-reentrant (the default) is faster with LoRA, but
+    ZeRO-3 + LoRA can fail at recompute with CheckpointError (frozen weights still partitioned); pass True
+    there.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    problems = []
+    if mcfg.mode not in MODES:
+        problems.append(f"model.mode {mcfg.mode!r} is not one of {MODES}")
+    if precision not in DTYPES:
+        problems.append(f"precision {precision!r} is not one of {tuple(DTYPES)}")
+    if mcfg.attn_implementation not in ATTNS:
+        problems.append(f"model.attn_implementation {mcfg.attn_implementation!r} is not one of {ATTNS}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if mcfg.name_or_path:
+        path = check_model_dir(mcfg.name_or_path)
+    else:
+        from dreamprm.tiny import default_tiny_dir
+
+        path = check_model_dir(default_tiny_dir())
+    tok = load_tokenizer(path, mcfg.step_tag, mcfg.trust_remote_code)
+    prm, _ = _load(path, precision, mcfg.attn_implementation, mcfg.trust_remote_code, mcfg.mode == "qlora")
+    tag_id = tok.convert_tokens_to_ids(mcfg.step_tag)
+    if tag_id >= prm.model.get_input_embeddings().num_embeddings:
+        raise ValueError(f"step tag {mcfg.step_tag!r} has id {tag_id} but the model in {path} has only "
+                         f"{prm.model.get_input_embeddings().num_embeddings} embeddings: resize them")
+    if mcfg.mode == "qlora":
+        prepare_model_for_kbit_training(prm.model, use_gradient_checkpointing=mcfg.gradient_checkpointing,
+                                        gradient_checkpointing_kwargs={"use_reentrant": gc_reentrant})
+    elif mcfg.gradient_checkpointing:
+        _enable_checkpointing(prm.model, gc_reentrant)
+    if mcfg.mode != "full":
+        lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
+                          target_modules=_lora_targets(prm.model, mcfg.lora_targets), bias="none")
+        prm.model = get_peft_model(prm.model, lcfg)  # freezes the backbone; adapters fp32
+    prm.score.requires_grad_(True)
+    return prm.train(), tok
+
+
+def _is_peft(prm: PRM) -> bool:
+    from peft import PeftModel
+
+    return isinstance(prm.model, PeftModel)
+
+
+def _backbone(prm: PRM):
+    return prm.model.get_base_model() if _is_peft(prm) else prm.model
+
+
+def state_dict_for_export(prm: PRM) -> dict[str, torch.Tensor]:
+    """Full weights in the Qwen2ForProcessRewardModel layout: LoRA merged, 4-bit weights dequantized.
+
+    Does not modify prm. Under ZeRO-3 call it inside GatheredParameters (an empty shard raises).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    base = _backbone(prm)
+    dtype = base.get_input_embeddings().weight.dtype
+    out, done = {}, []
+    with torch.no_grad():
+        for name, mod in base.named_modules():
+            if any(name.startswith(d + ".") for d in done):
+                continue
+            is_lora = isinstance(mod, LoraLayer)
+            layer = mod.get_base_layer() if is_lora else mod
+            if not (is_lora or type(getattr(layer, "weight", None)).__name__ == "Params4bit"):
+                continue
+            w = dequantize_module_weight(layer).float()
+            for a in (mod.active_adapters if is_lora else []):
+                if a in mod.lora_A:
+                    w = w + mod.get_delta_weight(a).float()
+            out[f"model.{name}.weight"] = w.to(dtype)
+            if getattr(layer, "bias", None) is not None:
+                out[f"model.{name}.bias"] = layer.bias.detach().to(dtype)
+            done.append(name)
+        for k, v in base.state_dict().items():
+            if not any(k.startswith(d + ".") for d in done):
+                out[f"model.{k}"] = v.detach()
+        out.update({f"score.{k}": v.detach() for k, v in prm.score.state_dict().items()})
+    empty = [k for k, v in out.items() if v.numel() == 0]
+    if empty:
+        raise RuntimeError(f"empty tensors {empty[:3]}...: ZeRO-3 partitioned parameters must be gathered "
+                           "(deepspeed.zero.GatheredParameters) before export")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_prm(prm: PRM, out_dir, tokenizer, step_tag: str, merge_lora: bool = True) -> Path:
+    """Write a folder loadable as Qwen2ForProcessRewardModel (config.json, model.safetensors, tokenizer).
+
+    Non-Qwen2 backbones keep their own architectures entry (no PRM class exists for them); the folder is
+    still recognised by dreamprm through its score.0.weight key. merge_lora=False on a LoRA PRM writes
+    the adapter form instead (save_adapter).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if _is_peft(prm) and not merge_lora:
+        return save_adapter(prm, out, tokenizer, step_tag)
+    sd = state_dict_for_export(prm)
+    base = _backbone(prm)
+    cfg = copy.deepcopy(base.config)
+    for k in ("quantization_config", "_pre_quantization_dtype"):
+        cfg.__dict__.pop(k, None)  # the export is dequantized
+    if cfg.model_type == "qwen2":
+        cfg.architectures = [PRM_ARCH]
+    cfg.dreamprm_step_tag = step_tag
+    cfg.dtype = base.get_input_embeddings().weight.dtype
+    cfg.save_pretrained(out)
+    d = json.loads((out / "config.json").read_text())
+    d["num_labels"] = 2  # transformers 5 omits it when it equals its default; Qwen's PRM config states it
+    (out / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def save_adapter(prm: PRM, out_dir, tokenizer=None, step_tag: str = DEFAULT_TAG) -> Path:
+    """PEFT adapter (adapter_config.json, adapter_model.safetensors) + head (score.safetensors).
+
+    load_prm rebuilds base + adapter + head; the base folder is adapter_config.json's
+    base_model_name_or_path (an absolute local path), re-quantized to 4 bits for a QLoRA adapter so scores
+    match training. Under ZeRO-3 gather the parameters first.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if not _is_peft(prm):
+        raise ValueError("save_adapter needs a LoRA/QLoRA PRM (model.mode lora or qlora); use save_prm")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prm.model.save_pretrained(str(out), save_embedding_layers=False)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    if not saved or any(v.numel() == 0 for v in saved.values()):
+        raise RuntimeError(f"{out}/adapter_model.safetensors is empty: gather ZeRO-3 parameters first")
+    head = {k: v.detach().float().contiguous() for k, v in prm.score.state_dict().items()}
+    quantized = getattr(_backbone(prm).config, "quantization_config", None) is not None
+    save_file(head, str(out / HEAD_FILE), metadata={"format": "pt", "step_tag": step_tag,
+                                                    "qlora": str(int(quantized))})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def load_prm(path, precision: str = "fp32", attn_implementation: str = "auto", base=None,
+             trust_remote_code: bool = False):
+    """(prm, tokenizer, step_tag) from an exported folder: merged (save_prm) or adapter form (save_adapter).
+
+    base overrides the adapter's recorded base folder (e.g. after moving it). A QLoRA adapter goes on the
+    base quantized again (deterministic), precision being its compute dtype.
+    """
+    from peft import PeftModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = Path(path).expanduser()
+    if (p / "adapter_config.json").is_file():
+        if not (p / HEAD_FILE).is_file():
+            raise FileNotFoundError(f"{p} has a PEFT adapter but no {HEAD_FILE} (the PRM head): "
+                                    "write adapters with dreamprm.model.save_adapter")
+        with safe_open(str(p / HEAD_FILE), "pt") as sf:
+            meta = sf.metadata() or {}
+        step_tag = meta.get("step_tag", DEFAULT_TAG)
+        base_dir = check_model_dir(base or json.loads((p / "adapter_config.json").read_text())
+                                   ["base_model_name_or_path"])
+        prm, _ = _load(base_dir, precision, attn_implementation, trust_remote_code, meta.get("qlora") == "1",
+                       want_head=False)
+        prm.score.load_state_dict(load_file(str(p / HEAD_FILE), device=str(prm.score[0].weight.device)))
+        prm.model = PeftModel.from_pretrained(prm.model, str(p), is_trainable=False)
+        has_tok = (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()
+        tok = load_tokenizer(p if has_tok else base_dir, step_tag, trust_remote_code)
+    else:
+        p = check_model_dir(p)
+        step_tag = json.loads((p / "config.json").read_text()).get("dreamprm_step_tag", DEFAULT_TAG)
+        tok = load_tokenizer(p, step_tag, trust_remote_code)
+        prm, has_head = _load(p, precision, attn_implementation, trust_remote_code, False)
+        if not has_head:
+            raise ValueError(f"{p} is not a PRM folder (no score.0/score.2 weights); build_prm makes a PRM "
+                             "from a causal-LM folder")
+    return prm.eval(), tok, step_tag
