@@ -2,6 +2,8 @@
 
     dreamprm data check FILE [--from FORMAT] [--tokenizer DIR] [--json]
     dreamprm data convert --from FORMAT IN OUT
+    dreamprm evaluate {steps,processbench,bon} --data FILE (--model PATH | --scores FILE)
+    dreamprm train [options of launch/train.py]
 
 Each subcommand is a parser built by an add_*_parser(subparsers) function plus a plain
 handler function(args) -> exit code; `evaluate`, `train` and `export` are added the same
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from dreamprm.data.readers import FORMATS, DataError, format_summary, load_records, summary
 from dreamprm.data.record import DEFAULT_STEP_TAG, write_jsonl
+from dreamprm.evaluate import add_evaluate_parser
 
 
 def _print_problems(problems: list[str], skippable: bool = False) -> None:
@@ -104,12 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamprm", description="Process reward model training.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_data_parser(subparsers)
-    # add_evaluate_parser(subparsers), add_train_parser(subparsers), add_export_parser(subparsers) go here.
+    add_evaluate_parser(subparsers)
+    subparsers.add_parser("train", add_help=False,
+                          help="train a PRM (same options as launch/train.py; `dreamprm train --help`)")
     return parser
+
+
+def train(argv: list[str]) -> int:
+    from dreamprm.config import ConfigError, load_config
+    from dreamprm.train import fit
+    try:
+        cfg, notes = load_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return fit(cfg, notes)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the trainer owns its flags (config.build_parser)
+        return train(argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

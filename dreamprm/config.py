@@ -55,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = opt("", "local HF causal-LM or PRM folder; empty = built-in tiny Qwen2 PRM",
+    name_or_path: str = opt("", "local HF causal-LM or PRM folder; empty = a tiny Qwen2 built locally (demo, tests)",
                             alias=("--model_name",))
     step_tag: str = opt("<extra_0>", "step tag token placed after every step (must be one token)")
     mode: str = opt("lora", "what trains: full fine-tune, LoRA, or QLoRA (4-bit base, one GPU)", MODES)
@@ -117,7 +117,7 @@ class RunConfig:
     disable_wandb: bool = opt(False, "no wandb at all")
     wandb_mode: str = opt("auto", "auto = online with an API key, else offline", WANDB_MODES)
     dry_run: bool = opt(False, "validate config and data, build the model, then exit")
-    debug: bool = opt(False, "log every update and check gradients for NaN")
+    debug: bool = opt(False, "log every update and run autograd anomaly detection (slow)")
 
 
 @dataclass
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
             if typ is bool:
                 g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             elif typ is list or get_origin(typ) is list:
-                g.add_argument(*names, nargs="+", metavar="NAME", **kw)
+                g.add_argument(*names, nargs="+", **kw)
             else:
                 g.add_argument(*names, type=typ, choices=md["choices"], **kw)
     return p

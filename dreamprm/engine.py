@@ -151,9 +151,13 @@ def create_engine(cfg: Config, rank: int, world: int) -> Engine:
                   params=[p for p in ds.module.parameters() if p.requires_grad], hf_ds_config=hf_ds)
 
 
-def forward(eng: Engine, batch: dict) -> torch.Tensor:
+def forward(eng: Engine, batch: dict, meta: bool = False) -> torch.Tensor:
+    """The PRM's step logits. Meta passes call the module itself: the engine's forward hooks
+    its outputs for engine.backward, which forbids the autograd.grad the meta pass uses;
+    ZeRO-3's parameter gathering hooks sit on the submodules and still run."""
     dev = eng.ds.device
-    return eng.ds(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["tag_pos"].to(dev))
+    fn = eng.ds.module if meta else eng.ds
+    return fn(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["tag_pos"].to(dev))
 
 
 def to_device(batch: dict, device) -> dict:
@@ -205,7 +209,7 @@ def check_finite(losses: torch.Tensor, batch: dict, what: str) -> None:
 
 def meta_gradient(eng: Engine, meta_batch: dict, aggregation: str, kind: str):
     """v: the meta-loss gradient for every trainable parameter, full shape, mean over ranks."""
-    logits = forward(eng, meta_batch)
+    logits = forward(eng, meta_batch, meta=True)
     lm = hypergrad.meta_loss(logits, meta_batch, aggregation, kind)
     grads = torch.autograd.grad(lm, eng.params, allow_unused=True)
     v = [torch.zeros(p.ds_shape if eng.stage == 3 else p.shape, dtype=torch.float32, device=eng.ds.device)
@@ -253,7 +257,7 @@ def fd_alignments(eng: Engine, recent: list, v: list, radius: float):
             for (t, d), s in zip(local, saved):
                 t.copy_(s.float().add(d, alpha=sign * eps).to(t.dtype))
             _params_changed(eng)
-            losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"]), r["batch"]) for r in recent]
+            losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"], meta=True), r["batch"]) for r in recent]
         for (t, _), s in zip(local, saved):
             t.copy_(s)
         _params_changed(eng)
@@ -269,7 +273,7 @@ def exact_alignments(eng: Engine, recent: list, v: list):
         a = torch.zeros(len(b["index"]))
         for i in range(len(b["index"])):
             row = {k: (x[i:i + 1] if torch.is_tensor(x) and x.dim() > 0 else x) for k, x in b.items()}
-            li = hypergrad.instance_losses(forward(eng, row), row)[0]
+            li = hypergrad.instance_losses(forward(eng, row, meta=True), row)[0]
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
             a[i] = sum((g.float() * x).sum() for g, x in zip(grads, v) if g is not None).item()
         out.append(a)

@@ -120,6 +120,19 @@ def weight_stats(wmod, baseline: bool) -> dict:
             "w_min": w.min().item(), "w_max": w.max().item()}
 
 
+def log_row(step, window, meta, eng, wmod, wopt, cfg, seconds) -> dict:
+    """One metrics.jsonl line: losses averaged over the updates since the last line."""
+    n = max(1, window["n"])
+    row = {"step": step, "loss": window["loss"] / n, "loss_unweighted": window["loss_unweighted"] / n}
+    if window["meta_n"]:
+        row.update(meta_loss=window["meta_loss"] / window["meta_n"], v_norm=meta["v_norm"],
+                   align_mean=meta["align_mean"])
+    row.update(lr=eng.ds.get_lr()[0], meta_lr=wopt.param_groups[0]["lr"], **weight_stats(wmod, cfg.meta.baseline),
+               tokens_per_s=window["tokens"] / max(seconds, 1e-9), mem_mb=engine.peak_memory_mb(),
+               time=time.time())
+    return row
+
+
 def resolve_resume(cfg: Config, ckpt_root: Path) -> Path | None:
     r = cfg.run.resume_from
     if r == "none":
@@ -159,6 +172,8 @@ def fit(cfg: Config, notes=()) -> int:
     ckpt_root = run_dir / "checkpoints"
     bilevel = not cfg.meta.baseline
     torch.manual_seed(cfg.train.seed)
+    if cfg.run.debug:
+        torch.autograd.set_detect_anomaly(True)
 
     eng = engine.create_engine(cfg, rank, world)
     pad_id = eng.tokenizer.pad_token_id
@@ -215,21 +230,23 @@ def fit(cfg: Config, notes=()) -> int:
         bar = tqdm(total=cfg.train.total_steps, initial=start, desc="train", dynamic_ncols=True,
                    disable=not sys.stderr.isatty())
     log_every = 1 if cfg.run.debug else cfg.run.log_every
-    t_last, tok_since, step, meta = time.perf_counter(), 0, start, {}
+    t_last, step, meta = time.perf_counter(), start, {}
+    window = {"n": 0, "tokens": 0, "loss": 0.0, "loss_unweighted": 0.0, "meta_n": 0, "meta_loss": 0.0}
     try:
         for step in range(start + 1, cfg.train.total_steps + 1):
             out = engine.inner_update(eng, train_stream, wmod, cfg.meta.baseline, step)
-            tok_since += out["tokens"]
+            window["n"] += 1
+            window["tokens"] += out["tokens"]
+            window["loss"] += out["loss"]
+            window["loss_unweighted"] += out["loss_unweighted"]
             if bilevel and step % cfg.meta.meta_interval == 0:
                 meta = engine.meta_update(eng, next(meta_stream), out["recent"], wmod, wopt, cfg, step)
+                window["meta_n"] += 1
+                window["meta_loss"] += meta["meta_loss"]
             if step % log_every == 0 or step == cfg.train.total_steps:
-                dt = time.perf_counter() - t_last
-                row = {"step": step, "loss": out["loss"], "loss_unweighted": out["loss_unweighted"],
-                       **({k: meta[k] for k in ("meta_loss", "v_norm", "align_mean")} if meta else {}),
-                       "lr": eng.ds.get_lr()[0], "meta_lr": wopt.param_groups[0]["lr"],
-                       **weight_stats(wmod, cfg.meta.baseline), "tokens_per_s": tok_since / max(dt, 1e-9),
-                       "mem_mb": engine.peak_memory_mb(), "time": time.time()}
-                t_last, tok_since = time.perf_counter(), 0
+                row = log_row(step, window, meta, eng, wmod, wopt, cfg, time.perf_counter() - t_last)
+                t_last = time.perf_counter()
+                window = dict.fromkeys(window, 0)
                 if rank == 0:
                     with open(run_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")

@@ -10,18 +10,7 @@ All logic lives in dreamprm.train; this file only parses the config and calls it
 
 import sys
 
-from dreamprm.config import ConfigError, load_config
-from dreamprm.train import fit
-
-
-def main(argv=None) -> int:
-    try:
-        cfg, notes = load_config(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return fit(cfg, notes)
-
+from dreamprm.cli import train
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train(sys.argv[1:]))

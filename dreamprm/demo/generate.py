@@ -1,8 +1,8 @@
 """Regenerate the bundled demo data: `python -m dreamprm.demo.generate`.
 
 Small MiniF2F-style records (the seed script's JSONL: informal_prefix, formal_statement,
-cot_response with `### Step k` headers, cot_steps[].pi, meta_label) for a two-operation
-arithmetic task whose step correctness is known. Domain "noisy" has 40% of its step labels
+cot_response with `### Step k` headers, cot_steps[].pi, meta_label) for a repeated-doubling
+task whose step correctness is known. Domain "noisy" has 40% of its step labels
 flipped, so the demo has something for the weights to find; the meta file is clean.
 """
 
@@ -12,18 +12,19 @@ from pathlib import Path
 
 
 def solution(rng: random.Random, wrong: bool):
-    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
-    bc = b * c
-    total = a + bc
-    err_at = rng.randint(0, 2) if wrong else 3
-    v1 = bc if err_at > 0 else bc + rng.choice([-2, -1, 1, 2])
-    v2 = a + v1 if err_at > 1 else a + v1 + rng.choice([-3, -1, 1, 3])
-    steps = [f"Multiply first: {b} * {c} = {v1}.", f"Then add: {a} + {v1} = {v2}.",
-             f"So the answer is {v2}."]
-    labels = [1.0 if k < err_at else 0.0 for k in range(3)]
-    question = f"Compute {a} + {b} * {c}."
-    formal = f"theorem demo : ({a} : ℕ) + {b} * {c} = {total} := by"
-    return question, formal, steps, labels, float(v2 == total)
+    """Repeated doubling: a careless step adds or drops one, so a first error is odd."""
+    a = rng.randint(2, 9)
+    n = 3
+    err_at = rng.randint(0, n - 1) if wrong else n
+    steps, labels, x = [], [], a
+    for k in range(n):
+        y = 2 * x + (rng.choice([-1, 1]) if k == err_at else 0)
+        steps.append(f"Double {x} to get {y}")
+        labels.append(1.0 if k < err_at else 0.0)
+        x = y
+    question = f"Double {a} three times."
+    formal = f"theorem demo : ({a} : ℕ) * 8 = {8 * a} := by"
+    return question, formal, steps, labels, float(x == 8 * a)
 
 
 def record(rng, i, domain, flip):
