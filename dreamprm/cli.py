@@ -114,14 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(argv: list[str]) -> int:
+    """launch/train.py and `dreamprm train`: known failures print one clear message, exit 1."""
     from dreamprm.config import ConfigError, load_config
+    from dreamprm.engine import CheckpointError, NonFiniteError
+    from dreamprm.runlock import RunLockError
     from dreamprm.train import fit
     try:
         cfg, notes = load_config(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return fit(cfg, notes)
+    try:
+        return fit(cfg, notes)
+    except (DataError, CheckpointError, NonFiniteError, RunLockError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

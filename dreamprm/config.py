@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_origin, get_type_hints
@@ -164,9 +163,8 @@ def _coerce(value, typ, where: str, problems: list[str]):
     elif typ is list or get_origin(typ) is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
-    elif typ is str:
-        if isinstance(value, str):
-            return value
+    elif typ is str and isinstance(value, str):
+        return value
     problems.append(f"{where}: {value!r} is not a {getattr(typ, '__name__', typ)}")
     return None
 
@@ -374,6 +372,18 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def main_error(e: ConfigError) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def markdown_reference() -> str:
+    """The config reference table in README.md (tests/test_config.py keeps them equal)."""
+    rows = ["| flag | YAML key | default | meaning |", "|---|---|---|---|"]
+    defaults = Config()
+    for sec, f, _ in _fields():
+        md = f.metadata
+        names = ", ".join(f"`{n}`" for n in (f"--{f.name}", *md["alias"]))
+        default = getattr(getattr(defaults, sec), f.name)
+        choices = f" ({' / '.join(md['choices'])})" if md["choices"] else ""
+        rows.append(f"| {names} | `{sec}.{f.name}` | `{json.dumps(default)}` | {md['help']}{choices} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

@@ -185,7 +185,7 @@ def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int) -> dict:
         loss = (w.to(losses.dtype) * losses).mean()
         eng.ds.backward(loss)
         eng.ds.step()
-        recent.append({"batch": batch, "features": feats})
+        recent.append({"batch": batch, "features": feats, "weights": w.detach()})
         sums += torch.tensor([(w * losses).sum().item(), losses.sum().item(), len(losses),
                               batch["n_tokens"]], dtype=torch.float64)
     all_reduce_(sums)
@@ -198,8 +198,9 @@ def check_finite(losses: torch.Tensor, batch: dict, what: str) -> None:
     bad = ~torch.isfinite(losses.detach())
     flag = all_reduce_(torch.tensor([float(bad.sum())]))
     if flag.item() > 0:
-        ids = batch["index"][bad.cpu()].tolist() if bad.any() else []
-        raise NonFiniteError(f"non-finite {what}; instance indices on this rank: {ids}. Nothing was "
+        rows = torch.nonzero(bad.cpu()).flatten().tolist()
+        ids = [batch["ids"][i] if "ids" in batch else int(batch["index"][i]) for i in rows]
+        raise NonFiniteError(f"non-finite {what}; records on this rank: {ids}. Nothing was "
                              "applied to the PRM or the weights; resume from the last checkpoint after "
                              "fixing the data (dreamprm data check) or lowering --lr.")
 
@@ -301,9 +302,10 @@ def meta_update(eng: Engine, meta_batch: dict, recent: list, wmod, wopt, cfg: Co
     a_all = torch.cat(align)
     bad = all_reduce_(torch.tensor([float((~torch.isfinite(a_all)).sum())]))
     if bad.item() > 0 or not torch.isfinite(torch.tensor(lmeta)):
-        ids = torch.cat([r["batch"]["index"].cpu() for r in recent])[~torch.isfinite(a_all)].tolist()
+        ids = [i for r in recent for i in r["batch"].get("ids", r["batch"]["index"].tolist())]
+        ids = [i for i, ok in zip(ids, torch.isfinite(a_all).tolist()) if not ok]
         raise NonFiniteError(f"non-finite meta loss or alignment at update {step} (meta loss {lmeta}, "
-                             f"instance indices {ids}); the weights were not updated")
+                             f"records {ids}); the weights were not updated")
     wopt.zero_grad()
     obj = sum(hypergrad.weight_objective(
         wmod(r["batch"]["index"].cpu(), r["batch"]["domain"].cpu(), r["features"].cpu()), a, n_global)
@@ -389,8 +391,10 @@ def latest_checkpoint(root: Path) -> Path | None:
     return root / ptr.read_text().strip()
 
 
-def verify_checkpoint(ckpt: Path, world: int) -> dict:
-    """The manifest of a complete checkpoint; raises CheckpointError saying what is wrong."""
+def verify_checkpoint(ckpt: Path, world: int | None) -> dict:
+    """The manifest of a complete checkpoint; raises CheckpointError saying what is wrong.
+
+    world: the ranks of the run that will resume from it (None: any, e.g. for export)."""
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist")
     man_path = ckpt / MANIFEST
@@ -406,7 +410,7 @@ def verify_checkpoint(ckpt: Path, world: int) -> dict:
            if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != n]
     if bad:
         raise CheckpointError(f"checkpoint {ckpt} is damaged: " + ", ".join(bad[:10]))
-    if man["world"] != world:
+    if world is not None and man["world"] != world:
         raise CheckpointError(
             f"checkpoint {ckpt} was written by {man['world']} ranks and this run has {world}. "
             f"Run again with {man['world']} ranks; changing the world size needs a DeepSpeed universal "
@@ -425,6 +429,19 @@ def load_checkpoint(eng: Engine, ckpt: Path) -> tuple[dict, dict]:
     per_rank = torch.load(ckpt / f"dreamprm_rank{eng.rank:05d}.pt", weights_only=True)
     _set_rng_state(per_rank["rng"])
     return shared, per_rank
+
+
+def consolidated_state_dict(ckpt: Path) -> dict:
+    """The full fp32 state dict of the PRM module in a checkpoint, for any ZeRO stage.
+
+    Keys are the training module's (peft names under LoRA). Verifies completeness first.
+    """
+    man = verify_checkpoint(ckpt, world=None)
+    if man["stage"] >= 2:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    return {k: v.float() for k, v in states["module"].items()}
 
 
 def gathered_state_dict(eng: Engine, fn):

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from dreamprm import engine
+from dreamprm import engine, runlock
 from dreamprm.config import Config, save_config
 from dreamprm.data.loader import BatchStream
-from dreamprm.data.readers import load_records
+from dreamprm.data.readers import DataError, load_records
 from dreamprm.data.tokenize import domain_table, encode_records
-from dreamprm.weights import build_weight_module, build_weight_optimizer
+from dreamprm.weights import DomainTable, InstanceTable, build_weight_module, build_weight_optimizer
 
 DEMO_DIR = Path(__file__).parent / "demo"
 # Fields that must agree between a checkpoint and the run resuming it.
@@ -59,18 +59,22 @@ def load_data(cfg: Config, tokenizer, rank: int, needs_meta: bool):
     train = load_records(train_path, train_fmt, step_tag=tag, skip_invalid=skip)
     unlabelled = [r.id for r in train if all(y is None for y in r.labels)]
     if unlabelled:
-        raise ValueError(f"--train_file {train_path}: {len(unlabelled)} records have no step labels "
-                         f"(e.g. {unlabelled[:3]}); training needs step labels (use them as --meta_file)")
+        raise DataError([(f"--train_file {train_path}: {len(unlabelled)} records have no step labels "
+                         f"(e.g. {unlabelled[:3]}); training needs step labels (use them as --meta_file)")])
     meta = []
     if needs_meta:
         meta = load_records(meta_path, meta_fmt, step_tag=tag, skip_invalid=skip)
+        no_outcome = [r.id for r in meta if r.outcome is None]
+        if no_outcome and len(no_outcome) < len(meta):
+            print0(f"meta  {meta_path}: left out {len(no_outcome)} records without an outcome label "
+                   f"(e.g. {no_outcome[:3]})", rank=rank)
         meta = [r for r in meta if r.outcome is not None]
         if not meta:
-            raise ValueError(f"--meta_file {meta_path}: no record has an outcome label; the meta pass needs "
-                             "solutions labelled right/wrong (field `outcome`, `meta_label`, `passed`, ...)")
+            raise DataError([(f"--meta_file {meta_path}: no record has an outcome label; the meta pass needs "
+                             "solutions labelled right/wrong (field `outcome`, `meta_label`, `passed`, ...)")])
     domains = domain_table([r.domain for r in train + meta])
-    kw = dict(tokenizer=tokenizer, step_tag=tag, max_length=cfg.data.max_length,
-              use_chat_template=cfg.model.chat_template, domains=domains)
+    kw = {"tokenizer": tokenizer, "step_tag": tag, "max_length": cfg.data.max_length,
+              "use_chat_template": cfg.model.chat_template, "domains": domains}
     train_ex, st = encode_records(train, **kw)
     print0(f"train {train_path}: {st}", rank=rank)
     meta_ex = []
@@ -78,7 +82,7 @@ def load_data(cfg: Config, tokenizer, rank: int, needs_meta: bool):
         meta_ex, sm = encode_records(meta, **kw)
         print0(f"meta  {meta_path}: {sm}", rank=rank)
     if not train_ex:
-        raise ValueError(f"--train_file {train_path}: no example fits in --max_length {cfg.data.max_length}")
+        raise DataError([f"--train_file {train_path}: no example fits in --max_length {cfg.data.max_length}"])
     return train_ex, meta_ex, domains
 
 
@@ -175,6 +179,26 @@ def fit(cfg: Config, notes=()) -> int:
     if cfg.run.debug:
         torch.autograd.set_detect_anomaly(True)
 
+    lock = None
+    if not cfg.run.dry_run:  # rank 0 holds the run directory; every rank learns the outcome
+        try:
+            lock, note = runlock.acquire(run_dir) if rank == 0 else (None, None)
+            err = None
+        except runlock.RunLockError as e:
+            note, err = None, str(e)
+        note, err = engine.broadcast_object((note, err))
+        if err:
+            raise runlock.RunLockError(err)
+        if note:
+            print0(note, rank=rank)
+    try:
+        return _fit(cfg, rank, world, run_dir, ckpt_root, bilevel)
+    finally:
+        if lock is not None:
+            runlock.release(lock)
+
+
+def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bilevel: bool) -> int:
     eng = engine.create_engine(cfg, rank, world)
     pad_id = eng.tokenizer.pad_token_id
     train_ex, meta_ex, domains = load_data(cfg, eng.tokenizer, rank, needs_meta=bilevel)
@@ -231,10 +255,13 @@ def fit(cfg: Config, notes=()) -> int:
                    disable=not sys.stderr.isatty())
     log_every = 1 if cfg.run.debug else cfg.run.log_every
     t_last, step, meta = time.perf_counter(), start, {}
+    last_w = torch.full((len(train_ex),), -1.0)  # weight each instance got when last trained on
     window = {"n": 0, "tokens": 0, "loss": 0.0, "loss_unweighted": 0.0, "meta_n": 0, "meta_loss": 0.0}
     try:
         for step in range(start + 1, cfg.train.total_steps + 1):
             out = engine.inner_update(eng, train_stream, wmod, cfg.meta.baseline, step)
+            for r in out["recent"]:
+                last_w[r["batch"]["index"].cpu()] = r["weights"].cpu().float()
             window["n"] += 1
             window["tokens"] += out["tokens"]
             window["loss"] += out["loss"]
@@ -266,7 +293,7 @@ def fit(cfg: Config, notes=()) -> int:
                 status["state"] = "stopped"
                 return 128 + (stop.signum or signal.SIGTERM)
         status["state"] = "finished"
-        dump_instance_weights(wmod, train_ex, run_dir, rank, cfg.meta.baseline)
+        dump_instance_weights(wmod, train_ex, last_w, run_dir, rank, cfg.meta.baseline)
         return 0
     except BaseException as e:
         status.update(state="failed", error=f"{type(e).__name__}: {e}")
@@ -283,19 +310,25 @@ def fit(cfg: Config, notes=()) -> int:
             wb.finish()
 
 
-def dump_instance_weights(wmod, train_ex, run_dir: Path, rank: int, baseline: bool) -> None:
-    """instance_weights.jsonl: the learned weight of every training instance, by record id."""
+def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, rank: int, baseline: bool):
+    """instance_weights.jsonl: the learned weight of every training record, by id.
+
+    Tables give every row's current weight; the instance net's weight depends on features
+    seen in training, so it is the weight it gave the record when last trained on (null if
+    never). last_w holds those, -1 where unseen, max-reduced over ranks.
+    """
+    last_w = engine.all_reduce_(last_w.clone(), op=torch.distributed.ReduceOp.MAX)
     if rank != 0:
         return
     if baseline:
         w = torch.ones(len(train_ex))
-    elif hasattr(wmod, "all_weights") and wmod.raw.numel() == len(train_ex):
+    elif isinstance(wmod, InstanceTable):
         w = wmod.all_weights()
-    elif hasattr(wmod, "all_weights"):  # domain table
-        dw = wmod.all_weights()
-        w = torch.stack([dw[ex.domain] for ex in train_ex])
-    else:  # instance net: weights depend on features seen in training; store the net's level
-        w = torch.full((len(train_ex),), math.nan)
+    elif isinstance(wmod, DomainTable):
+        w = wmod.all_weights()[torch.tensor([ex.domain for ex in train_ex])]
+    else:
+        w = torch.where(last_w >= 0, last_w, torch.full_like(last_w, math.nan))
     with open(run_dir / "instance_weights.jsonl", "w") as f:
         for ex, wi in zip(train_ex, w.tolist()):
+            wi = None if math.isnan(wi) else wi
             f.write(json.dumps({"id": ex.id, "index": ex.index, "domain": ex.domain, "weight": wi}) + "\n")

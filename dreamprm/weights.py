@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 RAW_ONE = math.log(math.e - 1.0)  # softplus(RAW_ONE) == 1: "neutral" weight
 N_FEATURES = 6  # see hypergrad.instance_features
@@ -57,7 +57,7 @@ class InstanceNet(nn.Module):
     loop feeds it the all-reduced batch mean via observe() so every rank holds the same.
     """
 
-    def __init__(self, n_domains: int, hidden: int = 32, momentum: float = 0.99):
+    def __init__(self, n_domains: int, hidden: int = 32, momentum: float = 0.9):
         super().__init__()
         self.domain_emb = nn.Embedding(n_domains, 4)
         self.mlp = nn.Sequential(nn.Linear(N_FEATURES + 4, hidden), nn.Tanh(), nn.Linear(hidden, 1))
@@ -96,7 +96,7 @@ class RowAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     @torch.no_grad()
     def step(self):

@@ -47,7 +47,10 @@ def test_finite_difference_alignment_matches_exact_on_a_small_function():
     torch.manual_seed(0)
     theta = torch.randn(5, dtype=torch.float64, requires_grad=True)
     xs = torch.randn(3, 5, dtype=torch.float64)
-    loss_i = lambda th: torch.log1p(torch.exp(xs @ th))  # noqa: E731
+
+    def loss_i(th):
+        return torch.log1p(torch.exp(xs @ th))
+
     v = torch.randn(5, dtype=torch.float64)
     exact = torch.stack([torch.autograd.grad(loss_i(theta)[i], theta)[0] @ v for i in range(3)])
     eps = hypergrad.fd_epsilon(1e-3, v.norm().item())

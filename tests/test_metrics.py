@@ -16,7 +16,7 @@ def test_processbench_hand_example():
         (2, [0.9, 0.4, 0.1], 1),         # flagged too early
         (1, [0.5, 0.5, 0.9], -1),        # ties at the threshold: no error predicted
     ]
-    for label, scores, pred in samples:
+    for _label, scores, pred in samples:
         assert M.predicted_first_error(scores, 0.5) == pred
     r = M.processbench([s[0] for s in samples], [s[1] for s in samples], threshold=0.5)
     assert r["n_erroneous"] == 4 and r["n_correct"] == 3

@@ -51,6 +51,7 @@ def collate(examples: list[Example], pad_id: int) -> dict:
         "index": torch.tensor([e.index for e in examples], dtype=torch.long),
         "domain": torch.tensor([e.domain for e in examples], dtype=torch.long),
         "n_tokens": int(attention_mask.sum()),
+        "ids": [e.id for e in examples],  # record ids, for error messages
     }
 
 

@@ -88,9 +88,9 @@ def _dreamprm(d: dict, row: _Row) -> list[Record]:
     try:
         return [record_from_json(d)]
     except KeyError as e:
-        raise _Bad([f"{k}: missing" for k in e.args[0].split(", ")])
+        raise _Bad([f"{k}: missing" for k in e.args[0].split(", ")]) from None
     except ValueError as e:
-        raise _Bad([f"schema: {e}"])
+        raise _Bad([f"schema: {e}"]) from None
 
 
 _STEP_HEADER = re.compile(r"^###\s*Step\s+(\d+)\b[ \t]*:?[ \t]*", re.MULTILINE)

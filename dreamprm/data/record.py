@@ -91,5 +91,4 @@ def record_from_json(d: dict) -> Record:
 
 def write_jsonl(records, path) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)

@@ -1,0 +1,112 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from dreamprm.config import (
+    Config,
+    ConfigError,
+    apply_yaml,
+    build_parser,
+    load_config,
+    markdown_reference,
+    validate,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_config_runs_the_demo_recipe():
+    cfg, notes = load_config([])
+    assert "demo" in notes[0]
+    assert cfg.model.name_or_path == "" and cfg.data.train_file == ""
+
+
+def test_seed_script_flags_are_aliases_with_the_same_meaning(tmp_path):
+    train, meta = tmp_path / "t.jsonl", tmp_path / "m.jsonl"
+    train.write_text("{}\n")
+    meta.write_text("{}\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    cfg, _ = load_config([
+        "--train_json_file", str(train), "--meta_json_file", str(meta), "--model_name", str(model),
+        "--weights_path", str(tmp_path / "out"), "--total_steps", "7", "--batch_size", "2",
+        "--meta_batch_size", "3", "--lr", "1e-4", "--meta_lr", "0.5", "--lora_r", "4", "--lora_alpha", "8",
+        "--lora_dropout", "0.1", "--max_length", "128", "--precision", "fp32", "--seed", "3",
+        "--num_workers", "0", "--project_name", "p", "--experiment_name", "e", "--disable_wandb",
+        "--resume_from", "none", "--dry_run", "--debug", "--baseline"])
+    assert (cfg.data.train_file, cfg.data.meta_file, cfg.model.name_or_path) == (str(train), str(meta), str(model))
+    assert cfg.run.output_dir == str(tmp_path / "out")
+    assert (cfg.train.total_steps, cfg.train.batch_size, cfg.meta.meta_batch_size) == (7, 2, 3)
+    assert (cfg.train.lr, cfg.meta.meta_lr, cfg.model.lora_r, cfg.model.lora_alpha) == (1e-4, 0.5, 4, 8)
+    assert cfg.run.disable_wandb and cfg.run.dry_run and cfg.run.debug and cfg.meta.baseline
+
+
+def test_help_lists_every_option():
+    text = build_parser().format_help()
+    for sec in ("data", "model", "train", "meta", "run"):
+        for name in getattr(Config(), sec).__dataclass_fields__:
+            assert f"--{name}" in text
+
+
+def test_validation_reports_every_problem_at_once_naming_flags():
+    with pytest.raises(ConfigError) as e:
+        load_config(["--lr", "-1", "--batch_size", "0", "--model_name", "/no/such/model", "--precision", "fp16",
+                     "--train_file", "/no/such/file.jsonl", "--lora_dropout", "1.5"])
+    msg = str(e.value)
+    for flag in ("--lr", "--batch_size", "--model_name", "--precision", "--train_file", "--lora_dropout"):
+        assert flag in msg
+    assert len(e.value.problems) >= 6
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    y = tmp_path / "r.yaml"
+    y.write_text("train:\n  lr: 0.1\n  batchsize: 3\nmodle:\n  mode: lora\nmeta:\n  meta_lr: fast\n")
+    cfg, problems = Config(), []
+    apply_yaml(cfg, y, problems)
+    assert any(f"{y}:3" in p and "train.batchsize" in p for p in problems)
+    assert any(f"{y}:4" in p and "modle" in p for p in problems)
+    assert any(f"{y}:7" in p and "meta.meta_lr" in p for p in problems)
+    assert cfg.train.lr == 0.1
+
+
+def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 64, "gradient_accumulation_steps": 3,
+                              "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(["--deepspeed", str(ds), "--batch_size", "2", "--grad_accum", "2", "--mode", "qlora",
+                     "--precision", "bf16"])
+    msg = str(e.value)
+    assert "train_batch_size=64" in msg and "gradient_accumulation_steps=3" in msg
+    assert "optimizer" in msg and "ZeRO-3" in msg
+
+
+def test_finite_differences_in_bf16_full_finetune_is_rejected():
+    cfg = Config()
+    cfg.model.mode, cfg.train.precision, cfg.meta.hypergrad = "full", "bf16", "finite_diff"
+    assert any("--hypergrad" in p for p in validate(cfg))
+    cfg.meta.hypergrad = "exact"
+    assert not any("--hypergrad" in p for p in validate(cfg))
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")) + [ROOT / "dreamprm/demo/demo.yaml"],
+                         ids=lambda p: p.name)
+def test_shipped_recipes_parse(recipe):
+    cfg, problems = Config(), []
+    apply_yaml(cfg, recipe, problems)
+    assert problems == []
+    # only the paths a user must supply may be invalid
+    left = [p for p in validate(cfg) if not p.startswith(("--train_file", "--meta_file", "--model_name"))]
+    assert left == []
+
+
+def test_shipped_ds_configs_agree_with_default_batch_settings():
+    for ds in sorted((ROOT / "ds_configs").glob("*.json")):
+        cfg = Config()
+        cfg.train.deepspeed = str(ds)
+        assert validate(cfg) == [], ds
+
+
+def test_readme_config_reference_matches_the_code():
+    assert markdown_reference() in (ROOT / "README.md").read_text()

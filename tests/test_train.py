@@ -1,0 +1,143 @@
+"""launch/train.py end to end: the demo, bad input, signals, the run lock, resume guards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamprm import engine, runlock
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+FAST = ["--mode", "lora", "--batch_size", "2", "--meta_batch_size", "2", "--log_every", "1", "--disable_wandb"]
+
+
+def train(*args, timeout=600):
+    return subprocess.run([sys.executable, "launch/train.py", *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_on_two_ranks_zero3_with_the_deepspeed_launcher(tmp_path):
+    """The acceptance command: finishes, losses go down, the run directory is complete."""
+    out = tmp_path / "demo"
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    p = subprocess.run([launcher, "--num_gpus", "2", "launch/train.py", "--deepspeed", "ds_configs/zero3.json",
+                        "--output_dir", str(out)], cwd=ROOT, env={**ENV, "WANDB_MODE": "offline"},
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(20, 201, 20))
+    first, last = rows[:3], rows[-3:]
+    for key in ("loss", "meta_loss"):
+        assert sum(r[key] for r in last) < sum(r[key] for r in first), key
+    for key in ("lr", "meta_lr", "w_mean", "w_std", "tokens_per_s", "mem_mb"):
+        assert key in rows[-1]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 200
+    assert (out / "config.yaml").is_file() and not (out / "LOCK").exists()
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000100", "step_00000200"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000200"
+    man = json.loads((out / "checkpoints" / "step_00000200" / "MANIFEST.json").read_text())
+    assert {"dreamprm_state.pt", "dreamprm_rank00000.pt", "dreamprm_rank00001.pt"} <= set(man["files"])
+    weights = [json.loads(ln) for ln in (out / "instance_weights.jsonl").open()]
+    assert len(weights) == 240 and len({w["id"] for w in weights}) == 240
+    assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_meta_file_without_outcomes_fails_before_training(tmp_path):
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text(json.dumps({"schema": 1, "id": "a", "question": "q", "steps": ["s"], "labels": [1.0]}) + "\n")
+    p = train("--train_file", ROOT / "dreamprm/demo/train.jsonl", "--train_format", "minif2f",
+              "--meta_file", meta, "--output_dir", tmp_path / "run", *FAST)
+    assert p.returncode == 1
+    assert "no record has an outcome label" in p.stderr and str(meta) in p.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "launch/train.py", "--total_steps", "400", "--save_every", "1000",
+            "--output_dir", str(out), *FAST]
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        st = out / "status.json"
+        if st.is_file() and json.loads(st.read_text()).get("step", 0) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped"
+    stopped_at = status["step"]
+    assert engine.latest_checkpoint(out / "checkpoints").name == f"step_{stopped_at:08d}"
+    p = train("--total_steps", stopped_at + 2, "--save_every", 1000, "--output_dir", out, *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'}" in p.stdout
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, stopped_at + 3))
+
+
+def test_partial_and_corrupt_checkpoints_are_refused(tmp_path):
+    out = tmp_path / "run"
+    assert train("--total_steps", 2, "--output_dir", out, *FAST).returncode == 0
+    ckpt = out / "checkpoints" / "step_00000002"
+    man = ckpt / "MANIFEST.json"
+    saved = man.read_text()
+    man.unlink()  # an interrupted save has no manifest
+    p = train("--total_steps", 4, "--output_dir", out, *FAST)
+    assert p.returncode == 1 and "incomplete" in p.stderr and "MANIFEST" in p.stderr
+    man.write_text(saved)
+    with open(ckpt / "dreamprm_state.pt", "ab") as f:  # a damaged file: size no longer matches
+        f.write(b"junk")
+    p = train("--total_steps", 4, "--output_dir", out, *FAST)
+    assert p.returncode == 1 and "damaged" in p.stderr and "dreamprm_state.pt" in p.stderr
+    # and a run that wants to start fresh is told the directory already has checkpoints
+    p = train("--total_steps", 4, "--output_dir", out, "--resume_from", "none", *FAST)
+    assert p.returncode == 1 and "holds checkpoints" in p.stderr
+
+
+def test_resume_with_a_different_structural_setting_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert train("--total_steps", 1, "--output_dir", out, *FAST).returncode == 0
+    p = train("--total_steps", 2, "--output_dir", out, *FAST[:-1], "--disable_wandb", "--weights", "domain_table")
+    assert p.returncode == 1 and "--weights" in p.stderr and "instance_table" in p.stderr
+
+
+def test_qlora_trains_on_cpu_and_rejects_zero3(tmp_path):
+    p = train("--mode", "qlora", "--precision", "bf16", "--hypergrad", "exact", "--total_steps", 2,
+              "--output_dir", tmp_path / "q", *FAST[2:])
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = train("--mode", "qlora", "--precision", "bf16", "--deepspeed", "ds_configs/zero3.json",
+              "--output_dir", tmp_path / "q3")
+    assert p.returncode == 2 and "ZeRO-3" in p.stderr
+
+
+def test_run_lock_blocks_a_second_job_and_replaces_a_dead_one(tmp_path):
+    lock, note = runlock.acquire(tmp_path)
+    assert note is None
+    with pytest.raises(runlock.RunLockError, match="in use by pid"):
+        runlock.acquire(tmp_path)
+    runlock.release(lock)
+    assert not lock.exists()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "slurm_job_id": None}))
+    lock2, note = runlock.acquire(tmp_path)
+    assert note and "stale" in note
+    runlock.release(lock2)
+
+
+def test_non_finite_loss_names_the_instances_and_stops():
+    batch = {"index": torch.tensor([7, 9, 11]), "ids": ["a", "b", "c"]}
+    with pytest.raises(engine.NonFiniteError, match=r"update 5.*\['b'\]"):
+        engine.check_finite(torch.tensor([0.3, float("nan"), 0.1]), batch, "inner loss at update 5")
+    engine.check_finite(torch.tensor([0.3, 0.2, 0.1]), batch, "inner loss")
