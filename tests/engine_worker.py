@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
-from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
+                             safe_get_local_optimizer_state)
 
 from dreamprm import engine
 from dreamprm.config import load_config
@@ -30,9 +31,12 @@ def snapshot(eng):
     for p in eng.params:
         local = p.ds_tensor if eng.stage == 3 else p.data
         out.append(local.detach().clone())
-        if eng.stage > 0 or eng.ds.bfloat16_enabled():
+        if eng.stage == 3:
             out.append(safe_get_local_fp32_param(p).detach().clone())
             out.append(safe_get_local_optimizer_state(p, "exp_avg").detach().clone())
+        elif eng.stage > 0 or eng.ds.bfloat16_enabled():
+            out.append(safe_get_full_fp32_param(p).detach().clone())
+            out.append(safe_get_full_optimizer_state(p, "exp_avg").detach().clone())
         else:
             out.append(eng.ds.optimizer.state[p]["exp_avg"].detach().clone())
     return out

@@ -69,22 +69,36 @@ def reference_grads(out: Path, flags: list[str]) -> dict:
     return out_grads, ranks
 
 
-@pytest.mark.parametrize("precision,min_cos", [("fp32", 0.999), ("bf16", 0.99)])
-def test_hypergradient_matches_autograd_reference_under_zero3(tmp_path, precision, min_cos):
-    flags = ["--deepspeed", "ds_configs/zero3.json", "--precision", precision, "--mode", "lora",
+# (deepspeed JSON, precision, grad_accum, min cosine, max |norm ratio - 1| for exact, for finite_diff)
+CASES = {
+    "zero3-fp32": ("ds_configs/zero3.json", "fp32", 1, 0.999, 0.05, 0.05),
+    "zero3-bf16": ("ds_configs/zero3.json", "bf16", 1, 0.99, 0.05, 0.05),
+    "zero3-fp32-accum2": ("ds_configs/zero3.json", "fp32", 2, 0.999, 0.05, 0.05),
+    # ZeRO 0-2 cast LoRA adapters to bf16: rounding shrinks the finite-difference step by
+    # 5-10% (README: use exact there); the direction is still right.
+    "zero2-bf16": ("ds_configs/zero2.json", "bf16", 1, 0.99, 0.05, 0.15),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hypergradient_matches_autograd_reference(tmp_path, case):
+    ds, precision, accum, min_cos, tol_exact, tol_fd = CASES[case]
+    flags = ["--deepspeed", ds, "--precision", precision, "--mode", "lora", "--grad_accum", str(accum),
              "--batch_size", "2", "--meta_batch_size", "2", "--lora_dropout", "0.1",
              "--output_dir", str(tmp_path / "run"), "--fd_radius", "0.01"]
     run(TORCHRUN + ["tests/engine_worker.py", str(tmp_path)] + flags)
     ref, ranks = reference_grads(tmp_path, flags)
     for r in ranks:  # a meta pass leaves the PRM, its fp32 masters and Adam state bit-identical
         assert all(r["identical"].values()), r["identical"]
+        assert len(r["recent"]) == accum
         assert torch.isfinite(torch.tensor(r["loss_after"]))
     for (method, kind), g in ranks[0]["grads"].items():
         torch.testing.assert_close(g, ranks[1]["grads"][(method, kind)])  # replicas agree
         c = cosine(g, ref[kind])
-        assert c >= min_cos, f"{precision} {method} {kind}: cosine {c:.5f} < {min_cos}"
+        assert c >= min_cos, f"{case} {method} {kind}: cosine {c:.5f} < {min_cos}"
         ratio = (g.norm() / ref[kind].norm()).item()  # cosine alone would miss a wrong scale
-        assert abs(ratio - 1) < 0.05, f"{precision} {method} {kind}: norm ratio {ratio:.4f}"
+        tol = tol_exact if method == "exact" else tol_fd
+        assert abs(ratio - 1) < tol, f"{case} {method} {kind}: norm ratio {ratio:.4f}"
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -99,16 +113,21 @@ TRAIN = ["launch/train.py", "--mode", "lora", "--lora_dropout", "0", "--precisio
          "--batch_size", "2", "--meta_batch_size", "2", "--log_every", "1", "--disable_wandb"]
 
 
-def test_zero_stages_give_the_same_trajectory(tmp_path):
+@pytest.mark.parametrize("accum,stages", [(1, "0123"), (2, "03")])
+def test_zero_stages_give_the_same_trajectory(tmp_path, accum, stages):
+    zero1 = tmp_path / "zero1.json"
+    zero1.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    ds_json = {"0": [], "1": ["--deepspeed", str(zero1)], "2": ["--deepspeed", "ds_configs/zero2.json"],
+               "3": ["--deepspeed", "ds_configs/zero3.json"]}
     runs = {}
-    for stage, ds in (("0", []), ("2", ["--deepspeed", "ds_configs/zero2.json"]),
-                      ("3", ["--deepspeed", "ds_configs/zero3.json"])):
+    for stage in stages:
         d = tmp_path / f"z{stage}"
-        run(TORCHRUN + TRAIN + ds + ["--total_steps", "5", "--output_dir", str(d)])
+        run(TORCHRUN + TRAIN + ds_json[stage] + ["--total_steps", "5", "--grad_accum", str(accum),
+                                                 "--output_dir", str(d)])
         runs[stage] = (metrics(d), weights(d))
     m0, w0 = runs["0"]
     assert len(m0) == 5
-    for stage in ("2", "3"):
+    for stage in stages[1:]:
         m, w = runs[stage]
         for a, b in zip(m0, m):
             for key in ("loss", "meta_loss", "w_mean", "w_std", "w_min", "w_max"):
