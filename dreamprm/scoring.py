@@ -1,0 +1,368 @@
+"""Score solutions with a trained PRM, and evaluate one on step labels during training.
+
+    from dreamprm.scoring import load_scorer
+    scorer = load_scorer("runs/prm")                       # run dir: its latest complete checkpoint
+    scorer = load_scorer("runs/prm/checkpoints/step_00000500")   # one checkpoint
+    scorer = load_scorer("exported/prm")                   # `dreamprm export` folder (merged or adapter)
+    scorer.score(question, steps)                          # [P(step 1 correct), ...]
+    scorer.score_solution(question, steps, "min")          # one of metrics.AGGREGATIONS
+    scorer.score_records(records, batch_size=8)            # {record id: [p1, ...]}
+
+Text is tokenized exactly as in training (data.tokenize.encode_records, with the step tag and
+chat-template setting the model was trained with), and nothing is truncated: a solution that
+does not fit in max_length tokens is an error naming it. A checkpoint is rebuilt from the
+config saved in it (build_prm in fp32) and its consolidated fp32 state dict
+(engine.consolidated_state_dict, any ZeRO stage).
+
+eval_step_metrics() is the periodic evaluation of dreamprm.train (--eval_file, --eval_every).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from dreamprm import hypergrad
+from dreamprm import metrics as M
+from dreamprm.data.loader import collate
+from dreamprm.data.record import Record
+from dreamprm.data.tokenize import encode_records
+from dreamprm.evaluate import EvalError
+from dreamprm.model import DEFAULT_TAG, HEAD_FILE, step_probs
+
+EXPORT_INFO = "dreamprm.json"  # written by `dreamprm export` next to the weights
+# engine's file names, repeated so that exported folders load without importing deepspeed
+# (tests/test_scoring.py checks that they agree)
+SHARED_STATE = "dreamprm_state.pt"
+MANIFEST = "MANIFEST.json"
+
+
+class ScoringError(EvalError):
+    """A model path that cannot be scored with, or solutions that cannot be scored; says what to do."""
+
+
+# ---------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """A PRM in eval mode with the tokenization it was trained with."""
+
+    def __init__(self, prm, tokenizer, step_tag: str, chat_template: bool = True, max_length: int | None = None,
+                 device=None, source: str = ""):
+        self.prm = prm.eval()
+        self.tokenizer = tokenizer
+        self.step_tag = step_tag
+        self.chat_template = chat_template
+        base = getattr(prm.model, "config", None)
+        self.max_length = max_length or getattr(base, "max_position_embeddings", None) or 10**9
+        self.source = source
+        if device is not None and not _is_quantized(prm):  # 4-bit weights cannot be moved with .to
+            self.prm.to(device)
+        self.device = next(self.prm.parameters()).device
+        # Right padding under a causal mask: pad ids never reach a real position, any id will do.
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def score(self, question: str, steps: list[str]) -> list[float]:
+        """P(step correct) for every step of one solution."""
+        return self.score_batch([(question, steps)])[0]
+
+    def score_solution(self, question: str, steps: list[str], how: str = "mean_logodds") -> float:
+        """One solution score: the step scores aggregated by `how` (metrics.AGGREGATIONS)."""
+        return M.aggregate(self.score(question, steps), how)
+
+    def score_batch(self, items: list[tuple[str, list[str]]], batch_size: int = 8) -> list[list[float]]:
+        """Step scores for (question, steps) pairs, in order."""
+        records = [Record(id=f"#{i}", question=q, steps=list(s), labels=[None] * len(s))
+                   for i, (q, s) in enumerate(items)]
+        out = self.score_records(records, batch_size)
+        return [out[r.id] for r in records]
+
+    def score_records(self, records: list[Record], batch_size: int = 8) -> dict[str, list[float]]:
+        """{record id: step scores} (the interface `dreamprm evaluate --model` uses)."""
+        if batch_size < 1:
+            raise ScoringError(f"batch_size must be >= 1, got {batch_size}")
+        ids = [r.id for r in records]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ScoringError(f"record ids must be unique to key the scores; repeated: {dup[:5]}")
+        try:
+            examples, st = encode_records(records, self.tokenizer, self.step_tag, self.max_length,
+                                          self.chat_template)
+        except ValueError as e:
+            raise ScoringError(str(e)) from e
+        if st.n_dropped or st.n_truncated:
+            too_long = [f"{ex.id!r} ({ex.n_kept} of {ex.n_steps} steps fit)" for ex in examples
+                        if ex.n_kept < ex.n_steps]
+            too_long = [repr(i) + " (not even its first step fits)" for i in st.dropped_ids] + too_long
+            raise ScoringError(
+                f"{len(too_long)} solution(s) do not fit in max_length {self.max_length} tokens (the longest is "
+                f"{st.full_len_max}); scores of a cut solution would be missing steps. Not scored: "
+                + ", ".join(too_long[:10]) + (f" and {len(too_long) - 10} more" if len(too_long) > 10 else "")
+                + ". Leave them out, or pass a larger max_length if the model supports it")
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
+        out = {}
+        with torch.no_grad():
+            for at in range(0, len(order), batch_size):
+                chunk = [examples[i] for i in order[at:at + batch_size]]
+                probs = step_probs(self._forward(collate(chunk, self.pad_id))).cpu()
+                for ex, p in zip(chunk, probs):
+                    out[ex.id] = p[:ex.n_kept].tolist()
+        return {i: out[i] for i in ids}
+
+    def _forward(self, batch: dict) -> torch.Tensor:
+        return self.prm(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                        batch["tag_pos"].to(self.device))
+
+
+def _is_quantized(prm) -> bool:
+    return any(type(p).__name__ == "Params4bit" for p in prm.parameters())
+
+
+def aggregate(step_scores, how: str = "mean_logodds") -> float:
+    """metrics.aggregate: one solution score from step scores (mean_logodds, min, prod, mean, last)."""
+    return M.aggregate(step_scores, how)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_scorer(path, *, checkpoint: str | None = None, step_tag: str | None = None, precision: str = "fp32",
+                device=None, max_length: int | None = None, chat_template: bool | None = None) -> Scorer:
+    """A Scorer from a run directory, a checkpoint folder (step_N) or an exported model folder.
+
+    checkpoint: a checkpoint of the run directory (step_N, or N) instead of its latest.
+    step_tag: only for a model folder that does not record its tag (e.g. the released Qwen2.5-Math-PRM:
+      '<extra_0>'); a tag that differs from the recorded one is an error.
+    device: default cuda when available, else cpu. max_length: longest solution in tokens (default the
+    model's max_position_embeddings). chat_template: override the recorded setting (default: as trained,
+    True for folders that do not record it).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = Path(path).expanduser()
+    kind = path_kind(p)
+    if kind == "model":
+        if checkpoint is not None:
+            raise ScoringError(f"{p} is an exported model folder; checkpoint= is for run directories")
+        prm, tok, tag, info = load_exported(p, precision, step_tag)
+        chat = info.get("chat_template", True)
+    else:
+        ckpt = resolve_checkpoint(p, checkpoint)
+        prm, tok, cfg = load_checkpoint_prm(ckpt, precision)
+        tag, chat = cfg["model"]["step_tag"], cfg["model"]["chat_template"]
+        if step_tag is not None and step_tag != tag:
+            raise ScoringError(f"{ckpt} was trained with step tag {tag!r}, not {step_tag!r}")
+        p = ckpt
+    return Scorer(prm, tok, tag, chat if chat_template is None else chat_template, max_length, device, str(p))
+
+
+def path_kind(p: Path) -> str:
+    """'run', 'checkpoint' or 'model' (an exported / Hugging Face folder); ScoringError otherwise."""
+    if not p.exists():
+        raise ScoringError(f"{p} does not exist")
+    if not p.is_dir():
+        raise ScoringError(f"{p} is a file; pass a run directory, a checkpoint folder (run/checkpoints/step_N) "
+                           "or an exported model folder")
+    if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file() or (p / "status.json").is_file():
+        return "run"
+    if (p / MANIFEST).is_file() or (p / SHARED_STATE).is_file() or re.fullmatch(r"step_\d+(\.tmp)?", p.name):
+        return "checkpoint"
+    if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+        return "model"
+    raise ScoringError(f"{p} is not a run directory (no checkpoints/ or config.yaml), a checkpoint folder (no "
+                       f"{MANIFEST}) or a model folder (no config.json or adapter_config.json)")
+
+
+def resolve_checkpoint(p: Path, checkpoint: str | None = None) -> Path:
+    """The complete checkpoint to load: the run's latest (or the named one), or p itself.
+
+    Refuses runs without a complete checkpoint and partial or damaged checkpoints, saying what is missing.
+    """
+    from dreamprm import engine  # imports deepspeed; not needed for exported folders
+
+    if path_kind(p) == "checkpoint":
+        if checkpoint is not None:
+            raise ScoringError(f"{p} is a checkpoint folder already; checkpoint= is for run directories")
+        ckpt = p
+    else:
+        root = p / "checkpoints"
+        found = sorted(root.glob("step_*")) if root.is_dir() else []
+        listing = ", ".join(f.name + ("" if (f / MANIFEST).is_file() else " (partial: no MANIFEST.json)")
+                            for f in found) or "none"
+        if checkpoint is not None:
+            name = checkpoint.strip()
+            if re.fullmatch(r"(step_)?\d+", name):
+                name = engine.checkpoint_tag(int(name.removeprefix("step_")))
+            ckpt = root / name
+            if not ckpt.is_dir():
+                raise ScoringError(f"{p}: no checkpoint {checkpoint!r} ({ckpt} does not exist); checkpoints "
+                                   f"there: {listing}")
+        else:
+            ckpt = engine.latest_checkpoint(root)
+            if ckpt is None:
+                raise ScoringError(
+                    f"{p} has no complete checkpoint: {root / 'latest'} is missing (checkpoint folders: "
+                    f"{listing}). A run writes one every --save_every updates, at the end, and on SIGTERM; "
+                    "wait for one, or stop the run with SIGTERM")
+    try:
+        engine.verify_checkpoint(ckpt, world=None)
+    except engine.CheckpointError as e:
+        raise ScoringError(str(e)) from e
+    if not (ckpt / SHARED_STATE).is_file():  # a manifest written by something else
+        raise ScoringError(f"checkpoint {ckpt} has no {SHARED_STATE} (the run config); not a dreamprm checkpoint")
+    return ckpt
+
+
+def _model_config(cfg: dict):
+    from dreamprm.config import ModelConfig
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in cfg["model"].items() if k in known})
+
+
+def load_checkpoint_prm(ckpt: Path, precision: str = "fp32"):
+    """(prm in eval mode, tokenizer, run config dict) from a complete checkpoint.
+
+    The PRM is rebuilt from the checkpoint's config (peft module names included) and gets the whole
+    consolidated state dict, frozen weights included. QLoRA: the 4-bit base is rebuilt by quantizing the
+    base folder again in the training precision (deterministic, as in training) and only the trained
+    weights (LoRA, head) are loaded.
+    """
+    from dreamprm import engine
+    from dreamprm.model import build_prm
+
+    cfg = torch.load(ckpt / SHARED_STATE, weights_only=True, map_location="cpu")["config"]
+    mcfg = _model_config(cfg)
+    mcfg.gradient_checkpointing = False  # no backward here
+    qlora = mcfg.mode == "qlora"
+    with torch.random.fork_rng(devices=[]):  # build_prm draws the fresh head from the global RNG
+        prm, tok = build_prm(mcfg, cfg["train"]["precision"] if qlora else precision)
+    with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints its progress
+        sd = engine.consolidated_state_dict(ckpt)
+    if qlora:
+        want = {n for n, q in prm.named_parameters() if q.requires_grad}
+        missing = sorted(want - set(sd))
+        if missing:
+            raise ScoringError(f"checkpoint {ckpt} lacks trained weights {missing[:5]}")
+        prm.load_state_dict({k: sd[k] for k in want}, strict=False)
+    else:
+        res = prm.load_state_dict(sd, strict=False)
+        if res.missing_keys or res.unexpected_keys:
+            raise ScoringError(f"checkpoint {ckpt} does not match the model its config builds: missing "
+                               f"{res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
+    return prm.eval(), tok, cfg
+
+
+def recorded_step_tag(p: Path) -> str | None:
+    """The step tag an exported folder records (config.json or the adapter's head file), None if none."""
+    if (p / "adapter_config.json").is_file():
+        if not (p / HEAD_FILE).is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(p / HEAD_FILE), "pt") as sf:
+            return (sf.metadata() or {}).get("step_tag")
+    try:
+        return json.loads((p / "config.json").read_text()).get("dreamprm_step_tag")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ScoringError(f"{p}/config.json cannot be read: {e}") from e
+
+
+def load_exported(p: Path, precision: str = "fp32", step_tag: str | None = None):
+    """(prm, tokenizer, step tag, export info) from a folder written by save_prm / save_adapter."""
+    from dreamprm.model import load_prm
+
+    recorded = recorded_step_tag(p)
+    if recorded is None and step_tag is None:
+        where = (f"{HEAD_FILE} metadata" if (p / "adapter_config.json").is_file()
+                 else "config.json ('dreamprm_step_tag')")
+        raise ScoringError(
+            f"{p} does not record its step tag ({where}), so the positions to score are unknown. Pass it "
+            f"(load_scorer(path, step_tag=...); Qwen2.5-Math-PRM uses {DEFAULT_TAG!r}), or add "
+            f"\"dreamprm_step_tag\": \"<tag>\" to its config.json; `dreamprm export` records it")
+    if recorded is not None and step_tag is not None and step_tag != recorded:
+        raise ScoringError(f"{p} records step tag {recorded!r}, not {step_tag!r}")
+    info = json.loads((p / EXPORT_INFO).read_text()) if (p / EXPORT_INFO).is_file() else {}
+    try:
+        prm, tok, _ = load_prm(p, precision)
+    except (OSError, ValueError) as e:
+        raise ScoringError(f"cannot load the PRM in {p}: {e}") from e
+    return prm, tok, recorded or step_tag, info
+
+
+# ---------------------------------------------------------------- evaluation during training
+
+
+def load_eval_examples(cfg, tokenizer, domains: list[str]):
+    """(examples, encode stats) of --eval_file, encoded like the training data (same truncation).
+
+    domains: the run's domain table; eval domains outside it are added (the eval does not use them).
+    """
+    from dreamprm.data.readers import DataError, load_records
+
+    d = cfg.data
+    recs = load_records(d.eval_file, d.eval_format, step_tag=cfg.model.step_tag, skip_invalid=d.skip_invalid)
+    if not any(y is not None for r in recs for y in r.labels):
+        raise DataError([f"--eval_file {d.eval_file}: no record has step labels; the evaluation during "
+                         "training measures step AUROC / F1 / calibration on labelled steps"])
+    examples, st = encode_records(recs, tokenizer=tokenizer, step_tag=cfg.model.step_tag, max_length=d.max_length,
+                                  use_chat_template=cfg.model.chat_template,
+                                  domains=[*domains, *(r.domain for r in recs)])
+    if not examples:
+        raise DataError([f"--eval_file {d.eval_file}: no example fits in --max_length {d.max_length}"])
+    return examples, st
+
+
+def shard_batches(examples: list, batch_size: int, rank: int, world: int) -> list[list]:
+    """This rank's eval batches: examples rank, rank + world, ...; every rank gets the same number of
+    batches (under ZeRO-3 every forward needs every rank), so a short shard ends with empty ones."""
+    shard = examples[rank::world]
+    n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
+    return [shard[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+
+
+def eval_step_metrics(forward_fn, examples: list, batch_size: int, rank: int = 0, world: int = 1,
+                      pad_id: int = 0, threshold: float = 0.5, n_bins: int = 10) -> dict:
+    """Step metrics of the PRM on step-labelled examples, sharded over the ranks of the process group.
+
+    forward_fn(batch) -> logits [B, K, 2]; call under torch.no_grad with the module in eval mode. Every
+    rank must call this (same examples): all ranks run the same number of forwards (an empty batch is
+    padded with a real example whose result is dropped), then per-step scores and labels are gathered.
+    Returns eval_loss (mean instance loss, the training loss unweighted), eval_step_auroc, eval_f1 (the
+    error class at `threshold`, as in `dreamprm evaluate steps`), eval_ece, eval_labelled_steps.
+    """
+    if not examples:
+        raise ValueError("eval_step_metrics: no examples")
+    probs, labels, losses = [], [], []
+    for chunk in shard_batches(examples, batch_size, rank, world):
+        batch = collate(chunk or examples[:1], pad_id)
+        logits = forward_fn(batch).float().cpu()
+        if not chunk:
+            continue
+        p = step_probs(logits)
+        lm = batch["label_mask"]
+        probs += p[lm].tolist()
+        labels += batch["labels"][lm].tolist()
+        has = lm.any(-1)
+        losses += hypergrad.instance_losses(logits, batch)[has].tolist()
+    if world > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"eval_step_metrics: world={world} but no process group is initialized")
+        box = [None] * world
+        dist.all_gather_object(box, (probs, labels, losses))
+        probs, labels, losses = ([x for part in box for x in part[i]] for i in range(3))
+    if not probs:
+        return {"eval_loss": math.nan, "eval_step_auroc": math.nan, "eval_f1": math.nan, "eval_ece": math.nan,
+                "eval_labelled_steps": 0}
+    return {"eval_loss": sum(losses) / len(losses), "eval_step_auroc": M.auroc(probs, labels),
+            "eval_f1": M.f1_at(probs, labels, threshold, positive="error")["f1"],
+            "eval_ece": M.ece(probs, labels, n_bins)["ece"], "eval_labelled_steps": len(probs)}
