@@ -3,6 +3,7 @@
     dreamprm data check FILE [--from FORMAT] [--tokenizer DIR] [--json]
     dreamprm data convert --from FORMAT IN OUT
     dreamprm evaluate {steps,processbench,bon} --data FILE (--model PATH | --scores FILE)
+    dreamprm export RUN_DIR OUT_DIR [--adapter] [--checkpoint step_N]
     dreamprm train [options of launch/train.py]
 
 Each subcommand is a parser built by an add_*_parser(subparsers) function plus a plain
@@ -21,6 +22,7 @@ from pathlib import Path
 from dreamprm.data.readers import FORMATS, DataError, format_summary, load_records, summary
 from dreamprm.data.record import DEFAULT_STEP_TAG, write_jsonl
 from dreamprm.evaluate import add_evaluate_parser
+from dreamprm.export import add_export_parser
 
 
 def _print_problems(problems: list[str], skippable: bool = False) -> None:
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_data_parser(subparsers)
     add_evaluate_parser(subparsers)
+    add_export_parser(subparsers)
     subparsers.add_parser("train", add_help=False,
                           help="train a PRM (same options as launch/train.py; `dreamprm train --help`)")
     return parser
