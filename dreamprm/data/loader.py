@@ -1,17 +1,21 @@
 """Batches of Examples for one rank: collate() and a resumable, sharded BatchStream.
 
-There is no DataLoader and no worker process on purpose: examples are already token ids,
-collating a batch is a few tensor copies, and with the stream in the main process its state
-counts exactly the batches the training loop took (worker prefetch would run ahead of it),
-so a resumed run continues at the very next sample.
+Examples are already token ids, so collating is a few tensor copies and BatchStream does it
+in the main process by default. with_workers() moves collation into DataLoader worker
+processes (--num_workers); the batch order is still decided in the main process, and the
+resume state is the one after the last batch the loop actually took, not after the
+batches the workers prefetched.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from functools import partial
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from dreamprm.data.tokenize import Example
 
@@ -105,14 +109,18 @@ class BatchStream:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def next_indices(self) -> list[int]:
+        """Advance by one batch and return its example indices."""
         if self.pos >= self.per_rank:
             self.epoch, self.pos, self._order = self.epoch + 1, 0, None
         if self._order is None:
             self._order = self._rank_order(self.epoch)
         idx = self._order[self.pos:self.pos + self.batch_size]
         self.pos += len(idx)
-        return collate([self.examples[i] for i in idx], self.pad_id)
+        return idx
+
+    def __next__(self) -> dict:
+        return collate([self.examples[i] for i in self.next_indices()], self.pad_id)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "n": len(self.examples),
@@ -137,3 +145,50 @@ class BatchStream:
         if problems:
             raise ValueError("BatchStream.load_state_dict: " + "; ".join(problems))
         self.epoch, self.pos, self._order = state["epoch"], pos, None
+
+
+class WorkerStream:
+    """A BatchStream whose batches are collated by DataLoader worker processes.
+
+    The main process draws each batch's indices from the stream and remembers the stream
+    state after it; the DataLoader keeps batch order, so popping one state per consumed
+    batch gives exactly the state an in-process stream would have.
+    """
+
+    def __init__(self, stream: BatchStream, num_workers: int):
+        self.stream, self.num_workers = stream, num_workers
+        self._pending: deque = deque()
+        self._state = stream.state_dict()
+        self._it = None
+
+    def _indices(self):
+        while True:
+            idx = self.stream.next_indices()
+            self._pending.append(self.stream.state_dict())
+            yield idx
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            loader = DataLoader(self.stream.examples, batch_sampler=self._indices(), num_workers=self.num_workers,
+                                collate_fn=partial(collate, pad_id=self.stream.pad_id))
+            self._it = iter(loader)
+        batch = next(self._it)
+        self._state = self._pending.popleft()
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict, allow_world_change: bool = False) -> None:
+        if self._it is not None:
+            raise RuntimeError("WorkerStream.load_state_dict must be called before the first batch")
+        self.stream.load_state_dict(state, allow_world_change)
+        self._state = self.stream.state_dict()
+
+
+def with_workers(stream: BatchStream, num_workers: int):
+    """The stream itself for num_workers == 0, else a WorkerStream around it."""
+    return WorkerStream(stream, num_workers) if num_workers > 0 else stream

@@ -316,19 +316,25 @@ def _minif2f_attempts(d: dict, row: _Row) -> list[Record]:
     """Prover attempts with pass/fail only (meta data for the outer loop): outcome = passed,
     every step unlabelled, domain = the prover, group = the theorem name (for best-of-N).
     The rows carry no statement, so the question is the theorem name. Steps: lean_steps();
-    a completion cut by the token limit inside a character ends in U+FFFD, which is dropped."""
+    a completion cut by the token limit inside a character ends in U+FFFD, which is dropped.
+    An attempt with no tactic at all (only prose or comments) is still a real failed attempt:
+    it becomes one step holding its text, marked meta["no_tactics"]; an empty one is an error."""
     errs = []
     name = _field(d, "name", (str,), errs)
     model = _field(d, "model", (str,), errs)
     attempt = _field(d, "attempt", (int,), errs)
     passed = _field(d, "passed", (bool,), errs)
     completion = _field(d, "completion", (str,), errs)
-    steps = lean_steps(completion.rstrip("\ufffd")) if completion is not None else []
-    if completion is not None and not steps:
-        errs.append("completion: no proof steps found")
+    text = completion.rstrip("\ufffd") if completion is not None else None
+    steps = lean_steps(text) if text is not None else []
+    meta = {"group": name, "problem_idx": d.get("problem_idx")}
+    if text is not None and not steps:
+        if text.strip():
+            steps, meta["no_tactics"] = [text.strip()], True
+        else:
+            errs.append("completion: empty")
     if errs:
         raise _Bad(errs)
-    meta = {"group": name, "problem_idx": d.get("problem_idx")}
     return [Record(id=f"{name}/{model}/{attempt}", question=name, steps=steps,
                    labels=[None] * len(steps), outcome=float(passed), domain=model, meta=meta)]
 

@@ -64,8 +64,6 @@ def record_problems(rec: Record, step_tag: str = DEFAULT_STEP_TAG) -> list[str]:
             out.append(f"steps[{k}]: empty step")
         elif step_tag and step_tag in s:
             out.append(f"steps[{k}]: contains the step tag {step_tag!r}; remove it from the text")
-        elif "\ufffd" in s:
-            out.append(f"steps[{k}]: contains U+FFFD (text was not valid UTF-8)")
     if rec.outcome is not None and _bad_prob(rec.outcome):
         out.append(f"outcome: {rec.outcome!r} is not a number in [0, 1]")
     if rec.domain is not None and not isinstance(rec.domain, str):

@@ -110,3 +110,27 @@ def test_load_state_dict_rejects_a_different_run():
 def test_stream_validates_arguments():
     with pytest.raises(ValueError, match="batch_size 0.*rank 2.*cannot give every one of 2"):
         BatchStream([ex(0)], 0, PAD, rank=2, world=2)
+
+
+def test_worker_stream_matches_in_process_stream_and_resumes_exactly():
+    from dreamprm.data.loader import WorkerStream, with_workers
+    exs = [Example(input_ids=list(range(1, 3 + i % 5)), tag_pos=[1 + i % 5], labels=[1.0], outcome=float("nan"),
+                   index=i, domain=0, n_steps=1, n_kept=1, id=str(i)) for i in range(11)]
+    plain = BatchStream(exs, 3, pad_id=0, seed=5)
+    assert with_workers(plain, 0) is plain
+    workers = WorkerStream(BatchStream(exs, 3, pad_id=0, seed=5), num_workers=2)
+    want = [next(plain) for _ in range(9)]
+    got = []
+    for _ in range(5):
+        got.append(next(workers))
+    state = workers.state_dict()  # workers have prefetched ahead; the state must not count that
+    ref = BatchStream(exs, 3, pad_id=0, seed=5)
+    for _ in range(5):
+        next(ref)
+    assert state == ref.state_dict()
+    resumed = WorkerStream(BatchStream(exs, 3, pad_id=0, seed=5), num_workers=1)
+    resumed.load_state_dict(state)
+    got += [next(resumed) for _ in range(4)]
+    for a, b in zip(want, got):
+        assert a["index"].tolist() == b["index"].tolist()
+        assert torch.equal(a["input_ids"], b["input_ids"])

@@ -267,15 +267,18 @@ def test_minif2f_attempts(tmp_path):
            "completion": "subst h₂\n  norm_num at h₁ ⊢\n```"}
     f = jsonl(tmp_path / "a.jsonl", [row, dict(row, attempt=4, passed=False, completion="```\nprose"),
                                      dict(row, attempt=5, passed="yes"),
-                                     dict(row, attempt=6, completion="simp\n  exact h�")])
+                                     dict(row, attempt=6, completion="simp\n  exact h�"),
+                                     dict(row, attempt=7, completion="  \n")])
     recs, problems = read_records(f, "minif2f_attempts")
     r = recs[0]
     assert r.id == "mathd_algebra_478/m/P/3" and r.question == "mathd_algebra_478"
     assert r.steps == ["subst h₂", "norm_num at h₁ ⊢"] and r.labels == [None, None]
     assert r.outcome == 1.0 and r.domain == "m/P" and r.meta["group"] == "mathd_algebra_478"
-    assert recs[1].steps == ["simp", "exact h"]  # the cut character is dropped
-    assert at(problems, 2) == ["completion: no proof steps found"]
+    # prose without a tactic is a real failed attempt: one step holding its text
+    assert recs[1].steps == ["```\nprose"] and recs[1].meta["no_tactics"] and recs[1].outcome == 0.0
+    assert recs[2].steps == ["simp", "exact h"]  # the cut character is dropped
     assert at(problems, 3) == ["passed: expected true or false, got str 'yes'"]
+    assert at(problems, 5) == ["completion: empty"]
 
 
 # ---------------------------------------------------------------------------- gsm8k_candidates
