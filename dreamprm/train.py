@@ -23,7 +23,7 @@ import torch
 
 from dreamprm import engine, runlock
 from dreamprm.config import Config, save_config
-from dreamprm.data.loader import BatchStream
+from dreamprm.data.loader import BatchStream, with_workers
 from dreamprm.data.readers import DataError, load_records
 from dreamprm.data.tokenize import domain_table, encode_records
 from dreamprm.scoring import eval_step_metrics, load_eval_examples
@@ -227,7 +227,8 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
     # ---
     wmod = build_weight_module(cfg.meta.weights, len(train_ex), len(domains), cfg.meta.net_hidden)
     wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
-    train_stream = BatchStream(train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed)
+    train_stream = with_workers(BatchStream(train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed),
+                                cfg.data.num_workers)
     meta_stream = (BatchStream(meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1)
                    if bilevel else None)
     n_train = sum(p.numel() if eng.stage != 3 else p.ds_numel for p in eng.params)
