@@ -19,6 +19,7 @@ meta_update:  right after an update (so the engine holds no accumulated gradient
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -129,7 +130,7 @@ def lr_lambda(cfg: Config):
         frac = (step - t.warmup_steps) / max(1, t.total_steps - t.warmup_steps)
         if t.lr_schedule == "linear":
             return max(0.0, 1.0 - frac)
-        return 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item())  # cosine
+        return 0.5 * (1 + math.cos(math.pi * frac))  # cosine
     return f
 
 
