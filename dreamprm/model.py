@@ -39,10 +39,20 @@ class PRM(nn.Module):
         self.model = model
         self.score = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
 
-    def forward(self, input_ids, attention_mask, tag_pos):
-        """input_ids, attention_mask [B,S]; tag_pos [B,K] long -> logits [B,K,2] float32."""
-        h = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        h = torch.gather(h, 1, tag_pos.unsqueeze(-1).expand(-1, -1, h.size(-1)))
+    def forward(self, input_ids, attention_mask, tag_pos, position_ids=None):
+        """input_ids, attention_mask [B,S]; tag_pos [B,K] long -> logits [B,K,2] float32.
+
+        Packed batch (dreamprm.data.packing.collate_packed): position_ids [R,S] restart at every
+        example, attention_mask is None and tag_pos [N,K] are flat indices into the R*S tokens ->
+        logits [N,K,2], one row per example.
+        """
+        if position_ids is None:
+            h = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            h = torch.gather(h, 1, tag_pos.unsqueeze(-1).expand(-1, -1, h.size(-1)))
+        else:
+            h = self.model(input_ids=input_ids, attention_mask=None, position_ids=position_ids,
+                           use_cache=False).last_hidden_state
+            h = h.reshape(-1, h.size(-1))[tag_pos]
         return self.score(h.to(self.score[0].weight.dtype)).float()
 
 

@@ -80,7 +80,7 @@ class BatchStream:
     """
 
     def __init__(self, examples: list[Example], batch_size: int, pad_id: int, rank: int = 0,
-                 world: int = 1, seed: int = 0, shuffle: bool = True):
+                 world: int = 1, seed: int = 0, shuffle: bool = True, collate_fn=collate):
         problems = []
         if batch_size < 1:
             problems.append(f"batch_size {batch_size} must be >= 1")
@@ -96,6 +96,7 @@ class BatchStream:
             raise ValueError("BatchStream: " + "; ".join(problems))
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
         self.rank, self.world, self.seed, self.shuffle = rank, world, seed, shuffle
+        self.collate_fn = collate_fn  # (examples, pad_id) -> batch; e.g. data.packing.collate_packed
         self.per_rank = len(examples) // world
         self.batches_per_epoch = batches_per_epoch(len(examples), batch_size, world)
         self.epoch, self.pos = 0, 0
@@ -120,7 +121,7 @@ class BatchStream:
         return idx
 
     def __next__(self) -> dict:
-        return collate([self.examples[i] for i in self.next_indices()], self.pad_id)
+        return self.collate_fn([self.examples[i] for i in self.next_indices()], self.pad_id)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "n": len(self.examples),
@@ -173,7 +174,7 @@ class WorkerStream:
     def __next__(self) -> dict:
         if self._it is None:
             loader = DataLoader(self.stream.examples, batch_sampler=self._indices(), num_workers=self.num_workers,
-                                collate_fn=partial(collate, pad_id=self.stream.pad_id))
+                                collate_fn=partial(self.stream.collate_fn, pad_id=self.stream.pad_id))
             self._it = iter(loader)
         batch = next(self._it)
         self._state = self._pending.popleft()
