@@ -1,0 +1,461 @@
+"""Cost of a bilevel step next to a plain step and next to its analytic floor (issue 6).
+
+    python bench/step_cost.py                       # CPU defaults: hidden 512, 4 layers, 512 tokens, LoRA, ZeRO 0
+    python bench/step_cost.py --deepspeed ds_configs/zero3.json --nproc 2    # 2 ranks (re-runs itself under torchrun)
+    torchrun --standalone --nproc_per_node 2 bench/step_cost.py --deepspeed ds_configs/zero3.json
+
+A random Qwen2 of the chosen size is written by dreamprm.tiny.make_tiny_checkpoint to a temporary folder
+and one engine (dreamprm.engine.create_engine) serves every configuration below. The configurations run
+interleaved, one cycle of each per round, so load changes on a shared machine hit them all alike; each
+figure is the median over rounds after the warm-up rounds (the max over ranks).
+
+Configurations
+  plain                    engine.inner_update with uniform weights (what --baseline trains)
+  <method> k=<k>           k weighted engine.inner_update calls (instance table) + one engine.meta_update,
+                           for method exact / finite_diff and meta interval k = 1, 5; ms/step = cycle / k
+  fwd, fwd+bwd             the training batch through the PRM module in eval mode: a no-grad forward, and a
+                           forward + torch.autograd.grad w.r.t. the trainable parameters (as the meta pass does)
+  meta fwd+bwd             the same forward + backward on the meta batch
+  instance fwd+bwd         every training instance alone (a batch of one), forward + backward, summed
+
+Analytic floor of a bilevel configuration with meta interval k:
+
+    finite_diff:  F = P + (M_fb + 2 * T_f) / k
+    exact:        F = P + (M_fb + sum_i T_fb,i) / k
+
+P = the plain step, M_fb = meta fwd+bwd, T_f = fwd, T_fb,i = instance fwd+bwd (the exact method's one
+backward per instance; the dot products with v cost nothing next to it). Everything else a meta pass does
+(zeroing ZeRO's gradient buffers, cloning / perturbing / restoring parameters, dropping ZeRO-3's gathered
+parameter cache, reducing v, the weight module's step, eval/train switches) is overhead; "x floor" is the
+measured step over F. The meta-pass breakdown below the table says where each configuration's time goes.
+
+Peak memory: CUDA max_memory_allocated per configuration; on CPU the peak resident set size of the process
+sampled every 2 ms while the configuration runs (allocator caching makes later rows inherit earlier peaks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from dreamprm import engine, hypergrad
+from dreamprm.config import Config, validate
+from dreamprm.data.loader import collate
+from dreamprm.data.tokenize import Example
+from dreamprm.tiny import STEP_TAG, make_tiny_checkpoint
+from dreamprm.weights import build_weight_module, build_weight_optimizer
+
+METHODS = ("exact", "finite_diff")
+INTERVALS = (1, 5)
+QWEN_FFN_RATIO = 18944 / 3584  # Qwen2.5-7B intermediate / hidden
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--hidden", type=int, default=512, help="hidden size of the random Qwen2")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--heads", type=int, default=8, help="attention heads")
+    p.add_argument("--kv_heads", type=int, default=2, help="key/value heads (GQA)")
+    p.add_argument("--intermediate", type=int, default=0,
+                   help="MLP width; 0 = hidden x 5.29 rounded to 64 (Qwen2.5-7B's ratio)")
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per example (every example has this length)")
+    p.add_argument("--steps", type=int, default=8, help="step tags per example")
+    p.add_argument("--batch_size", type=int, default=1, help="training examples per rank per update (the run "
+                   "config's default; 1 keeps the default run within 10 minutes on a 2-core CPU)")
+    p.add_argument("--meta_batch_size", type=int, default=1, help="meta examples per rank per meta pass")
+    p.add_argument("--mode", choices=("lora", "full"), default="lora", help="what trains")
+    p.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="default: bf16 with CUDA, fp32 on CPU (CPUs without AVX512-BF16 run bf16 slowly)")
+    p.add_argument("--deepspeed", default="", help="DeepSpeed JSON (ds_configs/zero2.json, zero3.json); "
+                   "empty = ZeRO stage 0")
+    p.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--fd_radius", type=float, default=0.01, help="finite differences: eps = fd_radius / ||v||")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="hypergradient methods")
+    p.add_argument("--intervals", nargs="+", type=int, default=list(INTERVALS), help="meta intervals")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed rounds first (a warm-up round runs every configuration but k > 1 once)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks; > 1 re-runs this script under torchrun (ignored when already launched)")
+    p.add_argument("--json", default="", help="also write the figures to this JSON file (rank 0)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    problems = [f"--{k} must be >= 1" for k in ("hidden", "layers", "heads", "kv_heads", "seq_len", "steps",
+                                                 "batch_size", "meta_batch_size", "repeats", "nproc")
+                if getattr(a, k) < 1]
+    if a.warmup < 0:
+        problems.append("--warmup must be >= 0")
+    if a.steps > a.seq_len // 2:
+        problems.append(f"--steps {a.steps} needs --seq_len >= {2 * a.steps}")
+    if any(k < 1 for k in a.intervals):
+        problems.append("--intervals must be >= 1")
+    if problems:
+        p.error("; ".join(problems))
+    return a
+
+
+def floor_ms(method: str, interval: int, plain: float, meta_fb: float, fwd: float, inst_fb: float) -> float:
+    """The analytic floor of one bilevel step (see the module docstring)."""
+    extra = meta_fb + (2 * fwd if method == "finite_diff" else inst_fb)
+    return plain + extra / interval
+
+
+# ---------------------------------------------------------------- data
+
+
+def synthetic_examples(n: int, seq_len: int, steps: int, vocab: int, tag_id: int, pad_id: int, seed: int,
+                       first_index: int = 0) -> list[Example]:
+    """n examples of exactly seq_len tokens with `steps` tags spread evenly, the last at the end."""
+    g = torch.Generator().manual_seed(seed)
+    tag_pos = [(k + 1) * seq_len // steps - 1 for k in range(steps)]
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, vocab, (seq_len,), generator=g)
+        ids[(ids == tag_id) | (ids == pad_id)] = 1
+        ids[tag_pos] = tag_id
+        labels = torch.randint(0, 2, (steps,), generator=g).float().tolist()
+        out.append(Example(ids.tolist(), list(tag_pos), labels, float(i % 2), first_index + i, 0, steps, steps,
+                           f"synthetic-{first_index + i}"))
+    return out
+
+
+class Cycle:
+    """Endless iterator over a fixed list of batches (stands in for BatchStream)."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
+
+
+# ---------------------------------------------------------------- timing helpers
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocated, or process RSS sampled every 2 ms on CPU."""
+
+    def __enter__(self):
+        self.peak = 0.0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._stop = threading.Event()
+        self.peak = rss_mb()
+
+        def sample():
+            while not self._stop.wait(0.002):
+                self.peak = max(self.peak, rss_mb())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_mb())
+
+
+class MetaProfile:
+    """Times the phases of engine.meta_update by wrapping the engine's functions (the engine is unchanged).
+
+    Inclusive seconds per phase, summed over the meta passes of the active configuration.
+    """
+
+    def __init__(self, eng):
+        self.eng, self.active, self.depth = eng, None, []
+        self.acc: dict[str, dict[str, float]] = {}
+        self.passes: dict[str, int] = {}
+        self._wrap(engine, "meta_gradient", "v")
+        self._wrap(engine, "fd_alignments", "align")
+        self._wrap(engine, "exact_alignments", "align")
+        self._wrap(engine, "forward", "forward", only_meta=True)
+        self._wrap(eng.ds.optimizer, "zero_grad", "zero_grad")
+        if hasattr(eng.ds.optimizer, "empty_partition_cache"):
+            self._wrap(eng.ds.optimizer, "empty_partition_cache", "cache_drop")
+        self._wrap(eng.ds.module, "train", "mode_switch")
+
+    def _wrap(self, owner, name, phase, only_meta=False):
+        fn = getattr(owner, name)
+
+        def timed(*args, **kw):
+            if self.active is None or (only_meta and not kw.get("meta", False)):
+                return fn(*args, **kw)
+            key = f"{self.depth[-1]}.{phase}" if self.depth and phase == "forward" else phase
+            self.depth.append(phase)
+            sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                sync()
+                d = self.acc.setdefault(self.active, {})
+                d[key] = d.get(key, 0.0) + time.perf_counter() - t
+                self.depth.pop()
+        setattr(owner, name, timed)
+
+    def meta_update(self, label, *args):
+        self.active = label
+        sync()
+        t = time.perf_counter()
+        try:
+            return engine.meta_update(*args)
+        finally:
+            sync()
+            d = self.acc.setdefault(label, {})
+            d["total"] = d.get("total", 0.0) + time.perf_counter() - t
+            self.passes[label] = self.passes.get(label, 0) + 1
+            self.active = None
+
+    def breakdown(self, label) -> dict[str, float]:
+        """ms per meta pass: total, and the exclusive time of each phase."""
+        d, n = self.acc.get(label, {}), max(1, self.passes.get(label, 0))
+        ms = {k: 1e3 * v / n for k, v in d.items()}
+        out = {"total": ms.get("total", 0.0),
+               "v: forward": ms.get("v.forward", 0.0),
+               "v: backward + all-reduce": ms.get("v", 0.0) - ms.get("v.forward", 0.0),
+               "alignments: forwards": ms.get("align.forward", 0.0),
+               "alignments: rest": ms.get("align", 0.0) - ms.get("align.forward", 0.0) - ms.get("cache_drop", 0.0),
+               "ZeRO-3 cache drops": ms.get("cache_drop", 0.0),
+               "optimizer.zero_grad": ms.get("zero_grad", 0.0),
+               "eval/train switches": ms.get("mode_switch", 0.0)}
+        out["weight module + rest"] = out["total"] - sum(v for k, v in out.items() if k != "total")
+        return out
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def build(a: argparse.Namespace, rank: int, world: int):
+    tmp = None
+    if rank == 0:
+        tmp = tempfile.mkdtemp(prefix="dreamprm-bench-")
+        inter = a.intermediate or max(64, round(a.hidden * QWEN_FFN_RATIO / 64) * 64)
+        make_tiny_checkpoint(tmp, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+                             intermediate=inter, seed=a.seed)
+        cfg_json = json.loads((Path(tmp) / "config.json").read_text())
+        cfg_json["max_position_embeddings"] = max(cfg_json["max_position_embeddings"], a.seq_len)
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg_json, indent=2))
+    tmp = engine.broadcast_object(tmp)
+    cfg = Config()
+    cfg.model.name_or_path, cfg.model.mode, cfg.model.lora_r = tmp, a.mode, a.lora_r
+    cfg.model.attn_implementation, cfg.model.gradient_checkpointing = a.attn_implementation, a.gradient_checkpointing
+    cfg.train.batch_size, cfg.train.precision, cfg.train.deepspeed = a.batch_size, a.precision, a.deepspeed
+    cfg.train.seed = a.seed
+    cfg.meta.meta_batch_size, cfg.meta.fd_radius, cfg.meta.hypergrad = a.meta_batch_size, a.fd_radius, "exact"
+    cfg.data.train_file = cfg.data.meta_file = ""
+    problems = validate(cfg)
+    if problems:
+        raise SystemExit("invalid settings: " + "; ".join(problems))
+    eng = engine.create_engine(cfg, rank, world)
+    tok = eng.tokenizer
+    tag_id, pad_id = tok.convert_tokens_to_ids(STEP_TAG), tok.pad_token_id
+    vocab = len(tok)
+    n_batches = 3  # distinct batches per rank, cycled
+    n_train = n_batches * a.batch_size * world
+    train = synthetic_examples(n_train, a.seq_len, a.steps, vocab, tag_id, pad_id, a.seed)
+    meta = synthetic_examples(n_batches * a.meta_batch_size * world, a.seq_len, a.steps, vocab, tag_id, pad_id,
+                              a.seed + 1)
+    mine = train[rank::world]
+    train_batches = [collate(mine[i * a.batch_size:(i + 1) * a.batch_size], pad_id) for i in range(n_batches)]
+    mine = meta[rank::world]
+    meta_batches = [collate(mine[i * a.meta_batch_size:(i + 1) * a.meta_batch_size], pad_id)
+                    for i in range(n_batches)]
+    return cfg, eng, tmp, n_train, train_batches, meta_batches
+
+
+def grad_of(eng, loss) -> None:
+    grads = torch.autograd.grad(loss, eng.params, allow_unused=True)
+    del grads
+
+
+def run(a: argparse.Namespace) -> dict:
+    if a.precision is None:
+        a.precision = "bf16" if torch.cuda.is_available() else "fp32"
+    rank, world = engine.init_distributed()
+    torch.manual_seed(a.seed)
+    cfg, eng, tmp, n_train, train_batches, meta_batches = build(a, rank, world)
+    dev = eng.ds.device
+    train_batches = [engine.to_device(b, dev) for b in train_batches]
+    meta_batches = [engine.to_device(b, dev) for b in meta_batches]
+    stream, meta_stream = Cycle(train_batches), Cycle(meta_batches)
+    wmod = build_weight_module("instance_table", n_train, 1, cfg.meta.net_hidden)
+    wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
+    prof = MetaProfile(eng)
+    module = eng.ds.module
+    methods = list(a.methods)
+    if a.mode == "full" and a.precision == "bf16" and "finite_diff" in methods:
+        methods.remove("finite_diff")  # the engine rejects it (perturbation lost to bf16 rounding)
+        if rank == 0:
+            print("note: finite_diff left out: full fine-tuning in bf16 is rejected by the config")
+    step = [0]
+
+    def plain():
+        step[0] += 1
+        engine.inner_update(eng, stream, wmod, True, step[0])
+
+    def bilevel(method, k):
+        def f():
+            cfg.meta.hypergrad = method
+            for _ in range(k):
+                step[0] += 1
+                out = engine.inner_update(eng, stream, wmod, False, step[0])
+            prof.meta_update(f"{method} k={k}", eng, next(meta_stream), out["recent"], wmod, wopt, cfg, step[0])
+        return f
+
+    def fwd():
+        with torch.no_grad():
+            engine.forward(eng, next(stream), meta=True)
+
+    def fwd_bwd():
+        b = next(stream)
+        grad_of(eng, hypergrad.instance_losses(engine.forward(eng, b, meta=True), b).mean())
+
+    def meta_fwd_bwd():
+        b = next(meta_stream)
+        grad_of(eng, hypergrad.meta_loss(engine.forward(eng, b, meta=True), b, cfg.meta.aggregation,
+                                         cfg.meta.meta_loss))
+
+    def inst_fwd_bwd():
+        b = next(stream)
+        for i in range(len(b["index"])):
+            row = {k: (x[i:i + 1] if torch.is_tensor(x) and x.dim() > 0 else x) for k, x in b.items()}
+            grad_of(eng, hypergrad.instance_losses(engine.forward(eng, row, meta=True), row)[0])
+
+    # (name, function, updates per cycle); components run in eval mode and exclude the zero_grad after them
+    configs = [("plain", plain, 1), ("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 1), ("meta fwd+bwd", meta_fwd_bwd, 1),
+               ("instance fwd+bwd", inst_fwd_bwd, 1)]
+    configs += [(f"{m} k={k}", bilevel(m, k), k) for m in methods for k in a.intervals]
+    components = {"fwd", "fwd+bwd", "meta fwd+bwd", "instance fwd+bwd"}
+    times = {name: [] for name, _, _ in configs}
+    peaks = dict.fromkeys(times, 0.0)
+    for r in range(a.warmup + a.repeats):
+        for name, fn, k in configs:
+            if r < a.warmup and k > 1 and name.replace(f" k={k}", " k=1") in times:
+                continue  # its code path is warmed up by the k=1 cycle of the same method
+            engine.barrier()
+            if name in components:
+                was = module.training
+                module.eval()
+            with PeakMemory() as pm:
+                sync()
+                t = time.perf_counter()
+                fn()
+                sync()
+                dt = time.perf_counter() - t
+            if name in components:
+                eng.ds.optimizer.zero_grad()
+                module.train(was)
+            if r >= a.warmup:
+                times[name].append(1e3 * dt / k)
+                peaks[name] = max(peaks[name], pm.peak)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    # synchronous steps: a configuration is as slow as its slowest rank
+    vec = engine.all_reduce_(torch.tensor([med[n] for n, _, _ in configs] + [peaks[n] for n, _, _ in configs],
+                                          dtype=torch.float64), op=torch.distributed.ReduceOp.MAX)
+    names = [n for n, _, _ in configs]
+    med = dict(zip(names, vec[:len(names)].tolist()))
+    peaks = dict(zip(names, vec[len(names):].tolist()))
+    tokens = a.batch_size * a.seq_len * world  # per update, all ranks
+    rows = []
+    for name in names:
+        row = {"config": name, "ms": med[name], "peak_mb": peaks[name],
+               "spread_ms": [min(times[name]), max(times[name])]}
+        if name not in components:
+            row["tokens_per_s"] = tokens / (med[name] / 1e3)
+            row["x_plain"] = med[name] / med["plain"]
+        if " k=" in name:
+            method, k = name.split(" k=")
+            f = floor_ms(method, int(k), med["plain"], med["meta fwd+bwd"], med["fwd"], med["instance fwd+bwd"])
+            row.update(floor_ms=f, x_floor=med[name] / f)
+            row["breakdown_ms"] = prof.breakdown(name)
+        rows.append(row)
+    result = {"settings": {**vars(a), "world": world, "stage": eng.stage,
+                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                           "torch_threads": torch.get_num_threads(), "tokens_per_update": tokens,
+                           "trainable_params": sum(p.ds_numel if eng.stage == 3 else p.numel() for p in eng.params)},
+              "rows": rows}
+    engine.barrier()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def format_table(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"step cost: hidden {s['hidden']}, {s['layers']} layers, {s['seq_len']} tokens x batch "
+             f"{s['batch_size']} (meta batch {s['meta_batch_size']}), {s['mode']}, {s['precision']}, "
+             f"ZeRO stage {s['stage']}, {s['world']} rank(s), {s['attn_implementation']}, device {s['device']}, "
+             f"{s['torch_threads']} threads; median of {s['repeats']} after {s['warmup']} warm-up round(s)",
+             "",
+             f"| {'configuration':<18} | {'ms/step':>8} | {'tokens/s':>8} | {'peak MB':>8} | {'x plain':>7} "
+             f"| {'floor ms':>8} | {'x floor':>7} |",
+             f"|{'-' * 20}|{'-' * 10}:|{'-' * 10}:|{'-' * 10}:|{'-' * 9}:|{'-' * 10}:|{'-' * 9}:|"]
+
+    def f(x, spec):
+        return format(x, spec) if x is not None else "-"
+    for r in result["rows"]:
+        lines.append(f"| {r['config']:<18} | {r['ms']:8.1f} | {f(r.get('tokens_per_s'), '8.0f'):>8} | "
+                     f"{r['peak_mb']:8.0f} | {f(r.get('x_plain'), '7.2f'):>7} | "
+                     f"{f(r.get('floor_ms'), '8.1f'):>8} | {f(r.get('x_floor'), '7.3f'):>7} |")
+    lines += ["", "floor: finite_diff P + (M_fb + 2 T_f) / k; exact P + (M_fb + sum_i T_fb,i) / k "
+              "(P plain, M_fb meta fwd+bwd, T_f fwd, T_fb,i instance fwd+bwd)"]
+    bd = [r for r in result["rows"] if "breakdown_ms" in r]
+    if bd:
+        keys = list(bd[0]["breakdown_ms"])
+        lines += ["", "meta pass breakdown (ms per meta pass)", "",
+                  "| phase | " + " | ".join(r["config"] for r in bd) + " |",
+                  "|---|" + "---:|" * len(bd)]
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(f"{r['breakdown_ms'][k]:.1f}" for r in bd) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.nproc > 1 and "RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
+               __file__, *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.call(cmd)
+    result = run(a)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_table(result), flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
