@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=1, help="training examples per rank per update (the run "
                    "config's default; 1 keeps the default run within 10 minutes on a 2-core CPU)")
     p.add_argument("--meta_batch_size", type=int, default=1, help="meta examples per rank per meta pass")
-    p.add_argument("--mode", choices=("lora", "full"), default="lora", help="what trains")
+    p.add_argument("--mode", choices=("lora", "qlora", "full"), default="lora",
+                   help="what trains (qlora: 4-bit base, needs --precision bf16 and bitsandbytes)")
     p.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="default: bf16 with CUDA, fp32 on CPU (CPUs without AVX512-BF16 run bf16 slowly)")
@@ -198,6 +199,7 @@ class MetaProfile:
         self.eng, self.active, self.depth = eng, None, []
         self.acc: dict[str, dict[str, float]] = {}
         self.passes: dict[str, int] = {}
+        self._saved: list = []
         self._wrap(engine, "meta_gradient", "v")
         self._wrap(engine, "fd_alignments", "align")
         self._wrap(engine, "exact_alignments", "align")
@@ -207,8 +209,15 @@ class MetaProfile:
             self._wrap(eng.ds.optimizer, "empty_partition_cache", "cache_drop")
         self._wrap(eng.ds.module, "train", "mode_switch")
 
+    def close(self) -> None:
+        """Put the original functions back."""
+        for owner, name, fn in reversed(self._saved):
+            setattr(owner, name, fn)
+        self._saved = []
+
     def _wrap(self, owner, name, phase, only_meta=False):
         fn = getattr(owner, name)
+        self._saved.append((owner, name, fn))
 
         def timed(*args, **kw):
             if self.active is None or (only_meta and not kw.get("meta", False)):
@@ -259,6 +268,7 @@ class MetaProfile:
 
 
 def build(a: argparse.Namespace, rank: int, world: int):
+    """Random Qwen2 checkpoint in a temporary folder (rank 0 writes it) and the engine on it."""
     tmp = None
     if rank == 0:
         tmp = tempfile.mkdtemp(prefix="dreamprm-bench-")
@@ -269,21 +279,31 @@ def build(a: argparse.Namespace, rank: int, world: int):
         cfg_json["max_position_embeddings"] = max(cfg_json["max_position_embeddings"], a.seq_len)
         (Path(tmp) / "config.json").write_text(json.dumps(cfg_json, indent=2))
     tmp = engine.broadcast_object(tmp)
+    cfg = run_config(a)
+    cfg.model.name_or_path = tmp
+    eng = engine.create_engine(cfg, rank, world)
+    return cfg, eng, tmp
+
+
+def run_config(a: argparse.Namespace) -> Config:
+    """The run config the engine is built from (checked like a training run's)."""
     cfg = Config()
-    cfg.model.name_or_path, cfg.model.mode, cfg.model.lora_r = tmp, a.mode, a.lora_r
+    cfg.model.mode, cfg.model.lora_r = a.mode, a.lora_r
     cfg.model.attn_implementation, cfg.model.gradient_checkpointing = a.attn_implementation, a.gradient_checkpointing
     cfg.train.batch_size, cfg.train.precision, cfg.train.deepspeed = a.batch_size, a.precision, a.deepspeed
     cfg.train.seed = a.seed
     cfg.meta.meta_batch_size, cfg.meta.fd_radius, cfg.meta.hypergrad = a.meta_batch_size, a.fd_radius, "exact"
-    cfg.data.train_file = cfg.data.meta_file = ""
     problems = validate(cfg)
     if problems:
         raise SystemExit("invalid settings: " + "; ".join(problems))
-    eng = engine.create_engine(cfg, rank, world)
+    return cfg
+
+
+def make_batches(a: argparse.Namespace, eng, rank: int, world: int, n_batches: int = 3):
+    """Synthetic training / meta batches of this rank (n_batches distinct ones, cycled), on the device."""
     tok = eng.tokenizer
     tag_id, pad_id = tok.convert_tokens_to_ids(STEP_TAG), tok.pad_token_id
-    vocab = len(tok)
-    n_batches = 3  # distinct batches per rank, cycled
+    vocab = min(len(tok), eng.ds.module.model.get_input_embeddings().num_embeddings)
     n_train = n_batches * a.batch_size * world
     train = synthetic_examples(n_train, a.seq_len, a.steps, vocab, tag_id, pad_id, a.seed)
     meta = synthetic_examples(n_batches * a.meta_batch_size * world, a.seq_len, a.steps, vocab, tag_id, pad_id,
@@ -293,7 +313,8 @@ def build(a: argparse.Namespace, rank: int, world: int):
     mine = meta[rank::world]
     meta_batches = [collate(mine[i * a.meta_batch_size:(i + 1) * a.meta_batch_size], pad_id)
                     for i in range(n_batches)]
-    return cfg, eng, tmp, n_train, train_batches, meta_batches
+    dev = eng.ds.device
+    return n_train, [engine.to_device(b, dev) for b in train_batches], [engine.to_device(b, dev) for b in meta_batches]
 
 
 def grad_of(eng, loss) -> None:
@@ -306,10 +327,18 @@ def run(a: argparse.Namespace) -> dict:
         a.precision = "bf16" if torch.cuda.is_available() else "fp32"
     rank, world = engine.init_distributed()
     torch.manual_seed(a.seed)
-    cfg, eng, tmp, n_train, train_batches, meta_batches = build(a, rank, world)
-    dev = eng.ds.device
-    train_batches = [engine.to_device(b, dev) for b in train_batches]
-    meta_batches = [engine.to_device(b, dev) for b in meta_batches]
+    cfg, eng, tmp = build(a, rank, world)
+    try:
+        return measure(a, cfg, eng, rank, world)
+    finally:
+        engine.barrier()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> dict:
+    """Time every configuration on this engine (see the module docstring); the figures as a dict."""
+    n_train, train_batches, meta_batches = make_batches(a, eng, rank, world)
     stream, meta_stream = Cycle(train_batches), Cycle(meta_batches)
     wmod = build_weight_module("instance_table", n_train, 1, cfg.meta.net_hidden)
     wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
@@ -383,8 +412,9 @@ def run(a: argparse.Namespace) -> dict:
                 peaks[name] = max(peaks[name], pm.peak)
     med = {n: statistics.median(v) for n, v in times.items()}
     # synchronous steps: a configuration is as slow as its slowest rank
-    vec = engine.all_reduce_(torch.tensor([med[n] for n, _, _ in configs] + [peaks[n] for n, _, _ in configs],
-                                          dtype=torch.float64), op=torch.distributed.ReduceOp.MAX)
+    vec = torch.tensor([med[n] for n, _, _ in configs] + [peaks[n] for n, _, _ in configs], dtype=torch.float64,
+                       device=eng.ds.device)  # NCCL reduces device tensors only
+    vec = engine.all_reduce_(vec, op=torch.distributed.ReduceOp.MAX).cpu()
     names = [n for n, _, _ in configs]
     med = dict(zip(names, vec[:len(names)].tolist()))
     peaks = dict(zip(names, vec[len(names):].tolist()))
@@ -407,9 +437,7 @@ def run(a: argparse.Namespace) -> dict:
                            "torch_threads": torch.get_num_threads(), "tokens_per_update": tokens,
                            "trainable_params": sum(p.ds_numel if eng.stage == 3 else p.numel() for p in eng.params)},
               "rows": rows}
-    engine.barrier()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    prof.close()
     return result
 
 

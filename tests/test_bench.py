@@ -1,0 +1,84 @@
+"""Smoke tests of the benchmark scripts (tiny sizes; wall-clock figures are never asserted)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_floor_formula():
+    sc = _module("step_cost")
+    assert sc.floor_ms("finite_diff", 1, plain=10, meta_fb=6, fwd=2, inst_fb=9) == 10 + 6 + 2 * 2
+    assert sc.floor_ms("finite_diff", 5, plain=10, meta_fb=6, fwd=2, inst_fb=9) == pytest.approx(10 + 10 / 5)
+    assert sc.floor_ms("exact", 1, plain=10, meta_fb=6, fwd=2, inst_fb=9) == 10 + 6 + 9
+    assert sc.floor_ms("exact", 5, plain=10, meta_fb=6, fwd=2, inst_fb=9) == pytest.approx(10 + 15 / 5)
+
+
+def test_step_cost_runs_and_prints_the_table(tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "bench/step_cost.py", "--hidden", "32", "--layers", "1", "--heads", "2",
+                        "--kv_heads", "1", "--seq_len", "32", "--steps", "4", "--batch_size", "2",
+                        "--repeats", "2", "--warmup", "0", "--json", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    names = ["plain", "fwd", "fwd+bwd", "meta fwd+bwd", "instance fwd+bwd", "exact k=1", "exact k=5",
+             "finite_diff k=1", "finite_diff k=5"]
+    for n in names:
+        assert f"| {n} " in p.stdout, n
+    assert "x floor" in p.stdout and "meta pass breakdown" in p.stdout
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == names
+    ms = {n: r["ms"] for n, r in rows.items()}
+    assert all(v > 0 for v in ms.values())
+    for method in ("exact", "finite_diff"):
+        for k in (1, 5):
+            r = rows[f"{method} k={k}"]
+            extra = ms["meta fwd+bwd"] + (2 * ms["fwd"] if method == "finite_diff" else ms["instance fwd+bwd"])
+            assert r["floor_ms"] == pytest.approx(ms["plain"] + extra / k)
+            assert r["x_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
+            assert r["x_plain"] == pytest.approx(r["ms"] / ms["plain"])
+            assert r["tokens_per_s"] == pytest.approx(2 * 32 / (r["ms"] / 1e3))
+            bd = r["breakdown_ms"]
+            assert bd["total"] > 0 and bd["v: forward"] > 0 and bd["alignments: forwards"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_bench_refuses_on_cpu_and_documents_its_runs():
+    h = subprocess.run([sys.executable, "bench/gpu.py", "--help"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert h.returncode == 0 and "MFU" in h.stdout and "qlora" in h.stdout.lower()
+    p = subprocess.run([sys.executable, "bench/gpu.py"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "CUDA" in p.stderr
+
+
+@pytest.mark.slow
+def test_gpu_bench_code_paths_on_a_tiny_model(tmp_path):
+    """bench/gpu.py --smoke_cpu: the random-model builder (LoRA and 4-bit QLoRA), the engine and the
+    FLOP accounting run end to end on CPU."""
+    out = tmp_path / "g.json"
+    p = subprocess.run([sys.executable, "bench/gpu.py", "--smoke_cpu", "--checkpointing", "on", "--methods",
+                        "finite_diff", "--repeats", "1", "--warmup", "0", "--json", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "## summary" in p.stdout
+    res = json.loads(out.read_text())["results"]
+    assert [r["spec"]["run"] for r in res] == ["lora", "qlora"]
+    for r in res:
+        assert r["N"] == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192)  # the tiny Qwen2's linear weights
+        assert r["N_lora"] > 0 and all(x["tflops"] > 0 for x in r["rows"])
