@@ -125,11 +125,6 @@ def _is_quantized(prm) -> bool:
     return any(type(p).__name__ == "Params4bit" for p in prm.parameters())
 
 
-def aggregate(step_scores, how: str = "mean_logodds") -> float:
-    """metrics.aggregate: one solution score from step scores (mean_logodds, min, prod, mean, last)."""
-    return M.aggregate(step_scores, how)
-
-
 # ---------------------------------------------------------------- loading
 
 
