@@ -59,8 +59,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         t.add_argument("--skip-invalid", action="store_true",
                        help="leave out invalid records (the reader names them in a warning) "
                             "instead of failing")
-        t.add_argument("--step-tag", default=DEFAULT_STEP_TAG,
-                       help="step tag that must not occur inside step text (default %(default)s)")
+        t.add_argument("--step-tag", default=None,
+                       help="step tag (default: the one recorded with --model, else <extra_0>); it must not occur "
+                            "inside step text")
         src = t.add_mutually_exclusive_group(required=True)
         src.add_argument("--model", metavar="PATH", help="PRM checkpoint to score the data with")
         src.add_argument("--scores", metavar="FILE",
@@ -96,13 +97,14 @@ def run_evaluate(args) -> int:
 def evaluate(args) -> dict:
     """Run one task from parsed arguments; prints a table and returns the report."""
     _check_args(args)
-    files = load_data(args.data, args.fmt, args.step_tag, args.skip_invalid)
+    args.model_step_tag = args.step_tag  # None: the tag recorded with the model
+    files = load_data(args.data, args.fmt, args.step_tag or DEFAULT_STEP_TAG, args.skip_invalid)
     records = [r for _, recs in files for r in recs]
     if args.scores:
         scores = read_scores(args.scores, records)
     else:
         from dreamprm.scoring import load_scorer  # needs torch and a model; not for --scores
-        raw = load_scorer(args.model).score_records(records, args.batch_size)
+        raw = load_scorer(args.model, step_tag=args.model_step_tag).score_records(records, args.batch_size)
         entries = [(f"model {args.model}", rid, s) for rid, s in raw.items()]
         scores, problems = check_scores(entries, records, f"model {args.model}")
         if problems:

@@ -170,7 +170,7 @@ def test_model_branch_uses_scoring_module(tmp_path, monkeypatch, capsys):
             return returned
 
     fake = types.ModuleType("dreamprm.scoring")
-    fake.load_scorer = lambda path: Scorer()
+    fake.load_scorer = lambda path, step_tag=None: Scorer()
     monkeypatch.setitem(sys.modules, "dreamprm.scoring", fake)
     args = ("processbench", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--model", tmp_path,
             "--batch-size", "3", "--out", tmp_path / "r.json")
