@@ -1,0 +1,552 @@
+"""Does reweighting work? A controlled noisy-label experiment on a checkable PRM task (issue 7).
+
+    python bench/reweighting.py                       # the full experiment: 4 methods x 3 seeds, table + figures
+    python bench/reweighting.py --seeds 0 --methods baseline,instance_table --epochs 1   # a quick look
+    python bench/reweighting.py --plot_only           # redo table and figures from the finished runs
+
+The task. A question asks for a chain of additions and subtractions on a number ("Start at 23.
+Apply +7, -4, +9."); every step states one computation ("23 + 7 = 30"). A wrong solution makes
+one slip (a result off by 1 to 3) and carries on correctly from the wrong value. Step labels follow
+the PRM convention: 1 before the first wrong step, 0 from it on. Step correctness is checkable
+from the text, so the truth is known for every label.
+
+The data. Training records come from several domains (--domains); each domain's step labels are
+corrupted at its own rate and kind (--kinds, --rates):
+  none        labels as computed;
+  flip        every step label flipped independently with probability rate;
+  optimistic  with probability rate, a wrong solution gets every step marked correct
+              (a labeller that only checks the format);
+  shift       with probability rate, a wrong solution's first error is moved one step earlier or
+              later (kept inside the solution).
+A training instance is "corrupted" when at least one of its labels differs from the truth. The
+meta set (clean, outcome labels only), the test set (clean step labels) and the best-of-N groups
+(--bon_n candidates per question, outcome only) come from the same generator, uncorrupted.
+
+The runs. Every method trains the same PRM (a random Qwen2 of --hidden / --layers built by
+dreamprm.tiny, full fine-tune, fp32, one process) for the same number of PRM updates
+(--epochs over the training set), through `python launch/train.py` with a generated config:
+baseline (--baseline: uniform weights), instance_table, instance_net, domain_table. Each run
+evaluates on the test set every --eval_every updates (eval_step_auroc in metrics.jsonl); the
+domain-table runs checkpoint every --ckpt_every updates so the domain weights can be followed
+over time. After training, the final model scores the test set and the best-of-N groups
+(dreamprm.scoring.load_scorer), and instance_weights.jsonl gives the learned weights.
+
+Reported per method, mean and spread (min..max) over --seeds (each seed draws its own data and
+initialisation): clean-test step AUROC, ProcessBench-style F1 (first predicted error vs the true
+first error, threshold 0.5), best-of-N accuracy (--bon_aggregation), the AUROC of the learned
+weights at telling clean from corrupted instances (clean = positive, so 1.0 means every corrupted
+instance weighs less than every clean one; 0.5 for uniform weights), and the mean learned weight
+per domain. Output: --out/results.json, --out/results.md and PNG figures; runs go to --work_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ("baseline", "instance_table", "instance_net", "domain_table")
+KINDS = ("none", "flip", "optimistic", "shift")
+
+
+# ---------------------------------------------------------------- the task
+
+
+def solve(rng: random.Random, n_steps: int, max_value: int, wrong: bool, slips: str = "odd",
+          err_at: int | None = None, slip_rng: random.Random | None = None) -> dict:
+    """One question and one solution. A wrong solution slips once and goes on correctly from the
+    wrong value; labels are 1 before the slip and 0 from it on.
+
+    slips="odd": the chain starts even and adds or subtracts even numbers, and a slip is off by 1
+    or 3, so a wrong result is odd: a parity cue a small model learns in a few hundred updates.
+    slips="xor": any start and operand, a slip is off by 1 or 3: a wrong result has the wrong parity,
+    which the model finds from the parities of the two operands (an XOR).
+    slips="any": any start and operand, a slip is off by 1 to 3: the model has to learn addition.
+    err_at / slip_rng: place the slip and draw its size elsewhere (best-of-N candidates)."""
+    even = slips == "odd"
+    x0 = rng.randrange(0, max_value + 1, 2 if even else 1)
+    ops, x = [], x0
+    for _ in range(n_steps):  # the true chain stays inside [0, max_value]
+        d = rng.choice((2, 4, 6, 8)) if even else rng.randint(1, 9)
+        sign = rng.choice("+-")
+        if sign == "+" and x + d > max_value:
+            sign = "-"
+        if sign == "-" and x - d < 0:
+            sign = "+"
+        ops.append((sign, d))
+        x = x + d if sign == "+" else x - d
+    truth = x
+    if err_at is None:
+        err_at = rng.randrange(n_steps) if wrong else n_steps
+    steps, labels, x = [], [], x0
+    for k, (sign, d) in enumerate(ops):
+        y = x + d if sign == "+" else x - d
+        if k == err_at:
+            r = slip_rng or rng
+            off = r.randint(1, 3) if slips == "any" else r.choice((1, 3))
+            y = y + off if y - off < 0 or r.random() < 0.5 else y - off
+        steps.append(f"{x} {sign} {d} = {y}")
+        labels.append(1.0 if k < err_at else 0.0)
+        x = y
+    question = f"Start at {x0}. Apply " + ", ".join(f"{s}{d}" for s, d in ops) + "."
+    return {"question": question, "steps": steps, "labels": labels, "outcome": float(x == truth),
+            "first_error": -1 if err_at == n_steps else err_at}
+
+
+def corrupt(labels: list[float], kind: str, rate: float, rng: random.Random) -> list[float]:
+    """The labels a noisy labeller of this kind writes (see the module docstring)."""
+    y = list(labels)
+    if kind == "none" or rate <= 0:
+        return y
+    wrong = min(y) < 0.5
+    if kind == "flip":
+        return [1.0 - v if rng.random() < rate else v for v in y]
+    if kind == "optimistic":
+        return [1.0] * len(y) if wrong and rng.random() < rate else y
+    if kind == "shift":
+        if not wrong or rng.random() >= rate:
+            return y
+        k = y.index(0.0)
+        moves = [m for m in (k - 1, k + 1) if 0 <= m < len(y)]
+        k = rng.choice(moves)
+        return [1.0 if i < k else 0.0 for i in range(len(y))]
+    raise ValueError(f"unknown corruption kind {kind!r} (choose from {', '.join(KINDS)})")
+
+
+def make_record(rng, rid, args, domain=None, kind="none", rate=0.0, wrong=None) -> dict:
+    if wrong is None:
+        wrong = rng.random() < args.wrong_frac
+    s = solve(rng, rng.randint(args.min_steps, args.max_steps), args.max_value, wrong, args.slips)
+    noisy = corrupt(s["labels"], kind, rate, rng)
+    return {"schema": 1, "id": rid, "question": s["question"], "steps": s["steps"], "labels": noisy,
+            "outcome": s["outcome"], "domain": domain,
+            "meta": {"true_labels": s["labels"], "first_error": s["first_error"], "kind": kind,
+                     "corrupted": noisy != s["labels"]}}
+
+
+def generate(args, seed: int, out: Path) -> dict:
+    """train / meta / test / bon JSONL files for one seed (internal dreamprm format)."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    train = []
+    for dom, kind, rate in zip(args.domains, args.kinds, args.rates):
+        train += [make_record(rng, f"{dom}-{i:05d}", args, dom, kind, rate) for i in range(args.n_train)]
+    rng.shuffle(train)
+    meta = []
+    for i in range(args.n_meta):  # outcome only: the meta pass never sees a step label
+        r = make_record(rng, f"meta-{i:05d}", args)
+        r.update(labels=[None] * len(r["steps"]), domain=None)
+        meta.append(r)
+    test = [make_record(rng, f"test-{i:05d}", args) for i in range(args.n_test)]
+    bon = []
+    for g in range(args.n_bon_groups):  # candidates to one question: the same start and operations
+        n_steps = rng.randint(args.min_steps, args.max_steps)
+        q_seed = rng.random()
+        for c in range(args.bon_n):
+            wrong = rng.random() < args.wrong_frac
+            s = solve(random.Random(q_seed), n_steps, args.max_value, False, args.slips,
+                      err_at=rng.randrange(n_steps) if wrong else n_steps, slip_rng=rng)
+            bon.append({"schema": 1, "id": f"bon-{g:04d}-{c}", "question": s["question"], "steps": s["steps"],
+                        "labels": s["labels"], "outcome": s["outcome"], "domain": None,
+                        "meta": {"group": g, "first_error": s["first_error"]}})
+    files = {}
+    for name, rows in (("train", train), ("meta", meta), ("test", test), ("bon", bon)):
+        files[name] = out / f"{name}.jsonl"
+        with open(files[name], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return files
+
+
+def check_step(text: str) -> bool:
+    """Whether a step's stated computation is right ("23 + 7 = 30")."""
+    a, sign, d, _, y = text.split()
+    return (int(a) + int(d) if sign == "+" else int(a) - int(d)) == int(y)
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def run_config(args, method: str, seed: int, files: dict, model_dir: Path, run_dir: Path) -> dict:
+    steps = max(1, round(args.epochs * args.n_train * len(args.domains) / args.batch_size))
+    meta_lr = {"instance_table": args.meta_lr_table, "instance_net": args.meta_lr_net,
+               "domain_table": args.meta_lr_domain}.get(method, args.meta_lr_table)
+    return {
+        "data": {"train_file": str(files["train"]), "meta_file": str(files["meta"]), "eval_file": str(files["test"]),
+                 "max_length": 256},
+        "model": {"name_or_path": str(model_dir), "mode": "full", "chat_template": False},
+        "train": {"total_steps": steps, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "constant",
+                  "warmup_steps": 0, "grad_clip": 1.0, "precision": "fp32", "seed": seed},
+        "meta": {"baseline": method == "baseline", "weights": "instance_table" if method == "baseline" else method,
+                 "hypergrad": args.hypergrad, "meta_batch_size": args.meta_batch_size, "meta_lr": meta_lr,
+                 "meta_interval": args.meta_interval, "fd_radius": args.fd_radius,
+                 "aggregation": args.aggregation, "net_hidden": 32},
+        "run": {"output_dir": str(run_dir), "resume_from": "auto", "log_every": args.log_every,
+                "eval_every": args.eval_every,
+                "save_every": args.ckpt_every if method == "domain_table" else steps,
+                "keep_last": 10**6 if method == "domain_table" else 1, "disable_wandb": True},
+    }
+
+
+def train_one(args, method: str, seed: int, files: dict, model_dir: Path) -> Path:
+    import yaml
+
+    run_dir = args.work_dir / f"seed{seed}" / method
+    st = run_dir / "status.json"
+    if st.is_file() and json.loads(st.read_text()).get("state") == "finished":
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir.parent / f"{method}.yaml"
+    cfg_path.write_text(yaml.safe_dump(run_config(args, method, seed, files, model_dir, run_dir)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env.pop("RANK", None)
+    t0 = time.time()
+    with open(run_dir.parent / f"{method}.log", "w") as log:
+        rc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg_path)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+    if rc != 0:
+        raise RuntimeError(f"{method} seed {seed} failed (exit {rc}); see {run_dir.parent / (method + '.log')}")
+    print(f"  trained {method:15s} seed {seed} in {time.time() - t0:.0f} s", flush=True)
+    return run_dir
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def score(run_dir: Path, records: list[dict]) -> dict:
+    from dreamprm.data.record import record_from_json
+    from dreamprm.scoring import load_scorer
+
+    scorer = load_scorer(run_dir, device="cpu")
+    return scorer.score_records([record_from_json(r) for r in records], batch_size=64)
+
+
+def evaluate_run(args, run_dir: Path, files: dict) -> dict:
+    from dreamprm import metrics as M
+
+    test, bon, train = read_jsonl(files["test"]), read_jsonl(files["bon"]), read_jsonl(files["train"])
+    s_test = score(run_dir, test)
+    probs = [p for r in test for p in s_test[r["id"]]]
+    labels = [y for r in test for y in r["labels"]]
+    pb = M.processbench([r["meta"]["first_error"] for r in test], [s_test[r["id"]] for r in test])
+    s_bon = score(run_dir, bon)
+    groups = {}
+    for r in bon:
+        groups.setdefault(r["meta"]["group"], []).append(
+            (M.aggregate(s_bon[r["id"]], args.bon_aggregation), r["outcome"]))
+    bo = M.best_of_n(groups)
+    by_id = {r["id"]: r for r in train}
+    w_rows = read_jsonl(run_dir / "instance_weights.jsonl")
+    w, clean, dom_w, kind_w = [], [], {}, {}
+    for row in w_rows:
+        rec = by_id[row["id"]]
+        wi = row["weight"]
+        if wi is None:  # instance net: never trained on
+            continue
+        w.append(wi)
+        clean.append(0.0 if rec["meta"]["corrupted"] else 1.0)
+        dom_w.setdefault(rec["domain"], []).append(wi)
+        kind = rec["meta"]["kind"] if rec["meta"]["corrupted"] else "clean"
+        kind_w.setdefault(kind, []).append(wi)
+    metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return {"step_auroc": M.auroc(probs, labels), "pb_f1": pb["f1"], "bon_acc": bo["selection"],
+            "bon_random": bo["random"], "bon_oracle": bo["pass_at_n"],
+            "weight_auroc": M.auroc(w, clean) if len(set(w)) > 1 else 0.5,
+            "domain_weight": {d: statistics.fmean(v) for d, v in dom_w.items()},
+            "weights_by_kind": kind_w,
+            "curves": {k: [(m["step"], m[k]) for m in metrics if m.get(k) is not None]
+                       for k in ("meta_loss", "eval_step_auroc", "loss_unweighted")},
+            "domain_over_time": domain_weights_over_time(run_dir, args.domains)}
+
+
+def domain_weights_over_time(run_dir: Path, domains: list[str]) -> dict:
+    """{domain: [(step, weight)]} from the checkpoints of a domain-table run (empty otherwise).
+
+    Weights as the run used them: softplus(raw) over the mean of the whole table, whose row 0
+    ("<none>", the meta records' domain) is never trained and stays at its initial value."""
+    import torch
+    import torch.nn.functional as F
+    from dreamprm.data.tokenize import domain_table
+
+    names = domain_table(domains)
+    out = {}
+    for c in sorted((run_dir / "checkpoints").glob("step_*")):
+        st = torch.load(c / "dreamprm_state.pt", weights_only=True)
+        raw = st["weights"].get("raw")
+        if raw is None or len(raw) != len(names):
+            return {}
+        w = F.softplus(raw)
+        for name, wi in zip(names, (w / w.mean()).tolist()):
+            if name != "<none>":
+                out.setdefault(name, []).append((st["step"], wi))
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def spread(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return {"mean": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def summarize(args, results: dict) -> dict:
+    """results[method][seed] -> per-method mean and min..max of every metric."""
+    table = {}
+    for method, by_seed in results.items():
+        rows = list(by_seed.values())
+        t = {k: spread([r[k] for r in rows]) for k in ("step_auroc", "pb_f1", "bon_acc", "weight_auroc")}
+        t["domain_weight"] = {d: spread([r["domain_weight"].get(d, math.nan) for r in rows]) for d in args.domains}
+        table[method] = t
+    return table
+
+
+def fmt(s: dict, nd=3) -> str:
+    if not s["n"]:
+        return "-"
+    return f"{s['mean']:.{nd}f} ({s['min']:.{nd}f}..{s['max']:.{nd}f})"
+
+
+def write_report(args, results: dict, table: dict, command: str) -> str:
+    doms = [f"{d} ({k} {r:g})" if k != "none" else f"{d} (clean)" for d, k, r in
+            zip(args.domains, args.kinds, args.rates)]
+    lines = [f"Command: `{command}`", "",
+             f"Seeds {', '.join(map(str, args.seeds))}; mean (min..max). Domains: {', '.join(doms)}.", "",
+             "| method | step AUROC | ProcessBench F1 | best-of-%d acc | weight AUROC (clean vs corrupted) |"
+             % args.bon_n, "|---|---|---|---|---|"]
+    for m in results:
+        t = table[m]
+        lines.append(f"| {m} | {fmt(t['step_auroc'])} | {fmt(t['pb_f1'])} | {fmt(t['bon_acc'])} | "
+                     f"{fmt(t['weight_auroc'])} |")
+    lines += ["", "Mean learned weight per domain (weights have mean 1 over the table):", "",
+              "| method | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+    for m in results:
+        lines.append(f"| {m} | " + " | ".join(fmt(table[m]["domain_weight"][d], 2) for d in args.domains) + " |")
+    any_run = next(iter(next(iter(results.values())).values()))
+    lines += ["", f"Best-of-{args.bon_n}: random pick {any_run['bon_random']:.3f}, oracle (pass@N) "
+              f"{any_run['bon_oracle']:.3f} (seed {args.seeds[0]})."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(args, results: dict, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    colors = {"baseline": "0.4", "instance_table": "C0", "instance_net": "C1", "domain_table": "C2"}
+    paths = []
+
+    # 1. weight distributions by corruption kind (the first seed), one panel per learned method
+    learned = [m for m in results if m != "baseline"]
+    if learned:
+        fig, axes = plt.subplots(1, len(learned), figsize=(4.2 * len(learned), 3.4), squeeze=False)
+        seed = args.seeds[0]
+        for ax, m in zip(axes[0], learned):
+            kw = results[m][seed]["weights_by_kind"]
+            for kind in ["clean"] + [k for k in KINDS if k != "none"]:
+                if kind in kw:
+                    ax.hist(kw[kind], bins=40, alpha=0.55, density=True, label=f"{kind} ({len(kw[kind])})")
+            ax.set_title(f"{m} (seed {seed}): weight AUROC {results[m][seed]['weight_auroc']:.2f}", fontsize=9)
+            ax.set_xlabel("learned instance weight")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("density")
+        fig.tight_layout()
+        paths.append(out / "weights_by_kind.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    # 2. learning curves: meta loss and clean-test AUROC per method (mean over seeds)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m, by_seed in results.items():
+        for ax, key in zip(axes, ("meta_loss", "eval_step_auroc")):
+            curves = [r["curves"][key] for r in by_seed.values() if r["curves"][key]]
+            if not curves:
+                continue
+            steps = [s for s, _ in curves[0]]
+            n = min(len(c) for c in curves)
+            mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+            lo = [min(c[i][1] for c in curves) for i in range(n)]
+            hi = [max(c[i][1] for c in curves) for i in range(n)]
+            ax.plot(steps[:n], mean, color=colors.get(m), label=m)
+            ax.fill_between(steps[:n], lo, hi, color=colors.get(m), alpha=0.15)
+    axes[0].set_title("meta loss on the clean meta set (mean, min..max over seeds)", fontsize=9)
+    axes[1].set_title("clean-test step AUROC (mean, min..max over seeds)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("PRM update")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "learning_curves.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # 3. domain weights over time (domain table), every seed
+    if "domain_table" in results:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for j, (d, k, r) in enumerate(zip(args.domains, args.kinds, args.rates)):
+            for i, res in enumerate(results["domain_table"].values()):
+                c = res["domain_over_time"].get(d, [])
+                if c:
+                    ax.plot([s for s, _ in c], [w for _, w in c], color=f"C{j}", alpha=0.8,
+                            label=(f"{d} ({k} {r:g})" if k != "none" else f"{d} (clean)") if i == 0 else None)
+        ax.axhline(1.0, color="0.7", lw=0.8)
+        ax.set_xlabel("PRM update")
+        ax.set_ylabel("domain weight")
+        ax.set_title("domain table: weight per domain over training (each seed)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "domain_weights.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    # 4. the main figure: clean-test AUROC per method and the weights of one instance-table run
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    ms = list(results)
+    for i, m in enumerate(ms):
+        vals = [r["step_auroc"] for r in results[m].values()]
+        axes[0].scatter([i] * len(vals), vals, color=colors.get(m), zorder=3)
+        axes[0].hlines(statistics.fmean(vals), i - 0.25, i + 0.25, color=colors.get(m))
+    axes[0].set_xticks(range(len(ms)), ms, fontsize=8)
+    axes[0].set_ylabel("clean-test step AUROC")
+    axes[0].set_title("final model, each seed (line: mean)", fontsize=9)
+    if "instance_table" in results:
+        kw = results["instance_table"][args.seeds[0]]["weights_by_kind"]
+        for kind, ws in kw.items():
+            axes[1].hist(ws, bins=40, alpha=0.55, density=True, label=f"{kind} ({len(ws)})")
+        axes[1].set_xlabel("learned instance weight (instance table)")
+        axes[1].set_title(f"instance weights by label corruption (seed {args.seeds[0]}, AUROC "
+                          f"{results['instance_table'][args.seeds[0]]['weight_auroc']:.2f})", fontsize=9)
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "main.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    csv = lambda f: (lambda s: [f(x) for x in s.split(",") if x != ""])  # noqa: E731
+    g = p.add_argument_group("data")
+    g.add_argument("--domains", type=csv(str), default="a,b,c,d", help="training domains, comma-separated")
+    g.add_argument("--kinds", type=csv(str), default="none,none,flip,flip",
+                   help=f"corruption kind per domain ({', '.join(KINDS)})")
+    g.add_argument("--rates", type=csv(float), default="0,0,0.4,0.4", help="corruption rate per domain")
+    g.add_argument("--n_train", type=int, default=150, help="training records per domain")
+    g.add_argument("--n_meta", type=int, default=200, help="meta records (clean, outcome only)")
+    g.add_argument("--n_test", type=int, default=300, help="clean test records (step labels)")
+    g.add_argument("--n_bon_groups", type=int, default=100, help="best-of-N questions")
+    g.add_argument("--bon_n", type=int, default=8, help="candidates per best-of-N question")
+    g.add_argument("--bon_aggregation", default="min", help="step scores -> candidate score for best-of-N")
+    g.add_argument("--wrong_frac", type=float, default=0.5, help="fraction of solutions with a slip")
+    g.add_argument("--min_steps", type=int, default=3)
+    g.add_argument("--max_steps", type=int, default=5)
+    g.add_argument("--max_value", type=int, default=99, help="values of the chain stay in [0, max_value]")
+    g.add_argument("--slips", default="odd", choices=("odd", "xor", "any"),
+                   help="odd: wrong results are odd (a parity cue); xor: wrong results have the wrong parity "
+                        "(parity of x XOR parity of d); any: off by 1-3 (needs addition)")
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden", type=int, default=128)
+    g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--intermediate", type=int, default=256)
+    g = p.add_argument_group("training (the same for every method)")
+    g.add_argument("--methods", type=csv(str), default=",".join(METHODS))
+    g.add_argument("--seeds", type=csv(int), default="0,1,2")
+    g.add_argument("--epochs", type=float, default=10.0, help="passes over the training set (sets total_steps)")
+    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--hypergrad", default="finite_diff", choices=("finite_diff", "exact"))
+    g.add_argument("--fd_radius", type=float, default=0.01)
+    g.add_argument("--meta_batch_size", type=int, default=32)
+    g.add_argument("--meta_interval", type=int, default=1)
+    g.add_argument("--meta_lr_table", type=float, default=0.3, help="meta_lr of the instance table")
+    g.add_argument("--meta_lr_net", type=float, default=1e-2, help="meta_lr of the instance net")
+    g.add_argument("--meta_lr_domain", type=float, default=0.01, help="meta_lr of the domain table")
+    g.add_argument("--aggregation", default="min", help="meta-loss aggregation")
+    g.add_argument("--eval_every", type=int, default=25, help="updates between clean-test evaluations")
+    g.add_argument("--ckpt_every", type=int, default=25, help="checkpoint interval of domain-table runs")
+    g.add_argument("--log_every", type=int, default=10)
+    g = p.add_argument_group("running")
+    g.add_argument("--work_dir", type=Path, default=Path("/tmp/dreamprm-reweighting"),
+                   help="data and run directories (finished runs are reused)")
+    g.add_argument("--out", type=Path, default=REPO / "bench" / "reweighting", help="results and figures")
+    g.add_argument("--jobs", type=int, default=2, help="training runs at once")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    g.add_argument("--plot_only", action="store_true", help="only re-read finished runs, rewrite table and figures")
+    return p
+
+
+def check_args(p, args) -> None:
+    problems = []
+    if not (len(args.domains) == len(args.kinds) == len(args.rates)):
+        problems.append(f"--domains, --kinds, --rates need one entry per domain "
+                        f"({len(args.domains)}, {len(args.kinds)}, {len(args.rates)} given)")
+    problems += [f"--kinds: {k!r} is not one of {KINDS}" for k in args.kinds if k not in KINDS]
+    problems += [f"--rates: {r} is not in [0, 1]" for r in args.rates if not 0 <= r <= 1]
+    problems += [f"--methods: {m!r} is not one of {METHODS}" for m in args.methods if m not in METHODS]
+    if not 1 <= args.min_steps <= args.max_steps:
+        problems.append("--min_steps and --max_steps: need 1 <= min_steps <= max_steps")
+    if args.max_value < 10:
+        problems.append("--max_value: at least 10")
+    if problems:
+        p.error("; ".join(problems))
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    command = "python bench/reweighting.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.work_dir = args.work_dir.resolve()
+    from dreamprm.tiny import make_tiny_checkpoint
+
+    model_dir = args.work_dir / f"model-h{args.hidden}-l{args.layers}"
+    if not (model_dir / "config.json").is_file():
+        make_tiny_checkpoint(model_dir, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                             kv_heads=max(1, args.heads // 2), intermediate=args.intermediate)
+    files = {s: generate(args, s, args.work_dir / f"seed{s}" / "data") for s in args.seeds}
+    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    if not args.plot_only:
+        t0 = time.time()
+        with ThreadPoolExecutor(args.jobs) as ex:
+            list(ex.map(lambda ms: train_one(args, ms[0], ms[1], files[ms[1]], model_dir), jobs))
+        print(f"all runs trained in {time.time() - t0:.0f} s", flush=True)
+    results = {m: {} for m in args.methods}
+    for m, s in jobs:
+        results[m][s] = evaluate_run(args, args.work_dir / f"seed{s}" / m, files[s])
+    table = summarize(args, results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = write_report(args, results, table, command)
+    (args.out / "results.md").write_text(report)
+    (args.out / "results.json").write_text(json.dumps(
+        {"command": command, "table": table,
+         "runs": {m: {str(s): {k: v for k, v in r.items() if k != "weights_by_kind"} for s, r in by.items()}
+                  for m, by in results.items()}}, indent=1))
+    figs = plot(args, results, args.out)
+    print(report)
+    print("figures: " + ", ".join(str(f) for f in figs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
