@@ -14,7 +14,9 @@ Padding statistics: the examples in a fixed random order (like BatchStream), con
   padded: collate() (B rows, width = longest example);
   packed: data.packing.collate_packed (rows of at most the longest example, first-fit decreasing) - the
           sdpa/eager layout; the one-row varlen layout for flash-attn has no padding at all;
-  attn x need: query-key pairs a dense kernel computes over the sum(len^2) that per-example attention needs.
+  attn x need: query-key pairs a dense kernel computes over the sum(len^2) that per-example attention needs;
+  7B FLOPs: what the padding and attention layouts cost a Qwen2.5-7B LoRA step (flops_7b), padded over
+  packed rows and over one-row varlen - the speed-up to expect on a GPU where matmuls dominate.
 
 Tokens/s: a random LoRA PRM (--hidden, --layers, fp32, sdpa) runs forward + backward (loss = sum of the
 step logits) on the first --timing_batches batches of each data set, padded and packed alternately; real
@@ -75,6 +77,17 @@ def load(root: Path, name: str):
     return [r for f in files for r in load_records(f, fmt, skip_invalid=True)]
 
 
+def flops_7b(st: dict, n=6.53e9, layers=28, hidden=3584) -> tuple[float, float, float]:
+    """LoRA-step FLOPs of a Qwen2.5-7B PRM over these batches with sdpa, padded and packed in rows (a
+    padding or packing mask rules out the causal skip: the dense kernel computes every S x S pair), and
+    with flash-attn varlen in one row (causal pairs of each example only).
+    Linear layers 4 N per token slot; attention 12 h L per query-key pair (forward 4 h, backward 8 h)."""
+    lin, att = 4 * n, 12 * hidden * layers
+    return (lin * st["slots_padded"] + att * st["pairs_padded"],
+            lin * st["slots_packed"] + att * st["pairs_packed"],
+            lin * st["tokens"] + att * st["pairs_need"] / 2)
+
+
 def order(n: int, seed: int) -> list[int]:
     return np.random.default_rng([seed, 0]).permutation(n).tolist()
 
@@ -95,8 +108,8 @@ def main(argv=None) -> int:
     root = Path(a.realdata)
     print(f"padding waste: tiny tokenizer, max_length {a.max_length}, random order (seed {a.seed})\n")
     print("| data | examples | mean tokens | batch | waste padded | waste packed | rows/batch "
-          "| attn padded x need | attn packed x need |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| attn padded x need | attn packed x need | 7B FLOPs padded / packed | padded / varlen |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     data, notes = {}, []
     for name in DATASETS:
         data[name] = load(root, name)
@@ -104,9 +117,10 @@ def main(argv=None) -> int:
         lens = [len(exs[i].input_ids) for i in order(len(exs), a.seed)]
         for bs in a.batch_sizes:
             s = padding_stats(lens, bs)
+            f_pad, f_rows, f_var = flops_7b(s)
             print(f"| {name} | {len(exs)} | {statistics.mean(lens):.0f} | {bs} | {s['waste_padded']:.1%} "
                   f"| {s['waste_packed']:.1%} | {s['rows_per_batch']:.2f} | {s['attn_padded_over_need']:.2f} "
-                  f"| {s['attn_packed_over_need']:.2f} |")
+                  f"| {s['attn_packed_over_need']:.2f} | {f_pad / f_rows:.2f}x | {f_pad / f_var:.2f}x |")
         notes.append(f"{name}: {st.n_kept}/{st.n_records} examples kept, {st.n_truncated} truncated at a step "
                      f"boundary, {st.n_dropped} dropped (first step longer than max_length), untruncated max "
                      f"{st.full_len_max} tokens")

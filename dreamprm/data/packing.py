@@ -137,8 +137,9 @@ def select(batch: dict, i: int) -> dict:
 def padding_stats(lengths: list[int], batch_size: int, row_tokens: int | None = None) -> dict:
     """Token slots of consecutive batches of `lengths`: padded, packed in rows, and one row.
 
-    waste = 1 - real tokens / slots. attn_* count the query-key pairs a dense (sdpa) kernel computes
-    per head and layer, against the sum(len^2) a varlen kernel computes.
+    waste = 1 - real tokens / slots. pairs_* count query-key pairs per head and layer (full S x S
+    matrices: rows x width^2 for the dense layouts, sum(len^2) for per-example attention); attn_* are
+    their ratios to the per-example need.
     """
     real = padded = packed = rows_total = 0
     attn_need = attn_padded = attn_packed = 0
@@ -158,6 +159,7 @@ def padding_stats(lengths: list[int], batch_size: int, row_tokens: int | None = 
     return {"examples": len(lengths), "batches": n_batches, "tokens": real,
             "waste_padded": 1 - real / padded, "waste_packed": 1 - real / packed, "waste_one_row": 0.0,
             "rows_per_batch": rows_total / n_batches, "slots_padded": padded, "slots_packed": packed,
+            "pairs_padded": attn_padded, "pairs_packed": attn_packed, "pairs_need": attn_need,
             "attn_padded_over_need": attn_padded / attn_need, "attn_packed_over_need": attn_packed / attn_need}
 
 
