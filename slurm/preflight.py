@@ -1,0 +1,103 @@
+"""Pre-flight check that slurm/minif2f.sbatch runs on the first node before any rank starts.
+
+    python slurm/preflight.py --nodes 2 --ranks_per_node 8 --config recipes/minif2f.yaml [launch/train.py flags]
+
+`launch/train.py --dry_run` in one process validates the config, data and model, but for a
+world of one rank: it cannot see what depends on the job's size. This check runs the trainer's
+own config validation and data reading, then adds what a multi-node job needs:
+
+- every rank gets at least one training example and one meta example (the data is split
+  across ranks, BatchStream), so the node count must not exceed what the data can divide;
+- the checkpoint the job will resume from is complete and was written by the same number of
+  ranks with the same structural settings (a requeued job, or a resubmission with another
+  --nodes, would otherwise fail only after every rank has loaded the model);
+- the DeepSpeed JSON's batch fields against this world size (WORLD_SIZE is set for the
+  trainer's validation).
+
+It builds no model: no GPU memory, seconds rather than minutes. Every problem is printed,
+each saying what to change; exit 2 for a config error (as launch/train.py), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
+    ap.add_argument("--nodes", type=int, required=True, help="nodes of the job")
+    ap.add_argument("--ranks_per_node", type=int, required=True, help="training processes per node")
+    shape, train_argv = ap.parse_known_args(argv)
+    nodes, per_node = shape.nodes, shape.ranks_per_node
+    world = nodes * per_node
+    job = f"{world} ranks ({nodes} node(s) x {per_node} per node)"
+    os.environ["WORLD_SIZE"] = str(world)  # the trainer's DeepSpeed JSON check reads it
+
+    from dreamprm.config import ConfigError, load_config
+    try:
+        cfg, _notes = load_config(train_argv)
+    except ConfigError as e:
+        print(f"preflight: error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from dreamprm import engine, model
+    from dreamprm.data.readers import DataError
+    from dreamprm.tiny import default_tiny_dir
+    from dreamprm.train import check_resume_config, data_paths, load_data, resolve_resume
+
+    problems = []
+    bilevel = not cfg.meta.baseline
+    try:
+        path = model.check_model_dir(cfg.model.name_or_path or default_tiny_dir())
+        tok = model.load_tokenizer(path, cfg.model.step_tag, cfg.model.trust_remote_code)
+        train_ex, meta_ex, _ = load_data(cfg, tok, rank=0, needs_meta=bilevel)
+    except DataError as e:
+        problems += e.problems
+    except (FileNotFoundError, ValueError, OSError) as e:
+        problems.append(str(e))
+    else:
+        train_path, _, meta_path, _ = data_paths(cfg)
+        for what, flag, path, n in (("training", "--train_file", train_path, len(train_ex)),
+                                    ("meta", "--meta_file", meta_path, len(meta_ex) if bilevel else world)):
+            if n < world:
+                fit = n // per_node
+                problems.append(
+                    f"{flag} {path}: {n} {what} example(s) for {job}; every rank needs at least one. "
+                    + (f"Submit with at most --nodes={fit}, " if fit >= 1 else
+                       f"Use at most {n} rank(s) (GPUS_PER_NODE={n} on --nodes=1), ")
+                    + "fewer GPUS_PER_NODE, or more data.")
+
+    run_dir = Path(cfg.run.output_dir)
+    try:
+        ckpt = resolve_resume(cfg, run_dir / "checkpoints")
+        if ckpt is not None:
+            man = engine.verify_checkpoint(ckpt, world=None)
+            if man["world"] != world:
+                hint = (f"resubmit with --nodes={man['world'] // per_node}"
+                        if man["world"] % per_node == 0 else f"resubmit with {man['world']} ranks in all")
+                problems.append(
+                    f"{ckpt} was written by {man['world']} ranks and this job has {job}; resuming needs the "
+                    f"same number of ranks: {hint}, or start a new run with another OUTPUT_DIR.")
+            else:
+                saved = torch.load(ckpt / engine.SHARED_STATE, weights_only=True)
+                check_resume_config(cfg, saved["config"])
+            print(f"preflight: will resume from {ckpt} (update {man['step']})", flush=True)
+    except engine.CheckpointError as e:
+        problems.append(str(e))
+
+    if problems:
+        for p in problems:
+            print(f"preflight: error: {p}", file=sys.stderr)
+        print(f"preflight: {len(problems)} problem(s); no rank was started", file=sys.stderr)
+        return 1
+    print(f"preflight: ok for {job}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
