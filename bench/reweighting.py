@@ -25,7 +25,9 @@ meta set (clean, outcome labels only), the test set (clean step labels) and the 
 The runs. Every method trains the same PRM (a random Qwen2 of --hidden / --layers built by
 dreamprm.tiny, full fine-tune, fp32, one process) for the same number of PRM updates
 (--epochs over the training set), through `python launch/train.py` with a generated config:
-baseline (--baseline: uniform weights), instance_table, instance_net, domain_table. Each run
+baseline (--baseline: uniform weights), instance_table, instance_net, domain_table, and, as the
+ceiling of any reweighting, oracle: uniform weights on the uncorrupted domains alone (the same
+number of updates, so more passes over less data). Each run
 evaluates on the test set every --eval_every updates (eval_step_auroc in metrics.jsonl); the
 domain-table runs checkpoint every --ckpt_every updates so the domain weights can be followed
 over time. After training, the final model scores the test set and the best-of-N groups
@@ -54,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("baseline", "instance_table", "instance_net", "domain_table")
+METHODS = ("baseline", "instance_table", "instance_net", "domain_table", "oracle")
 KINDS = ("none", "flip", "optimistic", "shift")
 
 
@@ -158,11 +160,14 @@ def generate(args, seed: int, out: Path) -> dict:
             bon.append({"schema": 1, "id": f"bon-{g:04d}-{c}", "question": s["question"], "steps": s["steps"],
                         "labels": s["labels"], "outcome": s["outcome"], "domain": None,
                         "meta": {"group": g, "first_error": s["first_error"]}})
+    train_clean = [r for r in train if r["meta"]["kind"] == "none"]
     files = {}
-    for name, rows in (("train", train), ("meta", meta), ("test", test), ("bon", bon)):
+    for name, rows in (("train", train), ("train_clean", train_clean), ("meta", meta), ("test", test), ("bon", bon)):
         files[name] = out / f"{name}.jsonl"
-        with open(files[name], "w") as f:
+        tmp = out / f"{name}.jsonl.tmp"  # atomic: a run of another invocation may be reading it
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, files[name])
     return files
 
 
@@ -185,12 +190,13 @@ def run_config(args, method: str, seed: int, files: dict, model_dir: Path, run_d
     meta_lr = {"instance_table": args.meta_lr_table, "instance_net": args.meta_lr_net,
                "domain_table": args.meta_lr_domain}.get(method, args.meta_lr_table)
     return {
-        "data": {"train_file": str(files["train"]), "meta_file": str(files["meta"]), "eval_file": str(files["test"]),
-                 "max_length": 256},
+        "data": {"train_file": str(files["train_clean" if method == "oracle" else "train"]),
+                 "meta_file": str(files["meta"]), "eval_file": str(files["test"]), "max_length": 256},
         "model": {"name_or_path": str(model_dir), "mode": "full", "chat_template": False},
         "train": {"total_steps": steps, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": "constant",
                   "warmup_steps": 0, "grad_clip": 1.0, "precision": "fp32", "seed": seed},
-        "meta": {"baseline": method == "baseline", "weights": "instance_table" if method == "baseline" else method,
+        "meta": {"baseline": method in ("baseline", "oracle"),
+                 "weights": "instance_table" if method in ("baseline", "oracle") else method,
                  "hypergrad": args.hypergrad, "meta_batch_size": args.meta_batch_size, "meta_lr": meta_lr,
                  "meta_interval": args.meta_interval, "fd_radius": args.fd_radius,
                  "aggregation": args.aggregation, "net_hidden": 32},
@@ -264,7 +270,7 @@ def evaluate_run(args, run_dir: Path, files: dict) -> dict:
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return {"step_auroc": M.auroc(probs, labels), "pb_f1": pb["f1"], "bon_acc": bo["selection"],
             "bon_random": bo["random"], "bon_oracle": bo["pass_at_n"],
-            "weight_auroc": M.auroc(w, clean) if len(set(w)) > 1 else 0.5,
+            "weight_auroc": math.nan if len(set(clean)) < 2 else M.auroc(w, clean) if len(set(w)) > 1 else 0.5,
             "domain_weight": {d: statistics.fmean(v) for d, v in dom_w.items()},
             "weights_by_kind": kind_w,
             "curves": {k: [(m["step"], m[k]) for m in metrics if m.get(k) is not None]
@@ -343,99 +349,102 @@ def write_report(args, results: dict, table: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+COLORS = {"baseline": "0.4", "instance_table": "C0", "instance_net": "C1", "domain_table": "C2", "oracle": "k"}
+
+
+def _curves(ax, results: dict, key: str) -> None:
+    """Mean over seeds of a metrics.jsonl series per method, shaded min..max."""
+    for m, by_seed in results.items():
+        curves = [r["curves"][key] for r in by_seed.values() if r["curves"][key]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        steps = [s for s, _ in curves[0][:n]]
+        cols = [[c[i][1] for c in curves] for i in range(n)]
+        ax.plot(steps, [statistics.fmean(v) for v in cols], color=COLORS.get(m), label=m)
+        ax.fill_between(steps, [min(v) for v in cols], [max(v) for v in cols], color=COLORS.get(m), alpha=0.15)
+    ax.set_xlabel("PRM update")
+    ax.legend(fontsize=7)
+
+
+def _weights_hist(ax, res: dict, title: str) -> None:
+    """Histogram of the learned weights of one run, clean instances and each corruption kind."""
+    kw = res["weights_by_kind"]
+    hi = max(max(v) for v in kw.values())
+    bins = [hi * i / 40 for i in range(41)]
+    for kind in ["clean"] + [k for k in KINDS if k != "none"]:
+        if kind in kw:
+            ax.hist(kw[kind], bins=bins, alpha=0.55, density=True, label=f"{kind} ({len(kw[kind])})")
+    ax.set_title(f"{title}: weight AUROC {res['weight_auroc']:.2f}", fontsize=9)
+    ax.set_xlabel("learned instance weight")
+    ax.legend(fontsize=7)
+
+
+def _domain_weights(ax, args, runs: list[dict]) -> None:
+    for j, (d, k, r) in enumerate(zip(args.domains, args.kinds, args.rates)):
+        for i, res in enumerate(runs):
+            c = res["domain_over_time"].get(d, [])
+            if c:
+                ax.plot([s for s, _ in c], [w for _, w in c], color=f"C{j}", alpha=0.8,
+                        label=(f"{d} ({k} {r:g})" if k != "none" else f"{d} (clean)") if i == 0 else None)
+    ax.axhline(1.0, color="0.7", lw=0.8)
+    ax.set_xlabel("PRM update")
+    ax.set_ylabel("domain weight")
+    ax.legend(fontsize=7)
+
+
 def plot(args, results: dict, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    colors = {"baseline": "0.4", "instance_table": "C0", "instance_net": "C1", "domain_table": "C2"}
     paths = []
+    seed = args.seeds[0]
 
-    # 1. weight distributions by corruption kind (the first seed), one panel per learned method
-    learned = [m for m in results if m != "baseline"]
+    def save(fig, name):
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    # weight distributions by corruption kind, one panel per learned method (first seed)
+    learned = [m for m in results if m not in ("baseline", "oracle")]
     if learned:
         fig, axes = plt.subplots(1, len(learned), figsize=(4.2 * len(learned), 3.4), squeeze=False)
-        seed = args.seeds[0]
         for ax, m in zip(axes[0], learned):
-            kw = results[m][seed]["weights_by_kind"]
-            for kind in ["clean"] + [k for k in KINDS if k != "none"]:
-                if kind in kw:
-                    ax.hist(kw[kind], bins=40, alpha=0.55, density=True, label=f"{kind} ({len(kw[kind])})")
-            ax.set_title(f"{m} (seed {seed}): weight AUROC {results[m][seed]['weight_auroc']:.2f}", fontsize=9)
-            ax.set_xlabel("learned instance weight")
-            ax.legend(fontsize=7)
+            _weights_hist(ax, results[m][seed], f"{m} (seed {seed})")
         axes[0][0].set_ylabel("density")
-        fig.tight_layout()
-        paths.append(out / "weights_by_kind.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "weights_by_kind.png")
 
-    # 2. learning curves: meta loss and clean-test AUROC per method (mean over seeds)
+    # learning curves: meta loss (bilevel runs only) and clean-test AUROC per method
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for m, by_seed in results.items():
-        for ax, key in zip(axes, ("meta_loss", "eval_step_auroc")):
-            curves = [r["curves"][key] for r in by_seed.values() if r["curves"][key]]
-            if not curves:
-                continue
-            steps = [s for s, _ in curves[0]]
-            n = min(len(c) for c in curves)
-            mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-            lo = [min(c[i][1] for c in curves) for i in range(n)]
-            hi = [max(c[i][1] for c in curves) for i in range(n)]
-            ax.plot(steps[:n], mean, color=colors.get(m), label=m)
-            ax.fill_between(steps[:n], lo, hi, color=colors.get(m), alpha=0.15)
-    axes[0].set_title("meta loss on the clean meta set (mean, min..max over seeds)", fontsize=9)
+    _curves(axes[0], results, "meta_loss")
+    _curves(axes[1], results, "eval_step_auroc")
+    axes[0].set_title("meta loss on clean meta batches (mean, min..max over seeds)", fontsize=9)
     axes[1].set_title("clean-test step AUROC (mean, min..max over seeds)", fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("PRM update")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "learning_curves.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "learning_curves.png")
 
-    # 3. domain weights over time (domain table), every seed
     if "domain_table" in results:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for j, (d, k, r) in enumerate(zip(args.domains, args.kinds, args.rates)):
-            for i, res in enumerate(results["domain_table"].values()):
-                c = res["domain_over_time"].get(d, [])
-                if c:
-                    ax.plot([s for s, _ in c], [w for _, w in c], color=f"C{j}", alpha=0.8,
-                            label=(f"{d} ({k} {r:g})" if k != "none" else f"{d} (clean)") if i == 0 else None)
-        ax.axhline(1.0, color="0.7", lw=0.8)
-        ax.set_xlabel("PRM update")
-        ax.set_ylabel("domain weight")
+        _domain_weights(ax, args, list(results["domain_table"].values()))
         ax.set_title("domain table: weight per domain over training (each seed)", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "domain_weights.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "domain_weights.png")
 
-    # 4. the main figure: clean-test AUROC per method and the weights of one instance-table run
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    ms = list(results)
-    for i, m in enumerate(ms):
-        vals = [r["step_auroc"] for r in results[m].values()]
-        axes[0].scatter([i] * len(vals), vals, color=colors.get(m), zorder=3)
-        axes[0].hlines(statistics.fmean(vals), i - 0.25, i + 0.25, color=colors.get(m))
-    axes[0].set_xticks(range(len(ms)), ms, fontsize=8)
-    axes[0].set_ylabel("clean-test step AUROC")
-    axes[0].set_title("final model, each seed (line: mean)", fontsize=9)
-    if "instance_table" in results:
-        kw = results["instance_table"][args.seeds[0]]["weights_by_kind"]
-        for kind, ws in kw.items():
-            axes[1].hist(ws, bins=40, alpha=0.55, density=True, label=f"{kind} ({len(ws)})")
-        axes[1].set_xlabel("learned instance weight (instance table)")
-        axes[1].set_title(f"instance weights by label corruption (seed {args.seeds[0]}, AUROC "
-                          f"{results['instance_table'][args.seeds[0]]['weight_auroc']:.2f})", fontsize=9)
-        axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "main.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    # the main figure: test AUROC over training, instance weights, domain weights
+    panels = ["auroc"] + (["table"] if "instance_table" in results else []) + \
+        (["domain"] if "domain_table" in results else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, what in zip(axes[0], panels):
+        if what == "auroc":
+            _curves(ax, results, "eval_step_auroc")
+            ax.set_title("clean-test step AUROC (mean, min..max over seeds)", fontsize=9)
+        elif what == "table":
+            _weights_hist(ax, results["instance_table"][seed], f"instance table (seed {seed})")
+        else:
+            _domain_weights(ax, args, list(results["domain_table"].values()))
+            ax.set_title("domain table over training (each seed)", fontsize=9)
+    save(fig, "main.png")
     return paths
 
 
