@@ -6,13 +6,15 @@
 #   slurm/local-cluster.sh CMD [ARGS...]                 run CMD with SLURM_CONF exported, then tear down
 #   slurm/local-cluster.sh serve                         print "ready SLURM_CONF=..." and stay up until
 #                                                        SIGTERM or until the parent process exits (test fixture)
-# env: SL_NODES (2) SL_CPUS per node (2) SL_MEM_MB per node (1000) SL_GPUS fake GPUs per node (0)
+# env: SL_NODES (2) SL_CPUS per node (64) SL_MEM_MB per node (256000) SL_GPUS fake GPUs per node (8)
 #      SL_PORT controller port (16817; slurmd i listens on SL_PORT+i) SL_DIR scratch dir (kept if given)
+# The nodes advertise what a GPU node has (slurmd does not check: config_overrides), so a template
+# passes `sbatch --test-only` unmodified; jobs run on this machine's CPUs (submit with --gpus-per-node=0).
 # Needs the Debian packages slurmctld slurmd slurm-client munge (installed here if missing). No systemd:
 # every daemon is a child of this script and is stopped by PID; the /etc/hosts line naming the nodes
 # (MASTER_ADDR comes from `scontrol show hostnames`) is removed on exit.
 set -euo pipefail
-NODES=${SL_NODES:-2}; CPUS=${SL_CPUS:-2}; MEM=${SL_MEM_MB:-1000}; GPUS=${SL_GPUS:-0}
+NODES=${SL_NODES:-2}; CPUS=${SL_CPUS:-64}; MEM=${SL_MEM_MB:-256000}; GPUS=${SL_GPUS:-8}
 PORT=${SL_PORT:-16817}
 [ "$(id -u)" = 0 ] || { echo "local-cluster: must run as root (slurmd starts jobs as any user)" >&2; exit 2; }
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null \

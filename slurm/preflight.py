@@ -12,7 +12,8 @@ own config validation and data reading, then adds what a multi-node job needs:
   ranks with the same structural settings (a requeued job, or a resubmission with another
   --nodes, would otherwise fail only after every rank has loaded the model);
 - the DeepSpeed JSON's batch fields against this world size (WORLD_SIZE is set for the
-  trainer's validation).
+  trainer's validation);
+- that this Python can import dreamprm at all.
 
 It builds no model: no GPU memory, seconds rather than minutes. Every problem is printed,
 each saying what to change; exit 2 for a config error (as launch/train.py), 1 otherwise.
@@ -36,7 +37,12 @@ def main(argv: list[str]) -> int:
     job = f"{world} ranks ({nodes} node(s) x {per_node} per node)"
     os.environ["WORLD_SIZE"] = str(world)  # the trainer's DeepSpeed JSON check reads it
 
-    from dreamprm.config import ConfigError, load_config
+    try:
+        from dreamprm.config import ConfigError, load_config
+    except ImportError as e:
+        print(f"preflight: error: {sys.executable} cannot import dreamprm ({e}); activate its environment in "
+              "the setup block of slurm/minif2f.sbatch, or set PYTHON", file=sys.stderr)
+        return 1
     try:
         cfg, _notes = load_config(train_argv)
     except ConfigError as e:

@@ -92,8 +92,7 @@ class Cluster:
 def slurm():
     if os.geteuid() != 0:
         _unavailable("the local Slurm cluster needs root (slurmd runs jobs as their owner)")
-    env = {**os.environ, "SL_NODES": str(NODES), "SL_CPUS": "64", "SL_GPUS": "8", "SL_MEM_MB": "256000",
-           "SL_PORT": str(_free_port_block(NODES))}
+    env = {**os.environ, "SL_NODES": str(NODES), "SL_PORT": str(_free_port_block(NODES))}
     proc = subprocess.Popen(["bash", str(CLUSTER), "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "ready SLURM_CONF=..." once every node is idle, or EOF on failure
