@@ -374,7 +374,7 @@ def _weights_hist(ax, res: dict, title: str) -> None:
     bins = [hi * i / 40 for i in range(41)]
     for kind in ["clean"] + [k for k in KINDS if k != "none"]:
         if kind in kw:
-            ax.hist(kw[kind], bins=bins, alpha=0.55, density=True, label=f"{kind} ({len(kw[kind])})")
+            ax.hist(kw[kind], bins=bins, density=True, histtype="step", lw=1.6, label=f"{kind} ({len(kw[kind])})")
     ax.set_title(f"{title}: weight AUROC {res['weight_auroc']:.2f}", fontsize=9)
     ax.set_xlabel("learned instance weight")
     ax.legend(fontsize=7)
@@ -525,7 +525,9 @@ def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     check_args(p, args)
-    command = "python bench/reweighting.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # finished runs are reused, so the command without --plot_only reproduces these results
+    command = "python bench/reweighting.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--plot_only")
     args.work_dir = args.work_dir.resolve()
     from dreamprm.tiny import make_tiny_checkpoint
 
