@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0 = torch's default); 1 suits a CPU shared with other jobs")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -103,6 +105,8 @@ def fwd_bwd(prm, b) -> tuple[float, torch.Tensor]:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     tok = make_tiny_tokenizer()
     root = Path(a.realdata)

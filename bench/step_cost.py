@@ -1,7 +1,7 @@
 """Cost of a bilevel step next to a plain step and next to its analytic floor (issue 6).
 
-    python bench/step_cost.py                       # CPU defaults: hidden 512, 4 layers, 512 tokens, LoRA, ZeRO 0
-    python bench/step_cost.py --deepspeed ds_configs/zero3.json --nproc 2    # 2 ranks (re-runs itself under torchrun)
+    python bench/step_cost.py                  # CPU defaults: hidden 512, 4 layers, 512 tokens, LoRA, ZeRO 0, 1 thread
+    python bench/step_cost.py --deepspeed ds_configs/zero3.json --nproc 2   # 2 ranks (re-runs itself under torchrun)
     torchrun --standalone --nproc_per_node 2 bench/step_cost.py --deepspeed ds_configs/zero3.json
 
 A random Qwen2 of the chosen size is written by dreamprm.tiny.make_tiny_checkpoint to a temporary folder
@@ -94,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="untimed rounds first (a warm-up round runs every configuration but k > 1 once)")
     p.add_argument("--nproc", type=int, default=1,
                    help="ranks; > 1 re-runs this script under torchrun (ignored when already launched)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per rank (0 = torch's default). 1 by default: on a CPU shared with other "
+                   "jobs, more threads than free cores make every parallel op wait for a preempted worker (~1 ms "
+                   "per op; 4x slower steps measured on the 2-core development machine)")
     p.add_argument("--json", default="", help="also write the figures to this JSON file (rank 0)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -327,6 +331,8 @@ def grad_of(eng, loss) -> None:
 def run(a: argparse.Namespace) -> dict:
     if a.precision is None:
         a.precision = "bf16" if torch.cuda.is_available() else "fp32"
+    if a.threads:
+        torch.set_num_threads(a.threads)
     rank, world = engine.init_distributed()
     torch.manual_seed(a.seed)
     cfg, eng, tmp = build(a, rank, world)
