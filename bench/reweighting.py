@@ -344,7 +344,7 @@ def write_report(args, results: dict, table: dict, command: str) -> str:
     for m in results:
         lines.append(f"| {m} | " + " | ".join(fmt(table[m]["domain_weight"][d], 2) for d in args.domains) + " |")
     any_run = next(iter(next(iter(results.values())).values()))
-    lines += ["", f"Best-of-{args.bon_n}: random pick {any_run['bon_random']:.3f}, oracle (pass@N) "
+    lines += ["", f"Best-of-{args.bon_n}: random pick {any_run['bon_random']:.3f}, pass@N "
               f"{any_run['bon_oracle']:.3f} (seed {args.seeds[0]})."]
     return "\n".join(lines) + "\n"
 
