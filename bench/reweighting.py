@@ -17,7 +17,10 @@ corrupted at its own rate and kind (--kinds, --rates):
   optimistic  with probability rate, a wrong solution gets every step marked correct
               (a labeller that only checks the format);
   shift       with probability rate, a wrong solution's first error is moved one step earlier or
-              later (kept inside the solution).
+              later (kept inside the solution);
+  blind_sub   a labeller that does not check subtractions: with probability rate, a wrong solution
+              whose slip is in a subtraction step gets every step marked correct (noise that
+              depends on the text, unlike the others).
 A training instance is "corrupted" when at least one of its labels differs from the truth. The
 meta set (clean, outcome labels only), the test set (clean step labels) and the best-of-N groups
 (--bon_n candidates per question, outcome only) come from the same generator, uncorrupted.
@@ -57,7 +60,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("baseline", "instance_table", "instance_net", "domain_table", "oracle")
-KINDS = ("none", "flip", "optimistic", "shift")
+KINDS = ("none", "flip", "optimistic", "shift", "blind_sub")
 
 
 # ---------------------------------------------------------------- the task
@@ -104,7 +107,7 @@ def solve(rng: random.Random, n_steps: int, max_value: int, wrong: bool, slips: 
             "first_error": -1 if err_at == n_steps else err_at}
 
 
-def corrupt(labels: list[float], kind: str, rate: float, rng: random.Random) -> list[float]:
+def corrupt(labels: list[float], kind: str, rate: float, rng: random.Random, steps: list[str] = ()) -> list[float]:
     """The labels a noisy labeller of this kind writes (see the module docstring)."""
     y = list(labels)
     if kind == "none" or rate <= 0:
@@ -121,6 +124,8 @@ def corrupt(labels: list[float], kind: str, rate: float, rng: random.Random) -> 
         moves = [m for m in (k - 1, k + 1) if 0 <= m < len(y)]
         k = rng.choice(moves)
         return [1.0 if i < k else 0.0 for i in range(len(y))]
+    if kind == "blind_sub":
+        return [1.0] * len(y) if wrong and steps[y.index(0.0)].split()[1] == "-" and rng.random() < rate else y
     raise ValueError(f"unknown corruption kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
@@ -128,7 +133,7 @@ def make_record(rng, rid, args, domain=None, kind="none", rate=0.0, wrong=None) 
     if wrong is None:
         wrong = rng.random() < args.wrong_frac
     s = solve(rng, rng.randint(args.min_steps, args.max_steps), args.max_value, wrong, args.slips)
-    noisy = corrupt(s["labels"], kind, rate, rng)
+    noisy = corrupt(s["labels"], kind, rate, rng, s["steps"])
     return {"schema": 1, "id": rid, "question": s["question"], "steps": s["steps"], "labels": noisy,
             "outcome": s["outcome"], "domain": domain,
             "meta": {"true_labels": s["labels"], "first_error": s["first_error"], "kind": kind,

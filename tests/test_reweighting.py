@@ -129,3 +129,13 @@ def test_tiny_end_to_end_run_writes_the_table(tmp_path):
     assert "| instance_table |" in md and "step AUROC" in md
     for f in ("main.png", "learning_curves.png", "weights_by_kind.png", "domain_weights.png"):
         assert (out / f).stat().st_size > 0
+
+
+def test_blind_sub_corrupts_only_subtraction_slips(tmp_path):
+    a = args_for("--domains", "x", "--kinds", "blind_sub", "--rates", "0.5", "--n_train", "1500")
+    rows = R.read_jsonl(R.generate(a, 4, tmp_path)["train"])
+    sub = [r for r in rows if r["outcome"] == 0.0 and r["steps"][r["meta"]["first_error"]].split()[1] == "-"]
+    assert all(not r["meta"]["corrupted"] for r in rows if r not in sub)
+    hit = [r for r in sub if r["meta"]["corrupted"]]
+    assert all(r["labels"] == [1.0] * len(r["steps"]) for r in hit)
+    assert abs(len(hit) / len(sub) - 0.5) < 0.08
