@@ -17,6 +17,8 @@ Configurations
                            forward + torch.autograd.grad w.r.t. the trainable parameters (as the meta pass does)
   meta fwd+bwd             the same forward + backward on the meta batch
   instance fwd+bwd         every training instance alone (a batch of one), forward + backward, summed
+  (under ZeRO-3 each component starts from partitioned parameters - the gathered-parameter cache dropped,
+  untimed - as the forwards of a meta pass do: they follow an optimizer step or a perturbation)
 
 Analytic floor of a bilevel configuration with meta interval k:
 
@@ -406,6 +408,8 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
             if name in components:
                 was = module.training
                 module.eval()
+                if eng.stage == 3:  # start from partitioned parameters, as every forward of a meta pass does
+                    eng.ds.optimizer.empty_partition_cache()
             with PeakMemory() as pm:
                 sync()
                 t = time.perf_counter()
@@ -484,8 +488,15 @@ def format_table(result: dict) -> str:
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.nproc > 1 and "RANK" not in os.environ:
+        args, rest = [], list(sys.argv[1:] if argv is None else argv)
+        while rest:  # --nproc stays here (torchrun's parser would take it for its own --nproc-per-node)
+            x = rest.pop(0)
+            if x == "--nproc":
+                rest.pop(0)
+            elif not x.startswith("--nproc="):
+                args.append(x)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
-               __file__, *(sys.argv[1:] if argv is None else argv)]
+               __file__, *args]
         return subprocess.call(cmd)
     result = run(a)
     if int(os.environ.get("RANK", "0")) == 0:
