@@ -72,8 +72,14 @@ def init_distributed() -> tuple[int, int]:
 
 
 def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of a (small, often CPU) tensor; NCCL only reduces GPU tensors."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
+        if dist.get_backend() == "nccl" and not t.is_cuda:
+            on_gpu = t.to("cuda")
+            dist.all_reduce(on_gpu, op=op)
+            t.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(t, op=op)
     return t
 
 

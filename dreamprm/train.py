@@ -53,7 +53,7 @@ def data_paths(cfg: Config) -> tuple[str, str, str, str]:
     return str(DEMO_DIR / "train.jsonl"), "minif2f", str(DEMO_DIR / "meta.jsonl"), "minif2f"
 
 
-def load_data(cfg: Config, tokenizer, rank: int, needs_meta: bool):
+def load_data(cfg: Config, tokenizer, rank: int, needs_meta: bool, world: int = 1):
     """Read, validate and tokenize train / meta / eval data; every count is printed."""
     train_path, train_fmt, meta_path, meta_fmt = data_paths(cfg)
     tag, skip = cfg.model.step_tag, cfg.data.skip_invalid
@@ -82,8 +82,12 @@ def load_data(cfg: Config, tokenizer, rank: int, needs_meta: bool):
     if needs_meta:
         meta_ex, sm = encode_records(meta, **kw)
         print0(f"meta  {meta_path}: {sm}", rank=rank)
-    if not train_ex:
-        raise DataError([f"--train_file {train_path}: no example fits in --max_length {cfg.data.max_length}"])
+    checks = [("--train_file", train_path, train_ex)] + ([("--meta_file", meta_path, meta_ex)] if needs_meta else [])
+    for flag, path, ex in checks:  # every rank needs at least one example of each
+        if len(ex) < world:
+            raise DataError([f"{flag} {path}: {len(ex)} usable examples (within --max_length "
+                             f"{cfg.data.max_length}) cannot give each of {world} ranks one; add data or use "
+                             f"at most {max(1, len(ex))} ranks"])
     return train_ex, meta_ex, domains
 
 
@@ -196,6 +200,9 @@ def fit(cfg: Config, notes=()) -> int:
     if cfg.run.debug:
         torch.autograd.set_detect_anomaly(True)
 
+    # Installed first, so a signal during startup (model build, data loading) also ends cleanly.
+    stop = _StopFlag()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     lock = None
     if not cfg.run.dry_run:  # rank 0 holds the run directory; every rank learns the outcome
         try:
@@ -209,16 +216,18 @@ def fit(cfg: Config, notes=()) -> int:
         if note:
             print0(note, rank=rank)
     try:
-        return _fit(cfg, rank, world, run_dir, ckpt_root, bilevel)
+        return _fit(cfg, rank, world, run_dir, ckpt_root, bilevel, stop)
     finally:
+        for s, h in old.items():
+            signal.signal(s, h)
         if lock is not None:
             runlock.release(lock)
 
 
-def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bilevel: bool) -> int:
+def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bilevel: bool, stop) -> int:
     eng = engine.create_engine(cfg, rank, world)
     pad_id = eng.tokenizer.pad_token_id
-    train_ex, meta_ex, domains = load_data(cfg, eng.tokenizer, rank, needs_meta=bilevel)
+    train_ex, meta_ex, domains = load_data(cfg, eng.tokenizer, rank, needs_meta=bilevel, world=world)
     # --- periodic evaluation (scoring.eval_step_metrics): data
     eval_ex = []
     if cfg.run.eval_every:
@@ -257,9 +266,12 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
         truncate_metrics(run_dir / "metrics.jsonl", start)
     engine.barrier()
 
+    if engine.all_reduce_(torch.tensor([float(stop.signum)])).item() > 0:
+        if rank == 0:
+            write_json_atomic(run_dir / "status.json", {"state": "stopped", "step": start, "updated": time.time()})
+        print0(f"stopped by signal during startup at update {start}", rank=rank)
+        return 128 + (stop.signum or signal.SIGTERM)
     wb = start_wandb(cfg, run_dir, rank)
-    stop = _StopFlag()
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     status = {"state": "running", "step": start, "total_steps": cfg.train.total_steps, "last_checkpoint": None}
 
     def checkpoint(step):
@@ -326,8 +338,6 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
         status.update(state="failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         if bar is not None:
             bar.close()
         if rank == 0 and run_dir.is_dir():
