@@ -19,8 +19,9 @@ import logging
 import sys
 from pathlib import Path
 
-from dreamprm.data.readers import FORMATS, DataError, format_summary, load_records, summary
+from dreamprm.data.readers import FORMATS, format_summary, load_records, summary
 from dreamprm.data.record import DEFAULT_STEP_TAG, write_jsonl
+from dreamprm.errors import ConfigError, DataError, DreamPRMError
 from dreamprm.evaluate import add_evaluate_parser
 from dreamprm.export import add_export_parser
 
@@ -118,18 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train(argv: list[str]) -> int:
     """launch/train.py and `dreamprm train`: known failures print one clear message, exit 1."""
-    from dreamprm.config import ConfigError, load_config
-    from dreamprm.engine import CheckpointError, NonFiniteError
-    from dreamprm.runlock import RunLockError
-    from dreamprm.train import fit
+    from dreamprm.config import load_config
     try:
         cfg, notes = load_config(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from dreamprm.train import fit  # the heavy stack (torch, deepspeed) only once the flags are valid
     try:
         return fit(cfg, notes)
-    except (DataError, CheckpointError, NonFiniteError, RunLockError, FileNotFoundError, ImportError) as e:
+    except DreamPRMError as e:  # a bug's ImportError or FileNotFoundError keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
 

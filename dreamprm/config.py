@@ -18,6 +18,8 @@ from typing import get_origin, get_type_hints
 
 import yaml
 
+from dreamprm.errors import ConfigError
+
 DEMO_RECIPE = Path(__file__).parent / "demo" / "demo.yaml"
 
 PRECISIONS = ("bf16", "fp32", "fp16")
@@ -129,12 +131,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def _section_types() -> dict:

@@ -33,18 +33,11 @@ import torch.distributed as dist
 
 from dreamprm import hypergrad
 from dreamprm.config import Config
+from dreamprm.errors import CheckpointError, NonFiniteError
 from dreamprm.model import build_prm
 
 MANIFEST = "MANIFEST.json"
 SHARED_STATE = "dreamprm_state.pt"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------- process group

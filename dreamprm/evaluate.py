@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from dreamprm import metrics as M
-from dreamprm.data.readers import FORMATS, DataError, load_records
+from dreamprm.data.readers import FORMATS, load_records
 from dreamprm.data.record import DEFAULT_STEP_TAG
+from dreamprm.errors import DataError, DreamPRMError, EvalError
 
 TASKS = {
     "steps": "step-level AUROC, F1 and calibration against step labels (and solution AUROC "
@@ -32,10 +33,6 @@ TASKS = {
 }
 MAX_LISTED = 5  # ids named in a "these are missing" message; the count is always given
 MAX_SHOWN = 50  # problem lines printed; the count of the rest is always given
-
-
-class EvalError(ValueError):
-    """Bad input to `dreamprm evaluate`; the message lists every problem found."""
 
 
 def _listing(problems, where: str) -> str:
@@ -88,7 +85,7 @@ def run_evaluate(args) -> int:
     """Entry point for the CLI: 0 on success, 1 with every problem on stderr."""
     try:
         evaluate(args)
-    except EvalError as e:
+    except DreamPRMError as e:
         print(f"dreamprm evaluate {args.task}: {e}", file=sys.stderr)
         return 1
     return 0

@@ -94,11 +94,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_export(args) -> int:
     """CLI handler: 0 on success, 1 with the reason on stderr."""
-    from dreamprm.scoring import EXPORT_INFO, ScoringError
+    from dreamprm.errors import DreamPRMError
+    from dreamprm.scoring import EXPORT_INFO
 
     try:
         out = export(args.run_dir, args.out_dir, args.adapter, args.checkpoint, args.precision)
-    except ScoringError as e:
+    except DreamPRMError as e:
         print(f"dreamprm export: {e}", file=sys.stderr)
         return 1
     info = json.loads((out / EXPORT_INFO).read_text())

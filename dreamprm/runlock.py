@@ -13,11 +13,9 @@ import socket
 import time
 from pathlib import Path
 
+from dreamprm.errors import RunLockError
+
 LOCK = "LOCK"
-
-
-class RunLockError(RuntimeError):
-    pass
 
 
 def _owner() -> dict:

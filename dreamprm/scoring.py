@@ -34,7 +34,7 @@ from dreamprm import metrics as M
 from dreamprm.data.loader import collate
 from dreamprm.data.record import Record
 from dreamprm.data.tokenize import encode_records
-from dreamprm.evaluate import EvalError
+from dreamprm.errors import CheckpointError, DataError, ScoringError
 from dreamprm.model import DEFAULT_TAG, HEAD_FILE, step_probs
 
 EXPORT_INFO = "dreamprm.json"  # written by `dreamprm export` next to the weights
@@ -42,10 +42,6 @@ EXPORT_INFO = "dreamprm.json"  # written by `dreamprm export` next to the weight
 # (tests/test_scoring.py checks that they agree)
 SHARED_STATE = "dreamprm_state.pt"
 MANIFEST = "MANIFEST.json"
-
-
-class ScoringError(EvalError):
-    """A model path that cannot be scored with, or solutions that cannot be scored; says what to do."""
 
 
 # ---------------------------------------------------------------- scoring

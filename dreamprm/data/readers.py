@@ -17,23 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from dreamprm.data.record import DEFAULT_STEP_TAG, Record, record_from_json, record_problems
+from dreamprm.errors import DataError
 
 log = logging.getLogger(__name__)
 
 MAX_LEAN_STEPS = 64  # longer proofs have their tail merged into the last step
-_SHOWN_PROBLEMS = 50
-
-
-class DataError(ValueError):
-    """Bad input data; .problems holds every "FILE:LINE: field: message" line. skippable is
-    True when leaving the bad records out (skip_invalid) would give a usable file."""
-
-    def __init__(self, problems: list[str], skippable: bool = False):
-        self.problems, self.skippable = list(problems), skippable
-        shown = self.problems[:_SHOWN_PROBLEMS]
-        if len(self.problems) > _SHOWN_PROBLEMS:
-            shown.append(f"... and {len(self.problems) - _SHOWN_PROBLEMS} more")
-        super().__init__(f"{len(self.problems)} problem(s) in the data:\n" + "\n".join(shown))
 
 
 @dataclass
