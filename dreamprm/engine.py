@@ -31,7 +31,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from dreamprm import hypergrad
+from dreamprm import hypergrad, persample
 from dreamprm.config import Config
 from dreamprm.errors import CheckpointError, NonFiniteError
 from dreamprm.model import build_prm
@@ -266,8 +266,26 @@ def fd_alignments(eng: Engine, recent: list, v: list, radius: float):
 
 
 def exact_alignments(eng: Engine, recent: list, v: list):
-    """a_i = <grad l_i, v>: one forward and backward per instance (local, no communication)."""
+    """a_i = <grad l_i, v> for every instance of each micro-batch from one forward and one activation
+    backward (persample.exact; local, no communication). Under ZeRO-3 the hooks see the gathered
+    weights' inputs and output gradients, and read v's full-shape slice per layer."""
     vnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
+    module = eng.ds.module
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    vmap = dict(zip(eng.params, v))
+
+    def losses(b):
+        return hypergrad.instance_losses(forward(eng, b, meta=True), b)
+
+    out = []
+    for r in recent:
+        a, _ = persample.exact(module, params, vmap, r["batch"], losses, head=getattr(module, "score", None))
+        out.append(a.cpu())
+    return out, vnorm
+
+
+def exact_alignments_loop(eng: Engine, recent: list, v: list):
+    """The per-instance reference: one forward and backward per instance (tests only)."""
     out = []
     for r in recent:
         b = r["batch"]
@@ -278,7 +296,7 @@ def exact_alignments(eng: Engine, recent: list, v: list):
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
             a[i] = sum((g.float() * x).sum() for g, x in zip(grads, v) if g is not None).item()
         out.append(a)
-    return out, vnorm
+    return out
 
 
 def meta_update(eng: Engine, meta_batch: dict, recent: list, wmod, wopt, cfg: Config, step: int) -> dict:

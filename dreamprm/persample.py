@@ -240,7 +240,7 @@ def exact(model: nn.Module, params: Mapping[str, nn.Parameter], v, batch: dict,
     backward for the covered parameters (no parameter gradient is computed); then, only if some
     parameters are uncovered, one forward/backward per instance for those.
     """
-    sink = torch.zeros((), requires_grad=True)
+    sink = torch.zeros((), requires_grad=True, device=batch["input_ids"].device)
     with Alignments(model, params, v, head) as tap:
         tap.begin(batch, sink=sink)
         losses = losses_fn(batch)

@@ -60,6 +60,16 @@ def main():
     result = {"recent": [{"batch": r["batch"], "features": r["features"]} for r in out["recent"]],
               "meta_batch": meta_batch, "grads": {}, "identical": {}, "n_train": len(train_ex),
               "n_domains": len(domains)}
+    # hook alignments vs the per-instance loop, on this rank's micro-batches, same v
+    module = eng.ds.module
+    module.eval()
+    v, _ = engine.meta_gradient(eng, engine.to_device(meta_batch, eng.ds.device), cfg.meta.aggregation,
+                                cfg.meta.meta_loss)
+    hook, _ = engine.exact_alignments(eng, out["recent"], v)
+    loop = engine.exact_alignments_loop(eng, out["recent"], v)
+    eng.ds.optimizer.zero_grad()
+    module.train()
+    result["align_hook"], result["align_loop"] = torch.cat(hook), torch.cat(loop)
     for method in METHODS:
         cfg.meta.hypergrad = method
         for kind in KINDS:
