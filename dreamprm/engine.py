@@ -303,18 +303,17 @@ def meta_update(eng: Engine, meta_batch: dict, recent: list, wmod, wopt, cfg: Co
     """One meta pass (see module docstring). Leaves the PRM and its optimizer untouched."""
     m = cfg.meta
     meta_batch = to_device(meta_batch, eng.ds.device)
-    module = eng.ds.module
-    was_training = module.training
-    module.eval()  # no dropout: the +/- passes and the reference must see the same function
+    # No dropout (the +/- passes and the reference must see the same function), but train mode:
+    # eval() would also switch gradient checkpointing off for the meta forward and backward.
     try:
-        v, lmeta = meta_gradient(eng, meta_batch, m.aggregation, m.meta_loss)
-        if m.hypergrad == "exact":
-            align, vnorm = exact_alignments(eng, recent, v)
-        else:
-            align, vnorm = fd_alignments(eng, recent, v, m.fd_radius)
+        with persample.dropout_off(eng.ds.module):
+            v, lmeta = meta_gradient(eng, meta_batch, m.aggregation, m.meta_loss)
+            if m.hypergrad == "exact":
+                align, vnorm = exact_alignments(eng, recent, v)
+            else:
+                align, vnorm = fd_alignments(eng, recent, v, m.fd_radius)
     finally:
         eng.ds.optimizer.zero_grad()  # what autograd.grad left in ZeRO's buffers
-        module.train(was_training)
     n_local = sum(len(a) for a in align)
     n_global = int(all_reduce_(torch.tensor([float(n_local)])).item())
     a_all = torch.cat(align)

@@ -43,11 +43,51 @@ node is only added in the recompute (the first forward runs without grad).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from dreamprm.data import packing
+
+
+@contextmanager
+def dropout_off(model: nn.Module):
+    """Dropout off, the module otherwise left in train mode.
+
+    module.eval() would also switch transformers' gradient checkpointing off (it checkpoints only
+    while self.training), so a meta pass in eval mode keeps every layer's activations. Here only
+    nn.Dropout modules go to eval and float `attention_dropout` attributes (read by the attention
+    kernels of transformers models) are set to 0; both are restored on exit.
+    """
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    attn = [(m, m.attention_dropout) for m in model.modules()
+            if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0]
+    for m in drops:
+        m.eval()
+    for m, _ in attn:
+        m.attention_dropout = 0.0
+    try:
+        yield
+    finally:
+        for m in drops:
+            m.train()
+        for m, p in attn:
+            m.attention_dropout = p
+
+
+def saved_bytes(fn) -> tuple[object, int]:
+    """(fn(), bytes of the distinct tensors autograd saved for backward while fn ran)."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
 
 
 def _is_rmsnorm(m: nn.Module) -> bool:

@@ -16,7 +16,7 @@ import torch
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
                              safe_get_local_optimizer_state)
 
-from dreamprm import engine
+from dreamprm import engine, persample
 from dreamprm.config import load_config
 from dreamprm.data.loader import BatchStream
 from dreamprm.train import load_data
@@ -61,14 +61,12 @@ def main():
               "meta_batch": meta_batch, "grads": {}, "identical": {}, "n_train": len(train_ex),
               "n_domains": len(domains)}
     # hook alignments vs the per-instance loop, on this rank's micro-batches, same v
-    module = eng.ds.module
-    module.eval()
-    v, _ = engine.meta_gradient(eng, engine.to_device(meta_batch, eng.ds.device), cfg.meta.aggregation,
-                                cfg.meta.meta_loss)
-    hook, _ = engine.exact_alignments(eng, out["recent"], v)
-    loop = engine.exact_alignments_loop(eng, out["recent"], v)
+    with persample.dropout_off(eng.ds.module):
+        v, _ = engine.meta_gradient(eng, engine.to_device(meta_batch, eng.ds.device), cfg.meta.aggregation,
+                                    cfg.meta.meta_loss)
+        hook, _ = engine.exact_alignments(eng, out["recent"], v)
+        loop = engine.exact_alignments_loop(eng, out["recent"], v)
     eng.ds.optimizer.zero_grad()
-    module.train()
     result["align_hook"], result["align_loop"] = torch.cat(hook), torch.cat(loop)
     for method in METHODS:
         cfg.meta.hypergrad = method

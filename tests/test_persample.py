@@ -170,3 +170,26 @@ def test_gradient_checkpointing_same_alignments(reentrant):
     a, _ = persample.exact(prm, params, v, batch, losses_fn(prm), head=prm.score)
     cos, rel = compare(a, persample.reference(params, v, batch, losses_fn(prm)))
     assert cos >= 0.99999 and rel <= 1e-4
+
+
+def test_meta_forward_keeps_gradient_checkpointing():
+    """dropout_off keeps train mode: the meta forward saves what the inner step's forward saves
+    (eval mode would silently turn transformers' checkpointing off), and dropout is really off."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(name_or_path=str(default_tiny_dir()), mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.3,
+                      attn_implementation="sdpa", gradient_checkpointing=True)
+    prm, tok = build_prm(cfg, "fp32")
+    prm.train()
+    batch = collate(examples(4), tok.pad_token_id)
+    f = losses_fn(prm)
+    _, inner = persample.saved_bytes(lambda: f(batch))
+    with persample.dropout_off(prm):
+        meta1, meta_bytes = persample.saved_bytes(lambda: f(batch))
+        meta2 = f(batch)
+        assert prm.training
+    torch.testing.assert_close(meta1, meta2, rtol=0, atol=0)  # no dropout noise
+    assert all(m.training for m in prm.modules() if isinstance(m, nn.Dropout))  # restored
+    prm.eval()
+    _, eval_bytes = persample.saved_bytes(lambda: f(batch))
+    assert meta_bytes == inner
+    assert eval_bytes > 2 * inner  # what module.eval() did to the meta pass
