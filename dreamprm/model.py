@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dreamprm.config import ATTN_IMPLEMENTATIONS, DEFAULT_STEP_TAG, MODES, PRECISIONS
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("full", "lora", "qlora")
-ATTNS = ("auto", "sdpa", "eager", "flash_attention_2")
+assert set(DTYPES) == set(PRECISIONS)
 PRM_ARCH = "Qwen2ForProcessRewardModel"
 HEAD_KEYS = {"0.weight", "0.bias", "2.weight", "2.bias"}
 HEAD_FILE = "score.safetensors"  # head weights next to a PEFT adapter
-DEFAULT_TAG = "<extra_0>"  # Qwen2.5-Math-PRM's tag, assumed for PRM folders that do not record one
 
 
 class PRM(nn.Module):
@@ -63,8 +63,8 @@ def step_probs(logits: torch.Tensor) -> torch.Tensor:
 
 def resolve_attn(name: str) -> str:
     """'auto' -> flash_attention_2 when flash-attn and CUDA are there, else sdpa; never a silent swap."""
-    if name not in ATTNS:
-        raise ValueError(f"model.attn_implementation {name!r} is not one of {ATTNS}")
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation {name!r} is not one of {ATTN_IMPLEMENTATIONS}")
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if name == "auto":
         return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
@@ -215,8 +215,8 @@ def build_prm(mcfg, precision: str = "fp32", *, gc_reentrant: bool = False):
         problems.append(f"model.mode {mcfg.mode!r} is not one of {MODES}")
     if precision not in DTYPES:
         problems.append(f"precision {precision!r} is not one of {tuple(DTYPES)}")
-    if mcfg.attn_implementation not in ATTNS:
-        problems.append(f"model.attn_implementation {mcfg.attn_implementation!r} is not one of {ATTNS}")
+    if mcfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        problems.append(f"model.attn_implementation {mcfg.attn_implementation!r} is not one of {ATTN_IMPLEMENTATIONS}")
     if problems:
         raise ValueError("; ".join(problems))
     if mcfg.name_or_path:
@@ -323,7 +323,7 @@ def save_prm(prm: PRM, out_dir, tokenizer, step_tag: str, merge_lora: bool = Tru
     return out
 
 
-def save_adapter(prm: PRM, out_dir, tokenizer=None, step_tag: str = DEFAULT_TAG) -> Path:
+def save_adapter(prm: PRM, out_dir, tokenizer=None, step_tag: str = DEFAULT_STEP_TAG) -> Path:
     """PEFT adapter (adapter_config.json, adapter_model.safetensors) + head (score.safetensors).
 
     load_prm rebuilds base + adapter + head; the base folder is adapter_config.json's
@@ -367,7 +367,7 @@ def load_prm(path, precision: str = "fp32", attn_implementation: str = "auto", b
                                     "write adapters with dreamprm.model.save_adapter")
         with safe_open(str(p / HEAD_FILE), "pt") as sf:
             meta = sf.metadata() or {}
-        step_tag = meta.get("step_tag", DEFAULT_TAG)
+        step_tag = meta.get("step_tag", DEFAULT_STEP_TAG)
         base_dir = check_model_dir(base or json.loads((p / "adapter_config.json").read_text())
                                    ["base_model_name_or_path"])
         prm, _ = _load(base_dir, precision, attn_implementation, trust_remote_code, meta.get("qlora") == "1",
@@ -378,7 +378,7 @@ def load_prm(path, precision: str = "fp32", attn_implementation: str = "auto", b
         tok = load_tokenizer(p if has_tok else base_dir, step_tag, trust_remote_code)
     else:
         p = check_model_dir(p)
-        step_tag = json.loads((p / "config.json").read_text()).get("dreamprm_step_tag", DEFAULT_TAG)
+        step_tag = json.loads((p / "config.json").read_text()).get("dreamprm_step_tag", DEFAULT_STEP_TAG)
         tok = load_tokenizer(p, step_tag, trust_remote_code)
         prm, has_head = _load(p, precision, attn_implementation, trust_remote_code, False)
         if not has_head:
