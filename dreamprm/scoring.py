@@ -32,7 +32,7 @@ from dreamprm.data.loader import collate
 from dreamprm.data.record import Record
 from dreamprm.data.tokenize import encode_records
 from dreamprm.config import DEFAULT_STEP_TAG
-from dreamprm.errors import CheckpointError, ScoringError
+from dreamprm.errors import CheckpointError, ModelError, ScoringError
 from dreamprm.model import HEAD_FILE, step_probs
 
 EXPORT_INFO = "dreamprm.json"  # written by `dreamprm export` next to the weights
@@ -281,6 +281,6 @@ def load_exported(p: Path, precision: str = "fp32", step_tag: str | None = None)
     info = json.loads((p / EXPORT_INFO).read_text()) if (p / EXPORT_INFO).is_file() else {}
     try:
         prm, tok, _ = load_prm(p, precision)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ModelError) as e:
         raise ScoringError(f"cannot load the PRM in {p}: {e}") from e
     return prm, tok, recorded or step_tag, info
