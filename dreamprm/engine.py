@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch.distributed as dist
 
 from dreamprm import hypergrad, persample
 from dreamprm.config import Config
+from dreamprm.data.packing import select
 from dreamprm.errors import CheckpointError, NonFiniteError
 from dreamprm.model import build_prm
 
@@ -133,7 +133,9 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def create_engine(cfg: Config, rank: int, world: int) -> Engine:
+def create_engine(cfg: Config, rank: int, world: int, model: tuple | None = None) -> Engine:
+    """The DeepSpeed engine around the PRM. model: (prm, tokenizer) built elsewhere (bench/gpu.py's random
+    7B, via model.prepare_for_training); default: build_prm(cfg.model)."""
     dsc = ds_config(cfg, world)
     stage = dsc["zero_optimization"].get("stage", 0)
     hf_ds = None
@@ -141,7 +143,7 @@ def create_engine(cfg: Config, rank: int, world: int) -> Engine:
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds = HfDeepSpeedConfig(dsc)  # must stay alive while the model is built
     torch.manual_seed(cfg.train.seed)  # head and LoRA init come from the global RNG
-    prm, tokenizer = build_prm(cfg.model, cfg.train.precision)
+    prm, tokenizer = model if model is not None else build_prm(cfg.model, cfg.train.precision)
     params = [p for p in prm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -291,7 +293,7 @@ def exact_alignments_loop(eng: Engine, recent: list, v: list):
         b = r["batch"]
         a = torch.zeros(len(b["index"]))
         for i in range(len(b["index"])):
-            row = {k: (x[i:i + 1] if torch.is_tensor(x) and x.dim() > 0 else x) for k, x in b.items()}
+            row = select(b, i)
             li = hypergrad.instance_losses(forward(eng, row, meta=True), row)[0]
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
             a[i] = sum((g.float() * x).sum() for g, x in zip(grads, v) if g is not None).item()
@@ -477,6 +479,3 @@ def peak_memory_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
-def now() -> float:
-    return time.perf_counter()

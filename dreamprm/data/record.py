@@ -11,8 +11,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from dreamprm.config import DEFAULT_STEP_TAG
+
 SCHEMA_VERSION = 1
-DEFAULT_STEP_TAG = "<extra_0>"  # Qwen2.5-Math-PRM's step tag
 
 
 @dataclass

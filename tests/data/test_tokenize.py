@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from dreamprm.data.record import DEFAULT_STEP_TAG as TAG
+from dreamprm.config import DEFAULT_STEP_TAG as TAG
 from dreamprm.data.record import Record
 from dreamprm.data.tokenize import (
     check_step_tag,
