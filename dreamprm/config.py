@@ -28,7 +28,7 @@ PRECISIONS = ("bf16", "fp32", "fp16")
 MODES = ("full", "lora", "qlora")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 WEIGHTS = ("instance_table", "instance_net", "domain_table")
-METHODS = ("finite_diff", "exact")
+METHODS = ("finite_diff", "exact", "fused")
 AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
 META_LOSSES = ("bce", "mse")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -94,8 +94,9 @@ class TrainConfig:
 class MetaConfig:
     baseline: bool = opt(False, "uniform weights, no meta pass (ablation)")
     weights: str = opt("instance_table", "what the weight module weights", WEIGHTS)
-    hypergrad: str = opt("finite_diff", "alignment method: finite differences (DreamPRM) or exact "
-                         "<grad l_i, v>", METHODS)
+    hypergrad: str = opt("finite_diff", "alignment method: finite differences (DreamPRM), exact "
+                         "<grad l_i, v> after the update, or fused: <grad l_i, v> before the update, taken "
+                         "inside the update's own backward", METHODS)
     meta_batch_size: int = opt(1, "meta examples per rank per meta pass")
     meta_lr: float = opt(0.1, "weight-module learning rate (Adam)")
     meta_interval: int = opt(1, "PRM updates between meta passes")

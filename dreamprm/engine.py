@@ -18,6 +18,7 @@ meta_update:  right after an update (so the engine holds no accumulated gradient
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from dreamprm import hypergrad, persample
 from dreamprm.config import Config
 from dreamprm.data.packing import select
-from dreamprm.errors import CheckpointError, NonFiniteError
+from dreamprm.errors import CheckpointError, ModelError, NonFiniteError
 from dreamprm.model import build_prm
 
 MANIFEST = "MANIFEST.json"
@@ -169,27 +170,41 @@ def to_device(batch: dict, device) -> dict:
 # ---------------------------------------------------------------- inner update
 
 
-def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int) -> dict:
+def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int, v: list | None = None) -> dict:
     """One PRM update: grad_accum weighted micro-batches, then the engine's step.
 
     Returns logging sums and the micro-batches (with detached features) for the meta pass.
     A non-finite instance loss on any rank stops before backward, naming step and ids.
+    v (fused hypergradient, from fused_meta_gradient): the update's own backward also yields each
+    instance's alignment a_i = <grad l_i, v> at the parameters before the update (recent[k]["align"]).
     """
     recent, sums = [], torch.zeros(4, dtype=torch.float64)  # loss*w, loss, n, tokens
-    for _ in range(eng.ds.gradient_accumulation_steps()):
-        batch = to_device(next(stream), eng.ds.device)
-        logits = forward(eng, batch)
-        losses = hypergrad.instance_losses(logits, batch)
-        check_finite(losses, batch, f"inner loss at update {step}")
-        feats = hypergrad.instance_features(logits, batch, losses)
-        with torch.no_grad():
-            w = torch.ones_like(losses) if baseline else wmod(batch["index"], batch["domain"], feats)
-        loss = (w.to(losses.dtype) * losses).mean()
-        eng.ds.backward(loss)
-        eng.ds.step()
-        recent.append({"batch": batch, "features": feats, "weights": w.detach()})
-        sums += torch.tensor([(w * losses).sum().item(), losses.sum().item(), len(losses),
-                              batch["n_tokens"]], dtype=torch.float64)
+    gas = eng.ds.gradient_accumulation_steps()
+    batches = [to_device(next(stream), eng.ds.device) for _ in range(gas)]
+    tap, slow, slow_names = (None, None, None) if v is None else _fused_tap(eng, v, batches)
+    with tap or contextlib.nullcontext():
+        for k, batch in enumerate(batches):
+            if tap is not None:
+                tap.begin(batch)
+            logits = forward(eng, batch)
+            losses = hypergrad.instance_losses(logits, batch)
+            check_finite(losses, batch, f"inner loss at update {step}")
+            feats = hypergrad.instance_features(logits, batch, losses)
+            with torch.no_grad():
+                w = torch.ones_like(losses) if baseline else wmod(batch["index"], batch["domain"], feats)
+            loss = (w.to(losses.dtype) * losses).mean()
+            eng.ds.backward(loss)
+            r = {"batch": batch, "features": feats, "weights": w.detach()}
+            if tap is not None:  # the engine scales the loss by 1/gas: gradient = w_i / (B * gas) * grad l_i
+                r["align"] = tap.result(w.detach().double() / (len(losses) * gas)).cpu() + slow[k]
+            eng.ds.step()
+            recent.append(r)
+            sums += torch.tensor([(w * losses).sum().item(), losses.sum().item(), len(losses),
+                                  batch["n_tokens"]], dtype=torch.float64)
+    if tap is not None and tap.uncovered != slow_names:
+        raise ModelError(f"--hypergrad fused: parameters {sorted(set(tap.uncovered) - set(slow_names))} do not fit "
+                         "the per-sample formula (see dreamprm/persample.py) and cannot be handled inside the "
+                         "training step; use --hypergrad exact, which takes them by the slow path")
     all_reduce_(sums)
     return {"loss": sums[0].item() / sums[2].item(), "loss_unweighted": sums[1].item() / sums[2].item(),
             "instances": int(sums[2].item()), "tokens": int(sums[3].item()), "recent": recent}
@@ -267,23 +282,57 @@ def fd_alignments(eng: Engine, recent: list, v: list, radius: float):
     return [hypergrad.fd_alignments(lp, lm, eps).cpu() for lp, lm in zip(losses[1.0], losses[-1.0])], vnorm
 
 
+def _alignments(eng: Engine, v: list) -> persample.Alignments:
+    module = eng.ds.module
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    return persample.Alignments(module, params, dict(zip(eng.params, v)), head=getattr(module, "score", None))
+
+
+def _meta_losses(eng: Engine, b: dict) -> torch.Tensor:
+    return hypergrad.instance_losses(forward(eng, b, meta=True), b)
+
+
 def exact_alignments(eng: Engine, recent: list, v: list):
     """a_i = <grad l_i, v> for every instance of each micro-batch from one forward and one activation
     backward (persample.exact; local, no communication). Under ZeRO-3 the hooks see the gathered
     weights' inputs and output gradients, and read v's full-shape slice per layer."""
     vnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
-    module = eng.ds.module
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    vmap = dict(zip(eng.params, v))
-
-    def losses(b):
-        return hypergrad.instance_losses(forward(eng, b, meta=True), b)
-
+    tap = _alignments(eng, v)
     out = []
     for r in recent:
-        a, _ = persample.exact(module, params, vmap, r["batch"], losses, head=getattr(module, "score", None))
+        a, _ = persample.exact(tap.model, tap.params, tap.v, r["batch"], lambda b: _meta_losses(eng, b), tap.head)
         out.append(a.cpu())
     return out, vnorm
+
+
+def _fused_tap(eng: Engine, v: list, batches: list):
+    """Hooks for the inner update's backward, and the slow-path part of a_i for parameters the hooks
+    do not cover, taken before the update's first forward (same parameters; then the ZeRO buffers
+    are cleared, as after the meta gradient)."""
+    tap = _alignments(eng, v)
+    names = tap.uncovered
+    slow = [torch.zeros(len(b["index"])) for b in batches]
+    if names:
+        try:
+            with persample.dropout_off(eng.ds.module):
+                slow = [persample.slow_path(tap.params, tap.v, b, lambda x: _meta_losses(eng, x), names)
+                        for b in batches]
+        finally:
+            eng.ds.optimizer.zero_grad()
+    return tap, slow, names
+
+
+def fused_meta_gradient(eng: Engine, meta_batch: dict, cfg: Config) -> dict:
+    """Fused hypergradient, step 1 of 2 (before the inner update): v on the meta batch at the current
+    parameters. Step 2 is inner_update(..., v=...), whose own backward yields the alignments."""
+    m = cfg.meta
+    meta_batch = to_device(meta_batch, eng.ds.device)
+    try:
+        with persample.dropout_off(eng.ds.module):
+            v, lmeta = meta_gradient(eng, meta_batch, m.aggregation, m.meta_loss)
+    finally:
+        eng.ds.optimizer.zero_grad()  # what autograd.grad left in ZeRO's buffers
+    return {"v": v, "meta_loss": lmeta, "v_norm": torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()}
 
 
 def exact_alignments_loop(eng: Engine, recent: list, v: list):
@@ -301,8 +350,24 @@ def exact_alignments_loop(eng: Engine, recent: list, v: list):
     return out
 
 
-def meta_update(eng: Engine, meta_batch: dict, recent: list, wmod, wopt, cfg: Config, step: int) -> dict:
-    """One meta pass (see module docstring). Leaves the PRM and its optimizer untouched."""
+def meta_update(eng: Engine, meta_batch: dict | None, recent: list, wmod, wopt, cfg: Config, step: int,
+                fused: dict | None = None) -> dict:
+    """One meta pass (see module docstring). Leaves the PRM and its optimizer untouched.
+
+    --hypergrad fused: meta_batch is None and `fused` is fused_meta_gradient's result; the alignments
+    were taken by inner_update (recent[k]["align"]), so only the weight-module step is left.
+    """
+    m = cfg.meta
+    if m.hypergrad == "fused":
+        if fused is None or any("align" not in r for r in recent):
+            raise ValueError("--hypergrad fused: call fused_meta_gradient before inner_update(..., v=...)")
+        lmeta, vnorm, align = fused["meta_loss"], fused["v_norm"], [r["align"] for r in recent]
+    else:
+        lmeta, vnorm, align = _meta_alignments(eng, meta_batch, recent, cfg)
+    return _weight_step(eng, recent, align, lmeta, vnorm, wmod, wopt, step)
+
+
+def _meta_alignments(eng: Engine, meta_batch: dict, recent: list, cfg: Config):
     m = cfg.meta
     meta_batch = to_device(meta_batch, eng.ds.device)
     # No dropout (the +/- passes and the reference must see the same function), but train mode:
@@ -316,6 +381,11 @@ def meta_update(eng: Engine, meta_batch: dict, recent: list, wmod, wopt, cfg: Co
                 align, vnorm = fd_alignments(eng, recent, v, m.fd_radius)
     finally:
         eng.ds.optimizer.zero_grad()  # what autograd.grad left in ZeRO's buffers
+    return lmeta, vnorm, align
+
+
+def _weight_step(eng: Engine, recent: list, align: list, lmeta: float, vnorm: float, wmod, wopt, step: int) -> dict:
+    """The weight module's step from the alignments (summed over ranks)."""
     n_local = sum(len(a) for a in align)
     n_global = int(all_reduce_(torch.tensor([float(n_local)])).item())
     a_all = torch.cat(align)

@@ -197,12 +197,12 @@ class Alignments:
     head:   the submodule applied to [N, K, ...] per-instance rows (PRM.score), or None.
 
     covered / uncovered: parameter names handled by the hooks / left to the slow path.
-    Use as a context manager (hooks removed on exit); `begin(batch, scale)` before each forward,
-    `result()` after its backward.
+    Use as a context manager (hooks removed on exit); `begin(batch)` before each forward,
+    `result(scale)` after its backward.
     """
 
     def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter], v, head: nn.Module | None = None):
-        self.model, self.params, self.v = model, dict(params), v
+        self.model, self.params, self.v, self.head = model, dict(params), v, head
         self.wanted = set(self.params.values())
         head_mods = set(head.modules()) if head is not None else set()
         self.layers, self.demoted, self.handles = [], set(), []
@@ -248,27 +248,28 @@ class Alignments:
         self.handles.clear()
         self.active = False
 
-    def begin(self, batch: dict, scale: torch.Tensor | None = None, sink: torch.Tensor | None = None) -> None:
+    def begin(self, batch: dict, sink: torch.Tensor | None = None) -> None:
         """Arm the hooks for one forward/backward of `batch`.
 
-        scale: the c_i of the loss that will be backpropagated ([N], default 1); result() divides it out.
-        sink:  a scalar leaf every hooked node connects to, so torch.autograd.grad(loss, sink) runs the
-               activation backward without computing any parameter gradient (the exact pass).
+        sink: a scalar leaf every hooked node connects to, so torch.autograd.grad(loss, sink) runs the
+              activation backward without computing any parameter gradient (the exact pass).
         """
         self.tok_ids, n = token_instances(batch)
         k = batch["tag_pos"].shape[1]
         self.head_ids = torch.arange(n, device=self.tok_ids.device).repeat_interleave(k)
         self.acc = torch.zeros(n + 1, dtype=torch.float64, device=self.tok_ids.device)
-        self.scale = scale
         self.sink = sink
         self.active = True
 
-    def result(self) -> torch.Tensor:
-        """The covered part of a_i [N] (fp32, on the batch's device) for the armed batch."""
+    def result(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The covered part of a_i [N] (fp32, on the batch's device) after the backward.
+
+        scale: the c_i of the loss that was backpropagated, sum_i c_i l_i ([N], default 1); divided out.
+        """
         self.active = False
         a = self.acc[:-1]
-        if self.scale is not None:
-            a = a / self.scale.double().to(a.device)
+        if scale is not None:
+            a = a / scale.double().to(a.device)
         return a.float()
 
 

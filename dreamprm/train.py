@@ -3,7 +3,8 @@
     fit(cfg)
       init process group -> engine (PRM + DeepSpeed) -> data -> weight module
       -> resume (latest complete checkpoint) -> for each update:
-           inner_update; every meta_interval updates meta_update;
+           inner_update; every meta_interval updates meta_update (--hypergrad fused: the meta
+           gradient before inner_update, whose backward also takes the alignments);
            log metrics.jsonl / status.json / wandb; checkpoint every save_every;
            stop cleanly on SIGTERM / Ctrl+C (checkpoint first)
       -> final checkpoint, instance weights per id.
@@ -294,15 +295,19 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
     window = {"n": 0, "tokens": 0, "loss": 0.0, "loss_unweighted": 0.0, "meta_n": 0, "meta_loss": 0.0}
     try:
         for step in range(start + 1, cfg.train.total_steps + 1):
-            out = engine.inner_update(eng, train_stream, wmod, cfg.meta.baseline, step)
+            meta_step = bilevel and step % cfg.meta.meta_interval == 0
+            fused = meta_step and cfg.meta.hypergrad == "fused"
+            pre = engine.fused_meta_gradient(eng, next(meta_stream), cfg) if fused else None  # v before the update
+            out = engine.inner_update(eng, train_stream, wmod, cfg.meta.baseline, step, v=pre["v"] if fused else None)
             for r in out["recent"]:
                 last_w[r["batch"]["index"].cpu()] = r["weights"].cpu().float()
             window["n"] += 1
             window["tokens"] += out["tokens"]
             window["loss"] += out["loss"]
             window["loss_unweighted"] += out["loss_unweighted"]
-            if bilevel and step % cfg.meta.meta_interval == 0:
-                meta = engine.meta_update(eng, next(meta_stream), out["recent"], wmod, wopt, cfg, step)
+            if meta_step:
+                meta = engine.meta_update(eng, None if fused else next(meta_stream), out["recent"], wmod, wopt, cfg,
+                                          step, fused=pre)
                 window["meta_n"] += 1
                 window["meta_loss"] += meta["meta_loss"]
             # periodic evaluation: every rank takes part; its metrics get a row of their own

@@ -94,6 +94,24 @@ def main():
     # the engine still trains normally after the meta passes
     out2 = engine.inner_update(eng, train, w0, False, 2)
     result["loss_after"] = out2["loss"]
+    # fused: v before the next update, alignments from that update's own backward, against the
+    # per-instance loop on the same micro-batches at the same parameters (dropout off for both)
+    peek = BatchStream(train_ex, cfg.train.batch_size, pad, rank, world, cfg.train.seed)
+    peek.load_state_dict(train.state_dict())
+    upcoming = [{"batch": engine.to_device(next(peek), eng.ds.device)} for _ in range(cfg.train.grad_accum)]
+    cfg.meta.hypergrad = "fused"
+    pre = engine.fused_meta_gradient(eng, meta_batch, cfg)
+    with persample.dropout_off(eng.ds.module):
+        loop = engine.exact_alignments_loop(eng, upcoming, pre["v"])
+        eng.ds.optimizer.zero_grad()
+        out3 = engine.inner_update(eng, train, w0, False, 3, v=pre["v"])
+    assert all(torch.equal(a["batch"]["index"], b["batch"]["index"]) for a, b in zip(upcoming, out3["recent"]))
+    result["fused_align"] = torch.cat([r["align"] for r in out3["recent"]])
+    result["fused_loop"] = torch.cat(loop)
+    torch.manual_seed(123)
+    wmod = build_weight_module("instance_net", len(train_ex), len(domains), cfg.meta.net_hidden)
+    wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
+    result["fused_meta"] = engine.meta_update(eng, None, out3["recent"], wmod, wopt, cfg, 3, fused=pre)
     torch.save(result, out_dir / f"rank{rank}.pt")
     if rank == 0:
         torch.save(state, out_dir / "prm_state.pt")

@@ -1,6 +1,7 @@
 """The bilevel engine under 2-rank DeepSpeed (gloo, CPU) against plain-torch references."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -98,10 +99,16 @@ def test_hypergradient_matches_autograd_reference(tmp_path, case):
         a, ref_a = r["align_hook"].double(), r["align_loop"].double()
         cos = cosine(a, ref_a)
         rel = ((a - ref_a).norm() / ref_a.norm()).item()
+        # fused: alignments from the inner update's own backward vs the loop before that update
+        f, ref_f = r["fused_align"].double(), r["fused_loop"].double()
+        fcos, frel = cosine(f, ref_f), ((f - ref_f).norm() / ref_f.norm()).item()
         if precision == "fp32":
             assert cos >= 0.99999 and rel <= 1e-4, (case, cos, rel)
+            assert fcos >= 0.99999 and frel <= 1e-4, (case, "fused", fcos, frel)
         else:
             assert cos >= 0.999, (case, cos, rel)
+            assert fcos >= 0.999, (case, "fused", fcos, frel)
+        assert math.isfinite(r["fused_meta"]["meta_loss"]) and r["fused_meta"]["v_norm"] > 0
     assert len(ranks[0]["grads"]) == 6  # 2 methods x 3 weight modules
     misses = []
     for (method, kind), g in ranks[0]["grads"].items():
