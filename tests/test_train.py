@@ -141,3 +141,16 @@ def test_non_finite_loss_names_the_instances_and_stops():
     with pytest.raises(engine.NonFiniteError, match=r"update 5.*\['b'\]"):
         engine.check_finite(torch.tensor([0.3, float("nan"), 0.1]), batch, "inner loss at update 5")
     engine.check_finite(torch.tensor([0.3, 0.2, 0.1]), batch, "inner loss")
+
+
+def test_fused_hypergradient_trains_with_accumulation(tmp_path):
+    out = tmp_path / "f"
+    p = train("--hypergrad", "fused", "--grad_accum", 2, "--meta_interval", 2, "--total_steps", 4,
+              "--lora_dropout", "0.1", "--output_dir", out, *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    metas = [r.get("meta_loss") for r in rows]
+    assert all(m is not None and m == m for m in metas[1::2])  # a meta pass at updates 2 and 4
+    w = torch.tensor([json.loads(ln)["weight"] for ln in (out / "instance_weights.jsonl").open()])
+    assert w.std() > 0  # the weights moved
