@@ -7,13 +7,16 @@ inner_update: grad_accum micro-batches of the weighted loss, then the engine's o
 meta_update:  right after an update (so the engine holds no accumulated gradients),
   1. v = grad of the meta loss on a meta batch, via torch.autograd.grad (full-shape local
      gradients on every ZeRO stage) averaged over ranks with one all-reduce;
-  2. a_i for the instances of the last update (exact or finite differences);
+  2. a_i for the instances of the last update (exact: persample hooks, one forward and backward
+     per micro-batch; or finite differences);
   3. the weight module's gradient from hypergrad.weight_objective, summed over ranks,
      then its own optimizer step.
   Afterwards ds.optimizer.zero_grad() clears what autograd.grad left in ZeRO's buffers and
   the perturbed parameters are copied back from a saved clone, so the PRM, its optimizer
   state and the rest of the trajectory are bit-identical to a run without the meta pass
   (see ../shared/notes/zero3-meta-pass.md and tests/test_engine.py).
+--hypergrad fused moves step 1 before the update (fused_meta_gradient) and step 2 into it
+(inner_update(..., v=...): the same hooks inside the update's own backward).
 """
 
 from __future__ import annotations

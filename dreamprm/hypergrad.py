@@ -9,9 +9,15 @@ DreamPRM / Betty's darts), evaluated at the current parameters:
     d L_meta / d lambda  ~=  -(1 / B) * sum_i a_i * d w_i / d lambda
 
 over the B instances of the last PRM update (all ranks). The inner learning rate is not
-folded in: meta_lr absorbs it. Both alignment methods compute the same a_i:
-  exact:       one backward of l_i per instance, dot with v;
-  finite_diff: (l_i(theta + eps v) - l_i(theta - eps v)) / (2 eps), eps = R / ||v||.
+folded in: meta_lr absorbs it. The alignment methods compute the same a_i:
+  exact:       <grad l_i, v> from per-sample hooks in one backward (persample.py);
+  finite_diff: (l_i(theta + eps v) - l_i(theta - eps v)) / (2 eps), eps = R / ||v||;
+  fused:       the same hooks inside the PRM update's own backward.
+Evaluation points: exact and finite_diff take v and grad l_i at theta_{t+1}, after the update
+(DreamPRM / Betty's darts); fused takes both at theta_t, before it (v from a meta forward and
+backward just before the update, grad l_i in train mode with the update's own dropout mask).
+The one-step unrolled hypergradient pairs grad l_i(theta_t) with v(theta_{t+1}); each choice
+differs from it by O(lr * ||Hessian||) terms, so all are first-order approximations of it.
 """
 
 from __future__ import annotations
