@@ -173,7 +173,7 @@ def to_device(batch: dict, device) -> dict:
 # ---------------------------------------------------------------- inner update
 
 
-def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int, v: list | None = None) -> dict:
+def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int, v=None) -> dict:
     """One PRM update: grad_accum weighted micro-batches, then the engine's step.
 
     Returns logging sums and the micro-batches (with detached features) for the meta pass.
@@ -228,35 +228,77 @@ def check_finite(losses: torch.Tensor, batch: dict, what: str) -> None:
 # ---------------------------------------------------------------- meta update
 
 
+class MetaGradient:
+    """v, the meta-loss gradient (mean over ranks), per trainable parameter.
+
+    ZeRO-3: each rank keeps only its shard of every parameter's v (what ZeRO's own backward
+    reduce-scatter leaves in the gradient partitions, 1/world of the parameters' size); v[p]
+    all-gathers one parameter's full slice when a hook needs it and drops it after use, as ZeRO
+    gathers parameters. Every rank must ask for the same parameters in the same order (the hooks
+    run in backward order, which is the same on every rank). Stages 0-2: full-shape tensors.
+    """
+
+    def __init__(self, parts: dict, sharded: bool):
+        self.parts, self.sharded = parts, sharded
+
+    def __getitem__(self, p: torch.Tensor) -> torch.Tensor:
+        x = self.parts[p]
+        if not self.sharded or dist.get_world_size() == 1:
+            return x[:p.ds_numel].view(p.ds_shape) if self.sharded else x
+        full = x.new_empty(x.numel() * dist.get_world_size())
+        dist.all_gather_into_tensor(full, x)
+        return full[:p.ds_numel].view(p.ds_shape)
+
+    def local(self, p: torch.Tensor) -> torch.Tensor:
+        """The part of v that matches what this rank's forward reads for p (its shard under ZeRO-3)."""
+        return self.parts[p].view_as(p.ds_tensor) if self.sharded else self.parts[p]
+
+    def norm(self) -> float:
+        sq = torch.stack([x.double().pow(2).sum() for x in self.parts.values()]).sum().reshape(1)
+        return math.sqrt(all_reduce_(sq).item() if self.sharded else sq.item())
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self.parts.values())
+
+
 def meta_gradient(eng: Engine, meta_batch: dict, aggregation: str, kind: str):
-    """v: the meta-loss gradient for every trainable parameter, full shape, mean over ranks."""
-    logits = forward(eng, meta_batch, meta=True)
-    lm = hypergrad.meta_loss(logits, meta_batch, aggregation, kind)
-    grads = torch.autograd.grad(lm, eng.params, allow_unused=True)
-    v = [torch.zeros(p.ds_shape if eng.stage == 3 else p.shape, dtype=torch.float32, device=eng.ds.device)
-         if g is None else g.float() for p, g in zip(eng.params, grads)]
-    flat = torch.cat([x.flatten() for x in v])
-    all_reduce_(flat)
-    flat /= eng.world
-    out, i = [], 0
-    for x in v:
-        out.append(flat[i:i + x.numel()].view_as(x))
-        i += x.numel()
+    """(v, meta loss): v on the meta batch, mean over ranks (MetaGradient), at the current parameters.
+
+    ZeRO-3: the engine's own backward reduce-scatters the gradient into ZeRO's partitions; the
+    local shards are copied out (the caller then clears them with ds.optimizer.zero_grad()).
+    Other stages: full-shape torch.autograd.grad, averaged over ranks with one all-reduce.
+    """
+    if eng.stage == 3:
+        from deepspeed.utils import safe_get_local_grad
+
+        lm = hypergrad.meta_loss(forward(eng, meta_batch), meta_batch, aggregation, kind)
+        eng.ds.backward(lm, scale_wrt_gas=False)
+        parts = {}
+        for p in eng.params:
+            g = safe_get_local_grad(p)
+            parts[p] = (torch.zeros(p.ds_tensor.numel(), device=eng.ds.device) if g is None
+                        else g.detach().float().flatten().clone())
+        v = MetaGradient(parts, sharded=True)
+    else:
+        lm = hypergrad.meta_loss(forward(eng, meta_batch, meta=True), meta_batch, aggregation, kind)
+        grads = torch.autograd.grad(lm, eng.params, allow_unused=True)
+        g = [torch.zeros(p.shape, dtype=torch.float32, device=eng.ds.device) if g is None else g.float()
+             for p, g in zip(eng.params, grads)]
+        flat = torch.cat([x.flatten() for x in g])
+        all_reduce_(flat)
+        flat /= eng.world
+        parts, i = {}, 0
+        for p, x in zip(eng.params, g):
+            parts[p] = flat[i:i + x.numel()].view_as(x)
+            i += x.numel()
+        v = MetaGradient(parts, sharded=False)
     loss = all_reduce_(lm.detach().float().reshape(1)).item() / eng.world
-    return out, loss
+    return v, loss
 
 
-def _local(eng: Engine, p: torch.Tensor, v: torch.Tensor):
+def _local(eng: Engine, p: torch.Tensor, v: MetaGradient):
     """The tensor the forward reads for p on this rank, and the matching part of v."""
-    if eng.stage != 3:
-        return p.data, v
-    shard = p.ds_tensor
-    n = shard.ds_numel
-    start = n * eng.rank
-    part = v.flatten()[start:start + n]
-    if part.numel() < n:  # the last shard is padded
-        part = torch.cat([part, part.new_zeros(n - part.numel())])
-    return shard.data, part.view_as(shard.data)
+    return (p.ds_tensor.data if eng.stage == 3 else p.data), v.local(p)
 
 
 def _params_changed(eng: Engine) -> None:
@@ -264,13 +306,13 @@ def _params_changed(eng: Engine) -> None:
         eng.ds.optimizer.empty_partition_cache()
 
 
-def fd_alignments(eng: Engine, recent: list, v: list, radius: float):
+def fd_alignments(eng: Engine, recent: list, v: MetaGradient, radius: float):
     """a_i by central differences along v, parameters restored bit-exactly from a clone."""
-    vnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
+    vnorm = v.norm()
     eps = hypergrad.fd_epsilon(radius, vnorm)
     if eps == 0.0:
         return [torch.zeros(len(r["batch"]["index"])) for r in recent], vnorm
-    local = [_local(eng, p, x) for p, x in zip(eng.params, v)]
+    local = [_local(eng, p, v) for p in eng.params]
     saved = [t.clone() for t, _ in local]
     losses = {}
     with torch.no_grad():
@@ -285,21 +327,21 @@ def fd_alignments(eng: Engine, recent: list, v: list, radius: float):
     return [hypergrad.fd_alignments(lp, lm, eps).cpu() for lp, lm in zip(losses[1.0], losses[-1.0])], vnorm
 
 
-def _alignments(eng: Engine, v: list) -> persample.Alignments:
+def _alignments(eng: Engine, v: MetaGradient) -> persample.Alignments:
     module = eng.ds.module
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    return persample.Alignments(module, params, dict(zip(eng.params, v)), head=getattr(module, "score", None))
+    return persample.Alignments(module, params, v, head=getattr(module, "score", None))
 
 
 def _meta_losses(eng: Engine, b: dict) -> torch.Tensor:
     return hypergrad.instance_losses(forward(eng, b, meta=True), b)
 
 
-def exact_alignments(eng: Engine, recent: list, v: list):
+def exact_alignments(eng: Engine, recent: list, v: MetaGradient):
     """a_i = <grad l_i, v> for every instance of each micro-batch from one forward and one activation
-    backward (persample.exact; local, no communication). Under ZeRO-3 the hooks see the gathered
-    weights' inputs and output gradients, and read v's full-shape slice per layer."""
-    vnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
+    backward (persample.exact). Under ZeRO-3 the hooks see each layer's input and output gradient
+    in the forward/backward and gather that layer's slice of v (one all-gather per layer)."""
+    vnorm = v.norm()
     tap = _alignments(eng, v)
     out = []
     for r in recent:
@@ -308,7 +350,7 @@ def exact_alignments(eng: Engine, recent: list, v: list):
     return out, vnorm
 
 
-def _fused_tap(eng: Engine, v: list, batches: list):
+def _fused_tap(eng: Engine, v: MetaGradient, batches: list):
     """Hooks for the inner update's backward, and the slow-path part of a_i for parameters the hooks
     do not cover, taken before the update's first forward (same parameters; then the ZeRO buffers
     are cleared, as after the meta gradient)."""
@@ -335,10 +377,10 @@ def fused_meta_gradient(eng: Engine, meta_batch: dict, cfg: Config) -> dict:
             v, lmeta = meta_gradient(eng, meta_batch, m.aggregation, m.meta_loss)
     finally:
         eng.ds.optimizer.zero_grad()  # what autograd.grad left in ZeRO's buffers
-    return {"v": v, "meta_loss": lmeta, "v_norm": torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()}
+    return {"v": v, "meta_loss": lmeta, "v_norm": v.norm()}
 
 
-def exact_alignments_loop(eng: Engine, recent: list, v: list):
+def exact_alignments_loop(eng: Engine, recent: list, v: MetaGradient):
     """The per-instance reference: one forward and backward per instance (tests only)."""
     out = []
     for r in recent:
@@ -348,7 +390,7 @@ def exact_alignments_loop(eng: Engine, recent: list, v: list):
             row = select(b, i)
             li = hypergrad.instance_losses(forward(eng, row, meta=True), row)[0]
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
-            a[i] = sum((g.float() * x).sum() for g, x in zip(grads, v) if g is not None).item()
+            a[i] = sum((g.float() * v[p]).sum() for g, p in zip(grads, eng.params) if g is not None).item()
         out.append(a)
     return out
 

@@ -296,11 +296,12 @@ def exact(model: nn.Module, params: Mapping[str, nn.Parameter], v, batch: dict,
 def slow_path(params: Mapping[str, nn.Parameter], v, batch: dict, losses_fn, names: list[str]) -> torch.Tensor:
     """<grad l_i, v> restricted to `names`: one forward and backward per instance."""
     ps = [params[n] for n in names]
+    vs = [v[p].float() for p in ps]  # read once, before the (per-rank) instance loop
     out = torch.zeros(len(batch["index"]))
     for i in range(len(out)):
         one = packing.select(batch, i)
         grads = torch.autograd.grad(losses_fn(one)[0], ps, allow_unused=True)
-        out[i] = sum(((g.float() * v[p].to(g.device).float()).sum() for g, p in zip(grads, ps) if g is not None),
+        out[i] = sum(((g.float() * x.to(g.device)).sum() for g, x in zip(grads, vs) if g is not None),
                      torch.zeros((), dtype=torch.float64)).item()
     return out
 
