@@ -61,7 +61,7 @@ from dreamprm.data.tokenize import Example
 from dreamprm.tiny import STEP_TAG, make_tiny_checkpoint
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
-METHODS = ("exact", "finite_diff")
+METHODS = ("exact", "finite_diff", "fused")
 INTERVALS = (1, 5)
 QWEN_FFN_RATIO = 18944 / 3584  # Qwen2.5-7B intermediate / hidden
 
@@ -101,6 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads per rank (0 = torch's default). 1 by default: on a CPU shared with other "
                    "jobs, more threads than free cores make every parallel op wait for a preempted worker (~1 ms "
                    "per op; 4x slower steps measured on the 2-core development machine)")
+    p.add_argument("--memory", action="store_true",
+                   help="instead of timing: the meta pass's extra peak memory per rank over a plain update, one "
+                   "fresh process group per method and world size (--worlds), as a fraction of the trainable "
+                   "parameters' fp32 bytes")
+    p.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4], help="--memory: world sizes")
+    p.add_argument("--memory_method", default="", help=argparse.SUPPRESS)  # --memory: one run of one method
     p.add_argument("--json", default="", help="also write the figures to this JSON file (rank 0)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -118,9 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def floor_ms(method: str, interval: int, plain: float, meta_fb: float, fwd: float, inst_fb: float) -> float:
+def floor_ms(method: str, interval: int, plain: float, meta_fb: float, fwd: float, fwd_bwd: float) -> float:
     """The analytic floor of one bilevel step (see the module docstring)."""
-    extra = meta_fb + (2 * fwd if method == "finite_diff" else inst_fb)
+    extra = meta_fb + {"finite_diff": 2 * fwd, "exact": fwd_bwd, "fused": 0.0}[method]
     return plain + extra / interval
 
 
@@ -210,9 +216,10 @@ class MetaProfile:
         self.passes: dict[str, int] = {}
         self._saved: list = []
         self._wrap(engine, "meta_gradient", "v")
+        self._wrap(engine, "fused_meta_gradient", "fused_v")
         self._wrap(engine, "fd_alignments", "align")
         self._wrap(engine, "exact_alignments", "align")
-        self._wrap(engine, "forward", "forward", only_meta=True)
+        self._wrap(engine, "forward", "forward")  # inner updates run outside call(): not counted
         self._wrap(eng.ds.optimizer, "zero_grad", "zero_grad")
         if hasattr(eng.ds.optimizer, "empty_partition_cache"):
             self._wrap(eng.ds.optimizer, "empty_partition_cache", "cache_drop")
@@ -224,12 +231,12 @@ class MetaProfile:
             setattr(owner, name, fn)
         self._saved = []
 
-    def _wrap(self, owner, name, phase, only_meta=False):
+    def _wrap(self, owner, name, phase):
         fn = getattr(owner, name)
         self._saved.append((owner, name, fn))
 
         def timed(*args, **kw):
-            if self.active is None or (only_meta and not kw.get("meta", False)):
+            if self.active is None:
                 return fn(*args, **kw)
             key = f"{self.depth[-1]}.{phase}" if self.depth and phase == "forward" else phase
             self.depth.append(phase)
@@ -244,17 +251,20 @@ class MetaProfile:
                 self.depth.pop()
         setattr(owner, name, timed)
 
-    def meta_update(self, label, *args):
+    def call(self, label, fn, *args):
+        """fn(*args) as part of the meta pass `label` (engine.meta_update ends a pass; fused mode's
+        fused_meta_gradient before the update belongs to the same pass)."""
         self.active = label
         sync()
         t = time.perf_counter()
         try:
-            return engine.meta_update(*args)
+            return fn(*args)
         finally:
             sync()
             d = self.acc.setdefault(label, {})
             d["total"] = d.get("total", 0.0) + time.perf_counter() - t
-            self.passes[label] = self.passes.get(label, 0) + 1
+            if fn is engine.meta_update:
+                self.passes[label] = self.passes.get(label, 0) + 1
             self.active = None
 
     def breakdown(self, label) -> dict[str, float]:
@@ -266,6 +276,8 @@ class MetaProfile:
                "v: backward + all-reduce": ms.get("v", 0.0) - ms.get("v.forward", 0.0),
                "alignments: forwards": ms.get("align.forward", 0.0),
                "alignments: rest": ms.get("align", 0.0) - ms.get("align.forward", 0.0) - ms.get("cache_drop", 0.0),
+               "fused: v pass, rest": max(0.0, ms.get("fused_v", 0.0) - ms.get("v", 0.0) - ms.get("zero_grad", 0.0))
+               if "fused_v" in ms else 0.0,
                "ZeRO-3 cache drops": ms.get("cache_drop", 0.0),
                "optimizer.zero_grad": ms.get("zero_grad", 0.0),
                "eval/train switches": ms.get("mode_switch", 0.0)}
@@ -340,7 +352,7 @@ def run(a: argparse.Namespace) -> dict:
     torch.manual_seed(a.seed)
     cfg, eng, tmp = build(a, rank, world)
     try:
-        return measure(a, cfg, eng, rank, world)
+        return measure_memory(a, cfg, eng, rank, world) if a.memory_method else measure(a, cfg, eng, rank, world)
     finally:
         engine.barrier()
         if rank == 0:
@@ -369,10 +381,14 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
     def bilevel(method, k):
         def f():
             cfg.meta.hypergrad = method
-            for _ in range(k):
+            for i in range(k):
                 step[0] += 1
-                out = engine.inner_update(eng, stream, wmod, False, step[0])
-            prof.meta_update(f"{method} k={k}", eng, next(meta_stream), out["recent"], wmod, wopt, cfg, step[0])
+                last = i == k - 1
+                pre = prof.call(f"{method} k={k}", engine.fused_meta_gradient, eng, next(meta_stream), cfg) \
+                    if last and method == "fused" else None
+                out = engine.inner_update(eng, stream, wmod, False, step[0], v=pre["v"] if pre else None)
+            prof.call(f"{method} k={k}", engine.meta_update, eng, None if pre else next(meta_stream), out["recent"],
+                      wmod, wopt, cfg, step[0], pre)
         return f
 
     def fwd():
@@ -440,8 +456,8 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
             row["x_plain"] = med[name] / med["plain"]
         if " k=" in name:
             method, k = name.split(" k=")
-            f = floor_ms(method, int(k), med["plain"], med["meta fwd+bwd"], med["fwd"], med["instance fwd+bwd"])
-            f_low = floor_ms(method, int(k), low["plain"], low["meta fwd+bwd"], low["fwd"], low["instance fwd+bwd"])
+            f = floor_ms(method, int(k), med["plain"], med["meta fwd+bwd"], med["fwd"], med["fwd+bwd"])
+            f_low = floor_ms(method, int(k), low["plain"], low["meta fwd+bwd"], low["fwd"], low["fwd+bwd"])
             row.update(floor_ms=f, x_floor=med[name] / f, x_floor_min=low[name] / f_low)
             row["breakdown_ms"] = prof.breakdown(name)
         rows.append(row)
@@ -452,6 +468,61 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
               "rows": rows}
     prof.close()
     return result
+
+
+def measure_memory(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> dict:
+    """Peak over 2 plain updates, then over 2 bilevel cycles (k=1) of a.memory_method; max over ranks."""
+    _, train_batches, meta_batches = make_batches(a, eng, rank, world)
+    stream, meta_stream = Cycle(train_batches), Cycle(meta_batches)
+    wmod = build_weight_module("instance_table", len(train_batches) * a.batch_size * world, 1, cfg.meta.net_hidden)
+    wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
+    cfg.meta.hypergrad = method = a.memory_method
+    engine.inner_update(eng, stream, wmod, True, 0)  # optimizer state allocated
+    engine.barrier()
+    with PeakMemory() as plain:
+        for s in (1, 2):
+            engine.inner_update(eng, stream, wmod, True, s)
+    engine.barrier()
+    with PeakMemory() as meta:
+        for s in (3, 4):
+            pre = engine.fused_meta_gradient(eng, next(meta_stream), cfg) if method == "fused" else None
+            out = engine.inner_update(eng, stream, wmod, False, s, v=pre["v"] if pre else None)
+            engine.meta_update(eng, None if pre else next(meta_stream), out["recent"], wmod, wopt, cfg, s, pre)
+    vec = torch.tensor([plain.peak, meta.peak, meta.peak - plain.peak], dtype=torch.float64, device=eng.ds.device)
+    vec = engine.all_reduce_(vec, op=torch.distributed.ReduceOp.MAX).cpu().tolist()
+    n = sum(p.ds_numel if eng.stage == 3 else p.numel() for p in eng.params)
+    return {"method": method, "world": world, "stage": eng.stage, "trainable_params": n,
+            "plain_peak_mb": vec[0], "meta_peak_mb": vec[1], "extra_mb": vec[2],
+            "extra_over_fp32_params": vec[2] * 2**20 / (4 * n)}
+
+
+def memory_runs(a: argparse.Namespace, argv: list[str]) -> list[dict]:
+    """One torchrun per (world, method) with --memory_method; glibc's mmap threshold is pinned so freed
+    tensors leave the resident set (a dynamic threshold keeps them, and later peaks would inherit earlier ones)."""
+    rows = []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for world in a.worlds:
+        for method in a.methods:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+                       __file__, *argv, "--memory_method", method, "--json", f.name]
+                subprocess.run(cmd, env=env, check=True)
+                rows.append(json.loads(Path(f.name).read_text()))
+    return rows
+
+
+def format_memory(a: argparse.Namespace, rows: list[dict]) -> str:
+    n = rows[0]["trainable_params"]
+    lines = [f"meta-pass memory: hidden {a.hidden}, {a.layers} layers, {a.seq_len} tokens x batch {a.batch_size} "
+             f"(meta batch {a.meta_batch_size}), {a.mode}, {a.precision}, {a.deepspeed or 'ZeRO stage 0'}, "
+             f"{n / 1e6:.1f}M trainable parameters ({4 * n / 2**20:.0f} MB in fp32); peak RSS per rank (max over "
+             "ranks), 2 plain updates vs 2 bilevel cycles (k=1)", "",
+             "| world | method | plain peak MB | meta peak MB | extra MB | extra / fp32 params | 1.25 / world |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['world']} | {r['method']} | {r['plain_peak_mb']:.0f} | {r['meta_peak_mb']:.0f} | "
+                     f"{r['extra_mb']:.0f} | {r['extra_over_fp32_params']:.3f} | {1.25 / r['world']:.3f} |")
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:
@@ -488,6 +559,19 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.memory and not a.memory_method:
+        rest = [x for x in (sys.argv[1:] if argv is None else argv)]
+        i = rest.index("--worlds") if "--worlds" in rest else -1
+        if i >= 0:  # the per-run processes do not need --worlds
+            j = i + 1
+            while j < len(rest) and not rest[j].startswith("--"):
+                j += 1
+            del rest[i:j]
+        rows = memory_runs(a, rest)
+        print(format_memory(a, rows), flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"settings": vars(a), "rows": rows}, indent=1))
+        return 0
     if a.nproc > 1 and "RANK" not in os.environ:
         args, rest = [], list(sys.argv[1:] if argv is None else argv)
         while rest:  # --nproc stays here (torchrun's parser would take it for its own --nproc-per-node)
@@ -501,7 +585,8 @@ def main(argv=None) -> int:
         return subprocess.call(cmd)
     result = run(a)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_table(result), flush=True)
+        if not a.memory_method:
+            print(format_table(result), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -23,10 +23,11 @@ def _module(name):
 
 def test_floor_formula():
     sc = _module("step_cost")
-    assert sc.floor_ms("finite_diff", 1, plain=10, meta_fb=6, fwd=2, inst_fb=9) == 10 + 6 + 2 * 2
-    assert sc.floor_ms("finite_diff", 5, plain=10, meta_fb=6, fwd=2, inst_fb=9) == pytest.approx(10 + 10 / 5)
-    assert sc.floor_ms("exact", 1, plain=10, meta_fb=6, fwd=2, inst_fb=9) == 10 + 6 + 9
-    assert sc.floor_ms("exact", 5, plain=10, meta_fb=6, fwd=2, inst_fb=9) == pytest.approx(10 + 15 / 5)
+    assert sc.floor_ms("finite_diff", 1, plain=10, meta_fb=6, fwd=2, fwd_bwd=9) == 10 + 6 + 2 * 2
+    assert sc.floor_ms("finite_diff", 5, plain=10, meta_fb=6, fwd=2, fwd_bwd=9) == pytest.approx(10 + 10 / 5)
+    assert sc.floor_ms("exact", 1, plain=10, meta_fb=6, fwd=2, fwd_bwd=9) == 10 + 6 + 9
+    assert sc.floor_ms("exact", 5, plain=10, meta_fb=6, fwd=2, fwd_bwd=9) == pytest.approx(10 + 15 / 5)
+    assert sc.floor_ms("fused", 5, plain=10, meta_fb=6, fwd=2, fwd_bwd=9) == pytest.approx(10 + 6 / 5)
 
 
 def test_step_cost_runs_and_prints_the_table(tmp_path):
@@ -36,8 +37,9 @@ def test_step_cost_runs_and_prints_the_table(tmp_path):
                         "--repeats", "2", "--warmup", "0", "--json", str(out)],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    names = ["plain", "fwd", "fwd+bwd", "meta fwd+bwd", "instance fwd+bwd", "exact k=1", "exact k=5",
-             "finite_diff k=1", "finite_diff k=5"]
+    methods = ("exact", "finite_diff", "fused")
+    names = ["plain", "fwd", "fwd+bwd", "meta fwd+bwd", "instance fwd+bwd"] + [
+        f"{m} k={k}" for m in methods for k in (1, 5)]
     for n in names:
         assert f"| {n} " in p.stdout, n
     assert "x floor" in p.stdout and "meta pass breakdown" in p.stdout
@@ -45,16 +47,33 @@ def test_step_cost_runs_and_prints_the_table(tmp_path):
     assert list(rows) == names
     ms = {n: r["ms"] for n, r in rows.items()}
     assert all(v > 0 for v in ms.values())
-    for method in ("exact", "finite_diff"):
+    for method in methods:
         for k in (1, 5):
             r = rows[f"{method} k={k}"]
-            extra = ms["meta fwd+bwd"] + (2 * ms["fwd"] if method == "finite_diff" else ms["instance fwd+bwd"])
+            extra = ms["meta fwd+bwd"] + {"finite_diff": 2 * ms["fwd"], "exact": ms["fwd+bwd"], "fused": 0}[method]
             assert r["floor_ms"] == pytest.approx(ms["plain"] + extra / k)
             assert r["x_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
             assert r["x_plain"] == pytest.approx(r["ms"] / ms["plain"])
             assert r["tokens_per_s"] == pytest.approx(2 * 32 / (r["ms"] / 1e3))
             bd = r["breakdown_ms"]
-            assert bd["total"] > 0 and bd["v: forward"] > 0 and bd["alignments: forwards"] > 0
+            assert bd["total"] > 0 and bd["v: forward"] > 0
+            if method == "fused":
+                assert bd["alignments: forwards"] == 0  # no forward of its own: the update's backward has them
+            else:
+                assert bd["alignments: forwards"] > 0
+
+
+def test_step_cost_memory_mode(tmp_path):
+    out = tmp_path / "m.json"
+    p = subprocess.run([sys.executable, "bench/step_cost.py", "--memory", "--worlds", "1", "--methods", "fused",
+                        "--mode", "full", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv_heads", "1",
+                        "--seq_len", "32", "--steps", "4", "--batch_size", "2", "--json", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "| 1 | fused |" in p.stdout
+    (r,) = json.loads(out.read_text())["rows"]
+    assert r["world"] == 1 and r["method"] == "fused" and r["trainable_params"] > 0
+    assert r["meta_peak_mb"] >= r["extra_mb"] and r["plain_peak_mb"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
