@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts (tiny sizes; wall-clock figures are never asserted)."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -101,3 +102,16 @@ def test_gpu_bench_code_paths_on_a_tiny_model(tmp_path):
     for r in res:
         assert r["N"] == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192)  # the tiny Qwen2's linear weights
         assert r["N_lora"] > 0 and all(x["tflops"] > 0 for x in r["rows"])
+
+
+def test_scaling_formulas():
+    sc = _module("scaling")
+    c = sc.counts(sc.SHAPES["7B"], 16)
+    assert 7.0e9 < c["N"] < 7.1e9  # Qwen2.5-7B's 7.62B less its 0.55B LM head
+    rows = [r for r in sc.rows(argparse.Namespace(
+        worlds=[8, 32, 256], lora_r=16, tokens=4096, flops=400e12, bw_intra=300e9, bw_inter=50e9, gpus_per_node=8))
+        if r["model"] == "7B" and r["mode"] == "full"]
+    assert [r["W"] for r in rows] == [8, 32, 256]
+    assert rows[0]["meta_new_gb"] > rows[1]["meta_new_gb"] > rows[2]["meta_new_gb"]  # v's shards shrink with W
+    assert rows[0]["meta_old_gb"] == rows[2]["meta_old_gb"]  # full-shape v did not
+    assert rows[0]["fused_gb"] < rows[0]["exact_gb"]
