@@ -308,6 +308,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
             if meta_step:
                 meta = engine.meta_update(eng, None if fused else next(meta_stream), out["recent"], wmod, wopt, cfg,
                                           step, fused=pre)
+                pre = None  # v's shards are not needed after the weight step
                 window["meta_n"] += 1
                 window["meta_loss"] += meta["meta_loss"]
             # periodic evaluation: every rank takes part; its metrics get a row of their own
