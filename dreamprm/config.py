@@ -305,6 +305,11 @@ def load_config(argv=None) -> tuple[Config, list[str]]:
             value = value[0]  # one source: a plain string, as before
         setattr(getattr(cfg, sec), name, value)
     problems += validate(cfg)
+    if problems and cfg.data.train_file:  # the data's problems too, so that one run reports everything
+        from dreamprm.data.mixing import data_problems
+        d = cfg.data
+        problems += data_problems(d.train_file, d.meta_file, d.train_format, d.meta_format, not cfg.meta.baseline,
+                                  cfg.model.step_tag, d.skip_invalid)
     if problems:
         raise ConfigError(problems)
     return cfg, notes

@@ -27,6 +27,7 @@ from dreamprm import engine, runlock
 from dreamprm.config import Config, save_config
 from dreamprm.data.loader import BatchStream, with_workers
 from dreamprm.data.mixing import Curriculum, MixtureStream, Source, mixture_probs, parse_sources
+from dreamprm.data.mixing import read_sources as read_all_sources
 from dreamprm.data.readers import load_records
 from dreamprm.data.tokenize import PROFILES, Profile, domain_table, encode_records, profile_problems
 from dreamprm.errors import ConfigError, DataError
@@ -92,33 +93,10 @@ class Data:
 
 
 def read_sources(cfg: Config, needs_meta: bool) -> tuple[list[list], list[list]]:
-    """The records of every source, or one DataError listing every source's problems: unreadable files,
-    sources without usable records, training sources without step labels, meta sources without outcomes."""
+    """The records of every source (mixing.read_sources), or one DataError listing every source's problems."""
     train_src, meta_src = train_sources(cfg)
-    tag, skip, problems = cfg.model.step_tag, cfg.data.skip_invalid, []
-
-    def read(s):
-        try:
-            return load_records(s.path, s.format, step_tag=tag, skip_invalid=skip)
-        except DataError as e:
-            problems.extend(f"{s.flag} {s.path}: {q}" if not q.startswith(s.path) else q for q in e.problems)
-            return []
-
-    train = [read(s) for s in train_src]
-    meta = [read(s) for s in meta_src] if needs_meta else []
-    labelled = [s.name for s, recs in zip(train_src, train) if any(y is not None for r in recs for y in r.labels)]
-    for s, recs in zip(train_src, train):
-        unlabelled = [r.id for r in recs if all(y is None for y in r.labels)]
-        if unlabelled:
-            others = [n for n in labelled if n != s.name]
-            problems.append(f"{s.where()}: {len(unlabelled)} records have no step labels (e.g. {unlabelled[:3]}); "
-                            "training needs step labels (use them as --meta_file)"
-                            + (f"; the other training sources {others} do have them" if others else ""))
-    for s, recs in zip(meta_src, meta):
-        no_outcome = [r.id for r in recs if r.outcome is None]
-        if recs and len(no_outcome) == len(recs):
-            problems.append(f"{s.where()}: no record has an outcome label; the meta pass needs solutions labelled "
-                            "right/wrong (field `outcome`, `meta_label`, `passed`, ...)")
+    train, meta, problems = read_all_sources(train_src, meta_src if needs_meta else [], cfg.model.step_tag,
+                                             cfg.data.skip_invalid)
     if problems:
         raise DataError(problems)
     return train, meta

@@ -96,6 +96,49 @@ def parse_sources(value, flag: str, default_format: str) -> tuple[list[Source], 
     return out, problems
 
 
+def read_sources(train: list[Source], meta: list[Source], step_tag: str, skip_invalid: bool
+                 ) -> tuple[list[list], list[list], list[str]]:
+    """(records of every training source, of every meta source, problems). Problems, each naming the source
+    and its flag: files that cannot be read or have no valid record, training sources without step labels
+    (outcome-only data belongs in --meta_file), meta sources without outcome labels."""
+    from dreamprm.data.readers import load_records
+    from dreamprm.errors import DataError
+
+    problems = []
+
+    def read(s):
+        try:
+            return load_records(s.path, s.format, step_tag=step_tag, skip_invalid=skip_invalid)
+        except DataError as e:
+            # reader problems start with FILE:LINE; the flag (and source name) go in front
+            problems.extend(f"{s.flag} {q}" if q.startswith(s.path) else f"{s.where()}: {q}" for q in e.problems)
+            return []
+
+    train_recs, meta_recs = [read(s) for s in train], [read(s) for s in meta]
+    labelled = [s.name for s, recs in zip(train, train_recs) if any(y is not None for r in recs for y in r.labels)]
+    for s, recs in zip(train, train_recs):
+        unlabelled = [r.id for r in recs if all(y is None for y in r.labels)]
+        if unlabelled:
+            others = [n for n in labelled if n != s.name]
+            problems.append(f"{s.where()}: {len(unlabelled)} records have no step labels (e.g. {unlabelled[:3]}); "
+                            "training needs step labels (use them as --meta_file)"
+                            + (f"; the other training sources {others} do have them" if others else ""))
+    for s, recs in zip(meta, meta_recs):
+        if recs and all(r.outcome is None for r in recs):
+            problems.append(f"{s.where()}: no record has an outcome label; the meta pass needs solutions labelled "
+                            "right/wrong (field `outcome`, `meta_label`, `passed`, ...)")
+    return train_recs, meta_recs, problems
+
+
+def data_problems(value_train, value_meta, train_format: str, meta_format: str, needs_meta: bool, step_tag: str,
+                  skip_invalid: bool) -> list[str]:
+    """read_sources' problems for the sources of a config whose files exist (config.load_config adds them to a
+    failing config's problems, so that one run of the command reports everything)."""
+    train = [s for s in parse_sources(value_train, "--train_file", train_format)[0] if Path(s.path).is_file()]
+    meta = [s for s in parse_sources(value_meta, "--meta_file", meta_format)[0] if Path(s.path).is_file()]
+    return read_sources(train, meta if needs_meta else [], step_tag, skip_invalid)[2]
+
+
 def mixture_probs(sizes: list[int], mix: str, alpha: float, weights: list[float],
                   domain_weights: list[float] | None = None) -> np.ndarray:
     """Sampling probability of each source.
