@@ -391,6 +391,8 @@ def _source_problems(cfg: Config) -> list[str]:
                      "and no --baseline")
         if d.num_workers:
             p.append("--mix learned: the sampling probabilities change after every meta pass; use --num_workers 0")
+        if len(train) < 2:
+            p.append("--mix learned: needs at least two --train_file sources (one domain each) to sample between")
     if not (math.isfinite(d.mix_alpha) and d.mix_alpha >= 0):
         p.append(f"--mix_alpha: must be a finite number >= 0 (got {d.mix_alpha})")
     if not 0 < d.curriculum_start <= 1:

@@ -28,7 +28,6 @@ from dreamprm.config import Config, save_config
 from dreamprm.data.loader import BatchStream, with_workers
 from dreamprm.data.mixing import Curriculum, MixtureStream, Source, mixture_probs, parse_sources
 from dreamprm.data.mixing import read_sources as read_all_sources
-from dreamprm.data.readers import load_records
 from dreamprm.data.tokenize import PROFILES, Profile, domain_table, encode_records, profile_problems
 from dreamprm.errors import ConfigError, DataError
 from dreamprm.hypergrad import StepLoss

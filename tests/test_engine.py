@@ -12,7 +12,6 @@ import torch
 from dreamprm import hypergrad
 from dreamprm.config import load_config
 from dreamprm.model import build_prm
-from dreamprm.train import step_loss_spec
 from dreamprm.weights import build_weight_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +33,7 @@ def cosine(a, b):
 
 def reference_grads(out: Path, flags: list[str]) -> dict:
     """Single-process torch.autograd evaluation of the same hypergradient formula, in fp32."""
+    from dreamprm.train import step_loss_spec  # imports deepspeed: only in the tests that run it
     cfg, _ = load_config(flags)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     state = torch.load(out / "prm_state.pt", weights_only=False)
