@@ -28,7 +28,7 @@ from dreamprm.config import Config, save_config
 from dreamprm.data.loader import BatchStream, with_workers
 from dreamprm.data.mixing import Curriculum, MixtureStream, Source, mixture_probs, parse_sources
 from dreamprm.data.mixing import read_sources as read_all_sources
-from dreamprm.data.tokenize import PROFILES, Profile, domain_table, encode_records, profile_problems
+from dreamprm.data.tokenize import domain_table, encode_records, profile_problems, run_profiles
 from dreamprm.errors import ConfigError, DataError
 from dreamprm.hypergrad import StepLoss
 from dreamprm.train_eval import eval_step_metrics, load_eval_examples
@@ -70,12 +70,6 @@ def train_sources(cfg: Config) -> tuple[list[Source], list[Source]]:
     if p1 or p2:  # load_config validated them; a Config built in code may not be
         raise ConfigError(p1 + p2)
     return train, meta
-
-
-def run_profiles(cfg: Config) -> dict[str, Profile]:
-    """Every profile a run can use: the built-ins and the custom one from --system_prompt / --prompt_template."""
-    d = cfg.data
-    return {**PROFILES, "custom": Profile("custom", chat=True, system=d.system_prompt, template=d.prompt_template)}
 
 
 @dataclass
@@ -121,7 +115,7 @@ def load_mixture(cfg: Config, tokenizer, rank: int, needs_meta: bool, world: int
                    f"(e.g. {no_outcome[:3]})", rank=rank)
         meta_kept.append([r for r in recs if r.outcome is not None])
     domains = domain_table([r.domain for recs in train_recs + meta_kept for r in recs])
-    all_profiles = run_profiles(cfg)
+    all_profiles = run_profiles(cfg.data.system_prompt, cfg.data.prompt_template)
     used = {s.profile or cfg.data.profile for s in train_src + meta_src}
     problems = [q for name in sorted(used) for q in profile_problems(all_profiles[name])]
     difficulty = None

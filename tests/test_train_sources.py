@@ -132,3 +132,21 @@ def test_a_prompt_profile_round_trips_from_training_to_load_scorer(tmp_path):
     s = scorer.score(recs[0].question, recs[0].steps)
     assert len(s) == len(recs[0].steps) and all(0 < x < 1 for x in s)
     assert torch.isfinite(torch.tensor(s)).all()
+
+
+REALDATA = ROOT.parent / "shared" / "realdata"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REALDATA / "processbench" / "gsm8k.json").is_file(), reason="needs ../shared/realdata")
+def test_the_mix_recipe_runs_as_a_cpu_smoke(tmp_path):
+    """recipes/mix.yaml from the repository root: four real sources, learned-domain sampling, 2 updates."""
+    out = tmp_path / "run"
+    p = run([sys.executable, "launch/train.py", "--config", "recipes/mix.yaml", "--total_steps", "2",
+             "--output_dir", out], timeout=900)
+    assert "positive fraction" in p.stdout and "per source over the run" in p.stdout
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    names = {k.split("/")[1] for k in rows[-1] if k.startswith("src/")}
+    assert names == {"gsm8k", "math", "omnimath", "samples_prm800k"}
+    assert abs(sum(rows[-1][f"src/{n}/p"] for n in names) - 1) < 1e-9

@@ -90,6 +90,11 @@ PROFILES = {
 }
 
 
+def run_profiles(system_prompt: str, prompt_template: str) -> dict[str, Profile]:
+    """Every profile a run can use: the built-ins and "custom" (--system_prompt, --prompt_template)."""
+    return {**PROFILES, "custom": Profile("custom", chat=True, system=system_prompt, template=prompt_template)}
+
+
 def profile_problems(p: Profile) -> list[str]:
     return [] if p.template.count(QUESTION) == 1 else [
         f"profile {p.name!r}: template {p.template!r} must contain {QUESTION} exactly once"]
