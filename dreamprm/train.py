@@ -39,7 +39,8 @@ DEMO_DIR = Path(__file__).parent / "demo"
 RESUME_MUST_MATCH = [("data", "train_file"), ("data", "meta_file"), ("data", "max_length"),
                      ("model", "name_or_path"), ("model", "mode"), ("model", "lora_r"),
                      ("model", "step_tag"), ("meta", "weights"), ("meta", "baseline"),
-                     ("data", "mix"), ("data", "curriculum"), ("data", "profile"),
+                     ("data", "mix"), ("data", "curriculum"), ("data", "profile"), ("data", "system_prompt"),
+                     ("data", "prompt_template"),
                      ("train", "batch_size"), ("train", "grad_accum"), ("train", "seed")]
 
 
@@ -278,8 +279,13 @@ def resolve_resume(cfg: Config, ckpt_root: Path) -> Path | None:
 
 
 def check_resume_config(cfg: Config, saved: dict) -> None:
-    diff = [f"--{k}: checkpoint has {saved[s][k]!r}, this run {getattr(getattr(cfg, s), k)!r}"
-            for s, k in RESUME_MUST_MATCH if saved.get(s, {}).get(k) != getattr(getattr(cfg, s), k)]
+    default = Config()  # an option the checkpoint predates had its default value then
+
+    def was(s, k):
+        return saved.get(s, {}).get(k, getattr(getattr(default, s), k))
+
+    diff = [f"--{k}: checkpoint has {was(s, k)!r}, this run {getattr(getattr(cfg, s), k)!r}"
+            for s, k in RESUME_MUST_MATCH if was(s, k) != getattr(getattr(cfg, s), k)]
     if diff:
         raise engine.CheckpointError("cannot resume: the run config differs from the checkpoint's:\n  "
                                      + "\n  ".join(diff) + "\nuse the same settings or a new --output_dir")

@@ -150,3 +150,18 @@ def test_the_mix_recipe_runs_as_a_cpu_smoke(tmp_path):
     names = {k.split("/")[1] for k in rows[-1] if k.startswith("src/")}
     assert names == {"gsm8k", "math", "omnimath", "samples_prm800k"}
     assert abs(sum(rows[-1][f"src/{n}/p"] for n in names) - 1) < 1e-9
+
+
+def test_checkpoints_from_before_the_mixing_options_resume_and_a_changed_mix_is_refused():
+    from dreamprm.config import Config
+    from dreamprm.errors import CheckpointError
+    from dreamprm.train import check_resume_config
+
+    cfg = Config()
+    old = cfg.to_dict()
+    for key in ("mix", "curriculum", "profile", "system_prompt", "prompt_template"):
+        del old["data"][key]  # a checkpoint written before these options existed
+    check_resume_config(cfg, old)
+    changed = {**old, "data": {**old["data"], "mix": "temperature"}}
+    with pytest.raises(CheckpointError, match="--mix: checkpoint has 'temperature'"):
+        check_resume_config(cfg, changed)
