@@ -85,6 +85,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
@@ -120,6 +129,8 @@ class Engine:
     tokenizer: object
     params: list = field(default_factory=list)  # trainable parameters, in a fixed order
     hf_ds_config: object = None  # keeps zero.Init partitioning active for ZeRO-3 loads
+    # the inner loss; the inner update and both alignment methods use it, so the hypergradient is its own
+    step_loss: hypergrad.StepLoss = field(default_factory=hypergrad.StepLoss)
 
 
 def lr_lambda(cfg: Config):
@@ -190,7 +201,7 @@ def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int, v=None) -
             if tap is not None:
                 tap.begin(batch)
             logits = forward(eng, batch)
-            losses = hypergrad.instance_losses(logits, batch)
+            losses = hypergrad.instance_losses(logits, batch, eng.step_loss)
             check_finite(losses, batch, f"inner loss at update {step}")
             feats = hypergrad.instance_features(logits, batch, losses)
             with torch.no_grad():
@@ -213,16 +224,42 @@ def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int, v=None) -
             "instances": int(sums[2].item()), "tokens": int(sums[3].item()), "recent": recent}
 
 
+def _record_ids(batch: dict, rows) -> list:
+    return [batch["ids"][i] if "ids" in batch else int(batch["index"][i]) for i in rows]
+
+
+def _named_by_rank(local_ids: list) -> str:
+    """'rank 0: [ids], rank 1: [ids]' over every rank that has any (a collective: call on all ranks)."""
+    per_rank = all_gather_object(local_ids)
+    return ", ".join(f"rank {r}: {ids}" for r, ids in enumerate(per_rank) if ids) or "none identified"
+
+
 def check_finite(losses: torch.Tensor, batch: dict, what: str) -> None:
-    """Raise on every rank if any rank saw a non-finite loss, with the instance ids."""
+    """Raise on every rank if any rank saw a non-finite loss, naming the records of every rank."""
     bad = ~torch.isfinite(losses.detach())
     flag = all_reduce_(torch.tensor([float(bad.sum())]))
     if flag.item() > 0:
-        rows = torch.nonzero(bad.cpu()).flatten().tolist()
-        ids = [batch["ids"][i] if "ids" in batch else int(batch["index"][i]) for i in rows]
-        raise NonFiniteError(f"non-finite {what}; records on this rank: {ids}. Nothing was "
-                             "applied to the PRM or the weights; resume from the last checkpoint after "
-                             "fixing the data (dreamprm data check) or lowering --lr.")
+        named = _named_by_rank(_record_ids(batch, torch.nonzero(bad.cpu()).flatten().tolist()))
+        raise NonFiniteError(f"non-finite {what}; records {named}. Nothing was applied to the PRM or the "
+                             "weights; resume from the last checkpoint after fixing the data (dreamprm data "
+                             "check) or lowering --lr.")
+
+
+def check_meta_finite(align: list, recent: list, meta_batch: dict, meta_loss: float, step: int) -> None:
+    """Raise on every rank if the meta loss or any rank's alignment is non-finite, naming the training
+    records with a bad alignment (and the meta batch's records if the meta loss is bad) of every rank."""
+    bad_local = [i for r, a in zip(recent, align)
+                 for i in _record_ids(r["batch"], torch.nonzero(~torch.isfinite(a)).flatten().tolist())]
+    meta_bad = not math.isfinite(meta_loss)
+    flag = all_reduce_(torch.tensor([float(len(bad_local)), float(meta_bad)]))
+    if flag.sum().item() == 0:
+        return
+    named = _named_by_rank(bad_local)
+    meta_ids = _named_by_rank(_record_ids(meta_batch, range(len(meta_batch["index"])))) if meta_bad else ""
+    raise NonFiniteError(f"non-finite meta pass at update {step}: meta loss {meta_loss}"
+                         + (f" on meta records {meta_ids}" if meta_bad else "")
+                         + f"; alignments non-finite for training records {named}. The weights were not "
+                         "updated; resume from the last checkpoint after fixing the data or lowering --lr.")
 
 
 # ---------------------------------------------------------------- meta update
@@ -320,7 +357,8 @@ def fd_alignments(eng: Engine, recent: list, v: MetaGradient, radius: float):
             for (t, d), s in zip(local, saved):
                 t.copy_(s.float().add(d, alpha=sign * eps).to(t.dtype))
             _params_changed(eng)
-            losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"], meta=True), r["batch"]) for r in recent]
+            losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"], meta=True), r["batch"], eng.step_loss)
+                            for r in recent]
         for (t, _), s in zip(local, saved):
             t.copy_(s)
         _params_changed(eng)
@@ -334,7 +372,7 @@ def _alignments(eng: Engine, v: MetaGradient) -> persample.Alignments:
 
 
 def _meta_losses(eng: Engine, b: dict) -> torch.Tensor:
-    return hypergrad.instance_losses(forward(eng, b, meta=True), b)
+    return hypergrad.instance_losses(forward(eng, b, meta=True), b, eng.step_loss)
 
 
 def exact_alignments(eng: Engine, recent: list, v: MetaGradient):
@@ -377,7 +415,7 @@ def fused_meta_gradient(eng: Engine, meta_batch: dict, cfg: Config) -> dict:
             v, lmeta = meta_gradient(eng, meta_batch, m.aggregation, m.meta_loss)
     finally:
         eng.ds.optimizer.zero_grad()  # what autograd.grad left in ZeRO's buffers
-    return {"v": v, "meta_loss": lmeta, "v_norm": v.norm()}
+    return {"v": v, "meta_loss": lmeta, "v_norm": v.norm(), "meta_batch": meta_batch}
 
 
 def exact_alignments_loop(eng: Engine, recent: list, v: MetaGradient):
@@ -388,7 +426,7 @@ def exact_alignments_loop(eng: Engine, recent: list, v: MetaGradient):
         a = torch.zeros(len(b["index"]))
         for i in range(len(b["index"])):
             row = select(b, i)
-            li = hypergrad.instance_losses(forward(eng, row, meta=True), row)[0]
+            li = hypergrad.instance_losses(forward(eng, row, meta=True), row, eng.step_loss)[0]
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
             a[i] = sum((g.float() * v[p]).sum() for g, p in zip(grads, eng.params) if g is not None).item()
         out.append(a)
@@ -407,9 +445,11 @@ def meta_update(eng: Engine, meta_batch: dict | None, recent: list, wmod, wopt, 
         if fused is None or any("align" not in r for r in recent):
             raise ValueError("--hypergrad fused: call fused_meta_gradient before inner_update(..., v=...)")
         lmeta, vnorm, align = fused["meta_loss"], fused["v_norm"], [r["align"] for r in recent]
+        meta_batch = fused["meta_batch"]
     else:
+        meta_batch = to_device(meta_batch, eng.ds.device)
         lmeta, vnorm, align = _meta_alignments(eng, meta_batch, recent, cfg)
-    return _weight_step(eng, recent, align, lmeta, vnorm, wmod, wopt, step)
+    return _weight_step(eng, recent, align, meta_batch, lmeta, vnorm, wmod, wopt, step)
 
 
 def _meta_alignments(eng: Engine, meta_batch: dict, recent: list, cfg: Config):
@@ -429,17 +469,13 @@ def _meta_alignments(eng: Engine, meta_batch: dict, recent: list, cfg: Config):
     return lmeta, vnorm, align
 
 
-def _weight_step(eng: Engine, recent: list, align: list, lmeta: float, vnorm: float, wmod, wopt, step: int) -> dict:
+def _weight_step(eng: Engine, recent: list, align: list, meta_batch: dict, lmeta: float, vnorm: float, wmod, wopt,
+                 step: int) -> dict:
     """The weight module's step from the alignments (summed over ranks)."""
+    check_meta_finite(align, recent, meta_batch, lmeta, step)
     n_local = sum(len(a) for a in align)
     n_global = int(all_reduce_(torch.tensor([float(n_local)])).item())
     a_all = torch.cat(align)
-    bad = all_reduce_(torch.tensor([float((~torch.isfinite(a_all)).sum())]))
-    if bad.item() > 0 or not torch.isfinite(torch.tensor(lmeta)):
-        ids = [i for r in recent for i in r["batch"].get("ids", r["batch"]["index"].tolist())]
-        ids = [i for i, ok in zip(ids, torch.isfinite(a_all).tolist()) if not ok]
-        raise NonFiniteError(f"non-finite meta loss or alignment at update {step} (meta loss {lmeta}, "
-                             f"records {ids}); the weights were not updated")
     wopt.zero_grad()
     obj = sum(hypergrad.weight_objective(
         wmod(r["batch"]["index"].cpu(), r["batch"]["domain"].cpu(), r["features"].cpu()), a, n_global)

@@ -5,6 +5,8 @@ import pytest
 from dreamprm.config import DEFAULT_STEP_TAG as TAG
 from dreamprm.data.record import Record
 from dreamprm.data.tokenize import (
+    PROFILES,
+    Profile,
     check_step_tag,
     domain_table,
     encode_record,
@@ -75,6 +77,22 @@ def test_chat_template_prompt(bpe_tok, word_tok, corpus):
     assert prompt_text(corpus[0], word_tok, True) == corpus[0] + "\n"  # no template: plain form
 
 
+def test_profiles_render_the_question(bpe_tok, corpus):
+    q = corpus[0]
+    assert prompt_text(q, bpe_tok, True, PROFILES["default"]) == prompt_text(q, bpe_tok, True)  # unchanged default
+    assert prompt_text(q, bpe_tok, True, PROFILES["plain"]) == q + "\n"
+    assert prompt_text(q, bpe_tok, True, PROFILES["problem_solution"]) == f"Problem: {q}\nSolution:\n"
+    custom = Profile("custom", chat=True, system="", template="Prove $\\{x\\}$: {question}")
+    text = prompt_text(q, bpe_tok, True, custom)
+    assert "system" not in text and f"<|im_start|>user\nProve $\\{{x\\}}$: {q}<|im_end|>" in text  # braces kept
+    assert prompt_text(q, bpe_tok, False, custom) == f"Prove $\\{{x\\}}$: {q}\n"  # --no-chat_template wins
+    with_sys = prompt_text(q, bpe_tok, True, Profile("s", system="Be brief."))
+    assert with_sys.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    ex_default, _ = encode_records([rec(corpus)], bpe_tok, TAG, 256, True)
+    ex_plain, _ = encode_records([rec(corpus)], bpe_tok, TAG, 256, True, profile=PROFILES["plain"])
+    assert ex_plain[0].input_ids != ex_default[0].input_ids and ex_plain[0].labels == ex_default[0].labels
+
+
 def test_encode_record_matches_encode_records(good_tok, corpus):
     tid = check_step_tag(good_tok, TAG)
     (a,), _ = encode_records([rec(corpus)], good_tok, TAG, 512, True)
@@ -127,6 +145,6 @@ def test_invalid_records_reported_together(bpe_tok, corpus):
 
 
 def test_tag_in_question_fails_loudly(bpe_tok, corpus):
-    # Record validation does not look at the question; the invariant check catches it.
-    with pytest.raises(RuntimeError, match="record 'q'.*tag tokens"):
+    # Record validation names it (readers report it as FILE:LINE at read time, tests/data/test_readers.py).
+    with pytest.raises(ValueError, match="record 'q': question: contains the step tag"):
         encode_records([rec(corpus, "q", question="Is " + TAG + " a tag?")], bpe_tok, TAG, 512, False)
