@@ -23,12 +23,15 @@ Configurations
 Analytic floor of a bilevel configuration with meta interval k:
 
     finite_diff:  F = P + (M_fb + 2 * T_f) / k
-    exact:        F = P + (M_fb + sum_i T_fb,i) / k
+    exact:        F = P + (M_fb + T_fb) / k
+    fused:        F = P + M_fb / k
 
-P = the plain step, M_fb = meta fwd+bwd, T_f = fwd, T_fb,i = instance fwd+bwd (the exact method's one
-backward per instance; the dot products with v cost nothing next to it). Everything else a meta pass does
-(zeroing ZeRO's gradient buffers, cloning / perturbing / restoring parameters, dropping ZeRO-3's gathered
-parameter cache, reducing v, the weight module's step, eval/train switches) is overhead; "x floor" is the
+P = the plain step, M_fb = meta fwd+bwd, T_f = fwd, T_fb = fwd+bwd of the training batch (exact: one forward
+and one activation backward per micro-batch, the per-sample hooks' arithmetic about one more forward of the
+trainable layers; fused: the alignments come out of the update's own backward). `instance fwd+bwd` is what
+exact cost before it used hooks (one backward per instance), kept for comparison. Everything else a meta
+pass does (zeroing ZeRO's gradient buffers, cloning / perturbing / restoring parameters, dropping ZeRO-3's
+gathered parameter cache, reducing v, the weight module's step) is overhead; "x floor" is the
 measured step over F. "min ms" is the fastest round and "x floor (min)" the same ratio from the fastest
 rounds: on a shared machine other processes only add time, so minima show the intrinsic cost when the
 medians are noisy. The meta-pass breakdown below the table says where each configuration's time goes.
@@ -556,9 +559,9 @@ def format_table(result: dict) -> str:
                      f"{f(r.get('tokens_per_s'), '8.0f'):>8} | {r['peak_mb']:8.0f} | {f(r.get('x_plain'), '7.2f'):>7} "
                      f"| {f(r.get('floor_ms'), '8.1f'):>8} | {f(r.get('x_floor'), '7.3f'):>7} "
                      f"| {f(r.get('x_floor_min'), '13.3f'):>13} |")
-    lines += ["", "floor: finite_diff P + (M_fb + 2 T_f) / k; exact P + (M_fb + sum_i T_fb,i) / k "
-              "(P plain, M_fb meta fwd+bwd, T_f fwd, T_fb,i instance fwd+bwd); x floor (min): the same from the "
-              "fastest round of every row (contention on a shared machine only adds time)"]
+    lines += ["", "floor: finite_diff P + (M_fb + 2 T_f) / k; exact P + (M_fb + T_fb) / k; fused P + M_fb / k "
+              "(P plain, M_fb meta fwd+bwd, T_f fwd, T_fb fwd+bwd of the training batch); x floor (min): the same "
+              "from the fastest round of every row (contention on a shared machine only adds time)"]
     bd = [r for r in result["rows"] if "breakdown_ms" in r]
     if bd:
         keys = list(bd[0]["breakdown_ms"])

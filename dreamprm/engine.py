@@ -380,10 +380,12 @@ def exact_alignments(eng: Engine, recent: list, v: MetaGradient):
     backward (persample.exact). Under ZeRO-3 the hooks see each layer's input and output gradient
     in the forward/backward and gather that layer's slice of v (one all-gather per layer)."""
     vnorm = v.norm()
-    tap = _alignments(eng, v)
+    module = eng.ds.module
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     out = []
     for r in recent:
-        a, _ = persample.exact(tap.model, tap.params, tap.v, r["batch"], lambda b: _meta_losses(eng, b), tap.head)
+        a, _ = persample.exact(module, params, v, r["batch"], lambda b: _meta_losses(eng, b),
+                               getattr(module, "score", None))
         out.append(a.cpu())
     return out, vnorm
 

@@ -138,6 +138,7 @@ class _Tap(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         ctx.layer.collect(x, g)
+        ctx.layer = None  # a graph node something keeps alive must not keep v alive through the hooks
         return g, None, torch.zeros((), device=g.device) if ctx.needs_input_grad[2] else None, None
 
 
@@ -247,6 +248,7 @@ class Alignments:
             h.remove()
         self.handles.clear()
         self.active = False
+        self.v = self.acc = self.tok_ids = self.head_ids = None  # nothing of v outlives the pass
 
     def begin(self, batch: dict, sink: torch.Tensor | None = None) -> None:
         """Arm the hooks for one forward/backward of `batch`.
