@@ -2,6 +2,7 @@
 
     python bench/step_cost.py                  # CPU defaults: hidden 512, 4 layers, 512 tokens, LoRA, ZeRO 0, 1 thread
     python bench/step_cost.py --deepspeed ds_configs/zero3.json --nproc 2   # 2 ranks (re-runs itself under torchrun)
+    python bench/step_cost.py --memory --mode full --deepspeed ds_configs/zero3.json --worlds 1 2 4   # meta-pass memory
     torchrun --standalone --nproc_per_node 2 bench/step_cost.py --deepspeed ds_configs/zero3.json
 
 A random Qwen2 of the chosen size is written by dreamprm.tiny.make_tiny_checkpoint to a temporary folder
@@ -12,7 +13,9 @@ figure is the median over rounds after the warm-up rounds (the max over ranks).
 Configurations
   plain                    engine.inner_update with uniform weights (what --baseline trains)
   <method> k=<k>           k weighted engine.inner_update calls (instance table) + one engine.meta_update,
-                           for method exact / finite_diff and meta interval k = 1, 5; ms/step = cycle / k
+                           for method exact / finite_diff / fused (whose meta gradient runs before the k-th
+                           update and whose alignments come from it) and meta interval k = 1, 5;
+                           ms/step = cycle / k
   fwd, fwd+bwd             the training batch through the PRM module in eval mode: a no-grad forward, and a
                            forward + torch.autograd.grad w.r.t. the trainable parameters (as the meta pass does)
   meta fwd+bwd             the same forward + backward on the meta batch

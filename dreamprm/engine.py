@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,6 +41,7 @@ from dreamprm.data.packing import select
 from dreamprm.errors import CheckpointError, ModelError, NonFiniteError
 from dreamprm.model import build_prm
 
+log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 SHARED_STATE = "dreamprm_state.pt"
 
@@ -384,10 +386,17 @@ def exact_alignments(eng: Engine, recent: list, v: MetaGradient):
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     out = []
     for r in recent:
-        a, _ = persample.exact(module, params, v, r["batch"], lambda b: _meta_losses(eng, b),
-                               getattr(module, "score", None))
+        a, slow = persample.exact(module, params, v, r["batch"], lambda b: _meta_losses(eng, b),
+                                  getattr(module, "score", None))
+        if slow and tuple(slow) not in _SLOW_REPORTED:
+            _SLOW_REPORTED.add(tuple(slow))
+            log.warning("exact alignments: parameters %s are not covered by the per-sample hooks and take the "
+                        "slow path (one forward and backward per instance)", slow)
         out.append(a.cpu())
     return out, vnorm
+
+
+_SLOW_REPORTED: set = set()  # slow-path parameter sets already reported (once per process)
 
 
 def _fused_tap(eng: Engine, v: MetaGradient, batches: list):
