@@ -26,7 +26,8 @@ PRECISIONS = ("bf16", "fp32", "fp16")
 MODES = ("full", "lora", "qlora")
 ATTN = ("auto", "sdpa", "eager", "flash_attention_2")
 WEIGHTS = ("instance_table", "instance_net", "domain_table")
-METHODS = ("finite_diff", "exact")
+METHODS = ("exact", "finite_diff")
+TABLE_OPTIMIZERS = ("shared_rms", "row_adam", "sgd")
 AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
 META_LOSSES = ("bce", "mse")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -92,11 +93,15 @@ class TrainConfig:
 class MetaConfig:
     baseline: bool = opt(False, "uniform weights, no meta pass (ablation)")
     weights: str = opt("instance_table", "what the weight module weights", WEIGHTS)
-    hypergrad: str = opt("finite_diff", "alignment method: finite differences (DreamPRM) or exact "
-                         "<grad l_i, v>", METHODS)
+    hypergrad: str = opt("exact", "alignment method: exact <grad l_i, v>, or finite differences (DreamPRM; "
+                         "refused unless the perturbed parameters are fp32)", METHODS)
     meta_batch_size: int = opt(1, "meta examples per rank per meta pass")
-    meta_lr: float = opt(0.1, "weight-module learning rate (Adam)")
+    meta_lr: float = opt(0.1, "weight-module learning rate")
+    table_optimizer: str = opt("shared_rms", "how table rows step: shared_rms = in proportion to their "
+                               "alignment over one shared RMS; row_adam = lazy Adam per row (about meta_lr "
+                               "* sign); sgd = meta_lr * gradient", TABLE_OPTIMIZERS)
     meta_interval: int = opt(1, "PRM updates between meta passes")
+    meta_warmup: int = opt(0, "PRM updates with uniform weights (no meta pass) before the first meta pass")
     fd_radius: float = opt(0.01, "finite differences: eps = fd_radius / ||v||")
     aggregation: str = opt("mean_logodds", "step scores -> solution score for the meta loss", AGGREGATIONS)
     meta_loss: str = opt("bce", "meta loss on the solution score", META_LOSSES)
@@ -283,7 +288,8 @@ def validate(cfg: Config) -> list[str]:
                 "--meta_interval": meta.meta_interval, "--lora_r": m.lora_r, "--save_every": r.save_every,
                 "--keep_last": r.keep_last, "--log_every": r.log_every, "--net_hidden": meta.net_hidden}
     p += [f"{k}: must be >= 1 (got {v})" for k, v in positive.items() if v < 1]
-    nonneg = {"--num_workers": d.num_workers, "--warmup_steps": t.warmup_steps, "--grad_clip": t.grad_clip,
+    nonneg = {"--num_workers": d.num_workers, "--warmup_steps": t.warmup_steps, "--meta_warmup": meta.meta_warmup,
+              "--grad_clip": t.grad_clip,
               "--weight_decay": t.weight_decay, "--eval_every": r.eval_every}
     p += [f"{k}: must be >= 0 (got {v})" for k, v in nonneg.items() if v < 0]
     for k, v in {"--lr": t.lr, "--meta_lr": meta.meta_lr, "--fd_radius": meta.fd_radius,

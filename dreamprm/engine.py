@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from dreamprm import hypergrad
 from dreamprm.config import Config
-from dreamprm.errors import CheckpointError, NonFiniteError
+from dreamprm.errors import CheckpointError, ConfigError, NonFiniteError
 from dreamprm.model import build_prm
 
 MANIFEST = "MANIFEST.json"
@@ -147,8 +147,24 @@ def create_engine(cfg: Config, rank: int, world: int) -> Engine:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ds, _, _, _ = deepspeed.initialize(model=prm, optimizer=opt, lr_scheduler=sched, config=dsc,
                                        model_parameters=params)
-    return Engine(ds=ds, stage=stage, rank=rank, world=world, tokenizer=tokenizer,
-                  params=[p for p in ds.module.parameters() if p.requires_grad], hf_ds_config=hf_ds)
+    eng = Engine(ds=ds, stage=stage, rank=rank, world=world, tokenizer=tokenizer,
+                 params=[p for p in ds.module.parameters() if p.requires_grad], hf_ds_config=hf_ds)
+    if cfg.meta.hypergrad == "finite_diff" and not cfg.meta.baseline:
+        check_finite_diff_dtype(eng, cfg)
+    return eng
+
+
+def check_finite_diff_dtype(eng: Engine, cfg: Config) -> None:
+    """finite_diff perturbs the parameters the forward reads; DeepSpeed decides their dtype
+    (ZeRO 0-2 in bf16 cast LoRA adapters to bf16 too). In bf16 most of a perturbation of
+    fd_radius / ||v|| per element rounds away, so refuse it rather than return noise."""
+    dtypes = {str((p.ds_tensor if eng.stage == 3 else p).dtype).replace("torch.", "") for p in eng.params}
+    low = sorted(dtypes - {"float32", "float64"})
+    if low:
+        raise ConfigError([f"--hypergrad finite_diff: after DeepSpeed set up the engine (ZeRO stage {eng.stage}, "
+                           f"--precision {cfg.train.precision}, --mode {cfg.model.mode}) the parameters it would "
+                           f"perturb are {', '.join(low)}, which round most of the perturbation away; use "
+                           "--hypergrad exact, or --precision fp32"])
 
 
 def forward(eng: Engine, batch: dict, meta: bool = False) -> torch.Tensor:
@@ -245,24 +261,30 @@ def _params_changed(eng: Engine) -> None:
 
 
 def fd_alignments(eng: Engine, recent: list, v: list, radius: float):
-    """a_i by central differences along v, parameters restored bit-exactly from a clone."""
+    """a_i by central differences along v, parameters restored bit-exactly from a clone.
+
+    Divides by the perturbation that landed (its component along v), not the nominal 2 eps."""
     vnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in v)).item()
     eps = hypergrad.fd_epsilon(radius, vnorm)
     if eps == 0.0:
         return [torch.zeros(len(r["batch"]["index"])) for r in recent], vnorm
     local = [_local(eng, p, x) for p, x in zip(eng.params, v)]
     saved = [t.clone() for t, _ in local]
-    losses = {}
+    losses, landed = {}, torch.zeros(1, dtype=torch.float64, device=eng.ds.device)
     with torch.no_grad():
         for sign in (1.0, -1.0):
             for (t, d), s in zip(local, saved):
                 t.copy_(s.float().add(d, alpha=sign * eps).to(t.dtype))
+                landed += sign * ((t.double() - s.double()) * d.double()).sum()
             _params_changed(eng)
             losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"], meta=True), r["batch"]) for r in recent]
         for (t, _), s in zip(local, saved):
             t.copy_(s)
         _params_changed(eng)
-    return [hypergrad.fd_alignments(lp, lm, eps).cpu() for lp, lm in zip(losses[1.0], losses[-1.0])], vnorm
+    if eng.stage == 3:  # each rank holds a shard of theta and of v
+        all_reduce_(landed)
+    span = landed.item() / vnorm ** 2
+    return [hypergrad.fd_alignments(lp, lm, span).cpu() for lp, lm in zip(losses[1.0], losses[-1.0])], vnorm
 
 
 def exact_alignments(eng: Engine, recent: list, v: list):
@@ -315,11 +337,11 @@ def meta_update(eng: Engine, meta_batch: dict, recent: list, wmod, wopt, cfg: Co
         if p.grad is not None:
             all_reduce_(p.grad)
     wopt.step()
-    if hasattr(wmod, "observe"):  # instance net: running level from the global batch mean
-        with torch.no_grad():
-            w = torch.cat([wmod.positive(r["batch"]["domain"].cpu(), r["features"].cpu()) for r in recent])
-            mean = all_reduce_(torch.tensor([w.sum().item(), float(len(w))]))
-        wmod.observe(mean[0] / mean[1])
+    with torch.no_grad():  # the instance net's running level: the global batch mean
+        w = torch.cat([wmod.positive(r["batch"]["index"].cpu(), r["batch"]["domain"].cpu(), r["features"].cpu())
+                       for r in recent])
+        mean = all_reduce_(torch.tensor([w.sum().item(), float(len(w))]))
+    wmod.observe(mean[0] / mean[1])
     return {"meta_loss": lmeta, "v_norm": vnorm,
             "align_mean": all_reduce_(torch.tensor([a_all.sum().item()])).item() / max(1, n_global)}
 

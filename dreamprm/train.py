@@ -27,7 +27,7 @@ from dreamprm.data.loader import BatchStream, with_workers
 from dreamprm.data.readers import DataError, load_records
 from dreamprm.data.tokenize import domain_table, encode_records
 from dreamprm.scoring import eval_step_metrics, load_eval_examples
-from dreamprm.weights import DomainTable, InstanceTable, build_weight_module, build_weight_optimizer
+from dreamprm.weights import build_weight_module, build_weight_optimizer
 
 DEMO_DIR = Path(__file__).parent / "demo"
 # Fields that must agree between a checkpoint and the run resuming it.
@@ -119,11 +119,8 @@ def start_wandb(cfg: Config, run_dir: Path, rank: int):
 
 
 def weight_stats(wmod, baseline: bool) -> dict:
-    if baseline:
-        return {}
-    if hasattr(wmod, "all_weights"):
-        w = wmod.all_weights()
-    else:
+    w = None if baseline else wmod.instance_weights()
+    if w is None:  # uniform, or the instance net (its weights depend on features)
         return {}
     return {"w_mean": w.mean().item(), "w_std": w.std().item() if w.numel() > 1 else 0.0,
             "w_min": w.min().item(), "w_max": w.max().item()}
@@ -234,8 +231,8 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
         eval_ex, se = load_eval_examples(cfg, eng.tokenizer, domains)
         print0(f"eval  {cfg.data.eval_file}: {se}", rank=rank)
     # ---
-    wmod = build_weight_module(cfg.meta.weights, len(train_ex), len(domains), cfg.meta.net_hidden)
-    wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
+    wmod = build_weight_module(cfg.meta.weights, [ex.domain for ex in train_ex], len(domains), cfg.meta.net_hidden)
+    wopt = build_weight_optimizer(wmod, cfg.meta)
     train_stream = with_workers(BatchStream(train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed),
                                 cfg.data.num_workers)
     meta_stream = (BatchStream(meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1)
@@ -302,7 +299,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
             window["tokens"] += out["tokens"]
             window["loss"] += out["loss"]
             window["loss_unweighted"] += out["loss_unweighted"]
-            if bilevel and step % cfg.meta.meta_interval == 0:
+            if bilevel and step > cfg.meta.meta_warmup and step % cfg.meta.meta_interval == 0:
                 meta = engine.meta_update(eng, next(meta_stream), out["recent"], wmod, wopt, cfg, step)
                 window["meta_n"] += 1
                 window["meta_loss"] += meta["meta_loss"]
@@ -357,13 +354,8 @@ def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, r
     last_w = engine.all_reduce_(last_w.clone(), op=torch.distributed.ReduceOp.MAX)
     if rank != 0:
         return
-    if baseline:
-        w = torch.ones(len(train_ex))
-    elif isinstance(wmod, InstanceTable):
-        w = wmod.all_weights()
-    elif isinstance(wmod, DomainTable):
-        w = wmod.all_weights()[torch.tensor([ex.domain for ex in train_ex])]
-    else:
+    w = torch.ones(len(train_ex)) if baseline else wmod.instance_weights()
+    if w is None:  # the instance net: the weight each record was last trained with
         w = torch.where(last_w >= 0, last_w, torch.full_like(last_w, math.nan))
     with open(run_dir / "instance_weights.jsonl", "w") as f:
         for ex, wi in zip(train_ex, w.tolist()):

@@ -61,7 +61,7 @@ def reference_grads(out: Path, flags: list[str]) -> dict:
     out_grads = {}
     for kind in ("instance_table", "instance_net", "domain_table"):
         torch.manual_seed(123)
-        wmod = build_weight_module(kind, ranks[0]["n_train"], ranks[0]["n_domains"], cfg.meta.net_hidden)
+        wmod = build_weight_module(kind, ranks[0]["train_domains"], ranks[0]["n_domains"], cfg.meta.net_hidden)
         obj = sum(hypergrad.weight_objective(wmod(x["batch"]["index"], x["batch"]["domain"], x["features"]),
                                              a, n) for x, a in zip(recent, align))
         obj.backward()
