@@ -1,6 +1,8 @@
 """Does reweighting work? A controlled noisy-label experiment on a checkable PRM task (issue 7).
 
-    python bench/reweighting.py                       # the full experiment: 4 methods x 3 seeds, table + figures
+    python bench/reweighting.py                       # random flips: 5 methods x 3 seeds, table + figures
+    python bench/reweighting.py --domains a,b,c --kinds none,swap_sub,swap_sub --rates 0,1,1 --epochs 6 \
+        --lr 5e-4 --meta_batch_size 16 --out bench/reweighting/swap_sub   # noise that changes the ranking
     python bench/reweighting.py --seeds 0 --methods baseline,instance_table --epochs 1   # a quick look
     python bench/reweighting.py --plot_only           # redo table and figures from the finished runs
 
@@ -47,7 +49,9 @@ initialisation): clean-test step AUROC, ProcessBench-style F1 (first predicted e
 first error, threshold 0.5), best-of-N accuracy (--bon_aggregation), the AUROC of the learned
 weights at telling clean from corrupted instances (clean = positive, so 1.0 means every corrupted
 instance weighs less than every clean one; 0.5 for uniform weights), and the mean learned weight
-per domain. Output: --out/results.json, --out/results.md and PNG figures; runs go to --work_dir.
+per domain. The weights are those the runs used: dreamprm's tables normalise to mean 1 over the
+training instances. Output: --out/results.json, --out/results.md and PNG figures; runs go to
+--work_dir.
 """
 
 from __future__ import annotations
@@ -356,7 +360,7 @@ def write_report(args, results: dict, table: dict, command: str) -> str:
         t = table[m]
         lines.append(f"| {m} | {fmt(t['step_auroc'])} | {fmt(t['pb_f1'])} | {fmt(t['bon_acc'])} | "
                      f"{fmt(t['weight_auroc'])} |")
-    lines += ["", "Mean learned weight per domain (weights have mean 1 over the table):", "",
+    lines += ["", "Mean learned weight per domain (weights have mean 1 over the training instances):", "",
               "| method | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
     for m in results:
         lines.append(f"| {m} | " + " | ".join(fmt(table[m]["domain_weight"][d], 2) for d in args.domains) + " |")

@@ -163,3 +163,15 @@ def test_resume_continues_exactly_and_refuses_other_world_size(tmp_path):
     p = run([sys.executable] + TRAIN + z3 + ["--total_steps", "8", "--output_dir", str(split)], check=False)
     assert p.returncode != 0
     assert "written by 2 ranks" in p.stderr and "ds_to_universal" in p.stderr
+
+
+def test_finite_diff_refused_where_deepspeed_leaves_the_perturbed_parameters_in_bf16(tmp_path):
+    """ZeRO 0-2 in bf16 cast LoRA adapters to bf16 too: decided after the engine is built,
+    so the config alone (which allows LoRA + finite_diff) cannot catch it."""
+    env_rank = {k: v for k, v in ENV.items() if k != "RANK"}
+    p = subprocess.run([sys.executable, "launch/train.py", "--mode", "lora", "--precision", "bf16", "--hypergrad",
+                        "finite_diff", "--deepspeed", "ds_configs/zero2.json", "--dry_run", "--output_dir",
+                        str(tmp_path / "run")], cwd=ROOT, env=env_rank, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    assert "--hypergrad finite_diff" in p.stderr and "bfloat16" in p.stderr and "Traceback" not in p.stderr, \
+        p.stderr[-3000:]
