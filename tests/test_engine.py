@@ -74,9 +74,9 @@ CASES = {
     "zero3-fp32": ("ds_configs/zero3.json", "fp32", 1, 0.999, 0.05, 0.05),
     "zero3-bf16": ("ds_configs/zero3.json", "bf16", 1, 0.99, 0.05, 0.05),
     "zero3-fp32-accum2": ("ds_configs/zero3.json", "fp32", 2, 0.999, 0.05, 0.05),
-    # ZeRO 0-2 cast LoRA adapters to bf16: rounding shrinks the finite-difference step by
-    # 5-10% (README: use exact there); the direction is still right.
-    "zero2-bf16": ("ds_configs/zero2.json", "bf16", 1, 0.99, 0.05, 0.15),
+    # ZeRO 0-2 cast LoRA adapters to bf16, where a run refuses finite_diff; the worker calls it
+    # anyway: dividing by the perturbation that landed keeps the scale (nominal 2 eps: 5-10% off).
+    "zero2-bf16": ("ds_configs/zero2.json", "bf16", 1, 0.99, 0.05, 0.03),
 }
 
 
@@ -85,7 +85,7 @@ def test_hypergradient_matches_autograd_reference(tmp_path, case):
     ds, precision, accum, min_cos, tol_exact, tol_fd = CASES[case]
     flags = ["--deepspeed", ds, "--precision", precision, "--mode", "lora", "--grad_accum", str(accum),
              "--batch_size", "2", "--meta_batch_size", "2", "--lora_dropout", "0.1",
-             "--output_dir", str(tmp_path / "run"), "--fd_radius", "0.01"]
+             "--output_dir", str(tmp_path / "run"), "--fd_radius", "0.01", "--hypergrad", "exact"]
     run(TORCHRUN + ["tests/engine_worker.py", str(tmp_path)] + flags)
     ref, ranks = reference_grads(tmp_path, flags)
     for r in ranks:  # a meta pass leaves the PRM, its fp32 masters and Adam state bit-identical
