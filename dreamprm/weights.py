@@ -5,7 +5,7 @@ weight is softplus(raw) divided by a DETACHED reference level, so the loss scale
 while the hypergradient reaches only the rows or inputs of the current batch. Raw values
 start where softplus gives 1.
 
-Every weight module offers the same three calls, used by the engine and the loop:
+Every weight module offers the same four calls, used by the engine and the loop:
   module(index, domain, features) -> [B] weights of a batch (differentiable in the module);
   module.positive(index, domain, features) -> [B] softplus values before the level;
   module.observe(global_mean) after each meta step, with the mean of positive() over the
