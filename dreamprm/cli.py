@@ -4,6 +4,7 @@
     dreamprm data convert --from FORMAT IN OUT
     dreamprm evaluate {steps,processbench,bon} --data FILE (--model PATH | --scores FILE)
     dreamprm export RUN_DIR OUT_DIR [--adapter] [--checkpoint step_N]
+    dreamprm smollm2 [--out DIR] [--gguf FILE]    (a real pretrained model folder, see dreamprm/smollm2.py)
     dreamprm train [options of launch/train.py]
 
 Each subcommand is a parser built by an add_*_parser(subparsers) function plus a plain
@@ -24,6 +25,7 @@ from dreamprm.data.record import DEFAULT_STEP_TAG, write_jsonl
 from dreamprm.errors import ConfigError, DataError, DreamPRMError
 from dreamprm.evaluate import add_evaluate_parser
 from dreamprm.export import add_export_parser
+from dreamprm.smollm2 import add_smollm2_parser
 
 
 def _print_problems(problems: list[str], skippable: bool = False) -> None:
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_export_parser(subparsers)
+    add_smollm2_parser(subparsers)
     subparsers.add_parser("train", add_help=False,
                           help="train a PRM (same options as launch/train.py; `dreamprm train --help`)")
     return parser

@@ -58,7 +58,10 @@ class DataConfig:
 class ModelConfig:
     name_or_path: str = opt("", "local HF causal-LM or PRM folder; empty = a tiny Qwen2 built locally (demo, tests)",
                             alias=("--model_name",))
-    step_tag: str = opt("<extra_0>", "step tag token placed after every step (must be one token)")
+    step_tag: str = opt("<extra_0>", "step tag token placed after every step (one token of the tokenizer, "
+                        "or added: see add_step_tag)")
+    add_step_tag: bool = opt(True, "a step_tag that is not one token is added as a special token with a new "
+                             "embedding row (mean of the others); off = such a tag is an error")
     mode: str = opt("lora", "what trains: full fine-tune, LoRA, or QLoRA (4-bit base, one GPU)", MODES)
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")

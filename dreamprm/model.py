@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dreamprm.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,7 +85,8 @@ def check_model_dir(path) -> Path:
             "`huggingface-cli download ORG/NAME --local-dir DIR` and pass DIR, or leave model.name_or_path "
             "empty for the built-in tiny model")
     if not p.is_dir():
-        raise FileNotFoundError(f"model folder {str(path)!r} does not exist ({p.resolve()}); {want}")
+        raise ModelError(f"model folder {str(path)!r} does not exist ({p.resolve()}); {want}")
+    ggufs = sorted(f.name for f in p.glob("*.gguf"))
     missing = []
     if not (p / "config.json").is_file():
         missing.append("config.json")
@@ -91,25 +94,73 @@ def check_model_dir(path) -> Path:
         missing.append("weights (*.safetensors)")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         missing.append("tokenizer files (tokenizer.json, tokenizer_config.json)")
+    if missing and ggufs:
+        raise ModelError(
+            f"model folder {p} holds only GGUF weights ({', '.join(ggufs)}), which dreamprm does not train "
+            f"from (it lacks {', '.join(missing)}). Convert it once into a Hugging Face folder: for SmolLM2 "
+            f"run `dreamprm smollm2 --gguf {p / ggufs[0]}`; for another GGUF, "
+            f"`pip install gguf` and save AutoModelForCausalLM.from_pretrained(DIR, gguf_file=NAME) and "
+            f"AutoTokenizer.from_pretrained(DIR, gguf_file=NAME) with save_pretrained (see dreamprm/smollm2.py)")
     if missing:
-        raise FileNotFoundError(f"model folder {p} lacks {', '.join(missing)}; {want}")
+        raise ModelError(f"model folder {p} lacks {', '.join(missing)}; {want}")
     return p.resolve()
 
 
-def load_tokenizer(path, step_tag: str, trust_remote_code: bool = False):
-    """AutoTokenizer from a local folder; the step tag must be exactly one token of it."""
-    from transformers import AutoTokenizer
+def load_tokenizer(path, step_tag: str, trust_remote_code: bool = False, add_tag: bool = True):
+    """AutoTokenizer from a local folder, with the step tag as exactly one token of it.
+
+    A tag the tokenizer does not have as one token is added as a special token when add_tag
+    (grow_embeddings then gives it an embedding row); either way data.tokenize.check_step_tag
+    must pass: one token alone and in every probe context (ModelError otherwise).
+    """
+    from transformers import AddedToken, AutoTokenizer
+
+    from dreamprm.data.tokenize import check_step_tag
 
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
-    ids = tok.encode(step_tag, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(
-            f"model.step_tag {step_tag!r} is {len(ids)} tokens {ids} for the tokenizer in {path}; it must be "
-            "exactly one token or step positions are lost. Use a tag the tokenizer already has as one token "
-            "(Qwen2.5 tokenizers: '<extra_0>'), or add it as a special token: "
-            "tok.add_special_tokens({'additional_special_tokens': [TAG]}), tok.save_pretrained(DIR), and "
-            "resize the model's embeddings (model.resize_token_embeddings(len(tok))) before saving it to DIR")
+    if not _is_one_token(tok, step_tag):
+        if not add_tag:
+            ids = tok.encode(step_tag, add_special_tokens=False)
+            raise ModelError(
+                f"model.step_tag {step_tag!r} is {len(ids)} tokens {ids} for the tokenizer in {path}; it must be "
+                "exactly one token or step positions are lost. Use a tag the tokenizer already has as one token "
+                "(Qwen2.5 tokenizers: '<extra_0>'), or pass --add_step_tag to add it as a special token")
+        tok.add_tokens([AddedToken(step_tag, special=True, normalized=False, lstrip=False, rstrip=False,
+                                   single_word=False)], special_tokens=True)
+        log.info("step tag %r added to the tokenizer of %s as special token id %d", step_tag, path,
+                 tok.convert_tokens_to_ids(step_tag))
+    check_step_tag(tok, step_tag)  # raises ModelError naming tag, tokenizer and an example
     return tok
+
+
+def _is_one_token(tok, tag: str) -> bool:
+    ids = tok.encode(tag, add_special_tokens=False)
+    tid = tok.convert_tokens_to_ids(tag)
+    return len(ids) == 1 and tid == ids[0] and tid != tok.unk_token_id
+
+
+def grow_embeddings(backbone, tok, path) -> int:
+    """Give every token of tok an input-embedding row; returns the number of rows added.
+
+    New rows (tokens past the checkpoint's vocabulary, e.g. an added step tag) start as the mean
+    of the checkpoint's rows: deterministic, so a LoRA run (embeddings frozen) and every rebuild of
+    it from the base folder (checkpoint scoring, adapter export) get the same row, and close to what
+    the model has seen, unlike the random rows of a fresh init. Rows the checkpoint already has are
+    never changed. Under ZeRO-3, transformers' resize gathers the old matrix and leaves a whole
+    (unpartitioned) new one, which DeepSpeed partitions when the engine starts.
+    """
+    emb = backbone.get_input_embeddings()
+    n_old = emb.weight.ds_shape[0] if hasattr(emb.weight, "ds_shape") else emb.num_embeddings
+    if len(tok) <= n_old:
+        return 0
+    backbone.resize_token_embeddings(len(tok), mean_resizing=False)
+    w = backbone.get_input_embeddings().weight
+    if hasattr(w, "ds_id") or w.shape[0] != len(tok):
+        raise ModelError(f"growing the embeddings of {path} to {len(tok)} rows left a {tuple(w.shape)} "
+                         "(partitioned) matrix; this transformers/DeepSpeed pair resizes differently")
+    with torch.no_grad():
+        w[n_old:] = w[:n_old].float().mean(0).to(w.dtype)
+    return len(tok) - n_old
 
 
 def _read_head(path: Path) -> dict | None:
@@ -225,12 +276,9 @@ def build_prm(mcfg, precision: str = "fp32", *, gc_reentrant: bool = False):
         from dreamprm.tiny import default_tiny_dir
 
         path = check_model_dir(default_tiny_dir())
-    tok = load_tokenizer(path, mcfg.step_tag, mcfg.trust_remote_code)
+    tok = load_tokenizer(path, mcfg.step_tag, mcfg.trust_remote_code, mcfg.add_step_tag)
     prm, _ = _load(path, precision, mcfg.attn_implementation, mcfg.trust_remote_code, mcfg.mode == "qlora")
-    tag_id = tok.convert_tokens_to_ids(mcfg.step_tag)
-    if tag_id >= prm.model.get_input_embeddings().num_embeddings:
-        raise ValueError(f"step tag {mcfg.step_tag!r} has id {tag_id} but the model in {path} has only "
-                         f"{prm.model.get_input_embeddings().num_embeddings} embeddings: resize them")
+    grow_embeddings(prm.model, tok, path)
     if mcfg.mode == "qlora":
         prepare_model_for_kbit_training(prm.model, use_gradient_checkpointing=mcfg.gradient_checkpointing,
                                         gradient_checkpointing_kwargs={"use_reentrant": gc_reentrant})
@@ -373,9 +421,10 @@ def load_prm(path, precision: str = "fp32", attn_implementation: str = "auto", b
         prm, _ = _load(base_dir, precision, attn_implementation, trust_remote_code, meta.get("qlora") == "1",
                        want_head=False)
         prm.score.load_state_dict(load_file(str(p / HEAD_FILE), device=str(prm.score[0].weight.device)))
-        prm.model = PeftModel.from_pretrained(prm.model, str(p), is_trainable=False)
         has_tok = (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()
         tok = load_tokenizer(p if has_tok else base_dir, step_tag, trust_remote_code)
+        grow_embeddings(prm.model, tok, base_dir)  # the rows training added (mean init), before the adapter
+        prm.model = PeftModel.from_pretrained(prm.model, str(p), is_trainable=False)
     else:
         p = check_model_dir(p)
         step_tag = json.loads((p / "config.json").read_text()).get("dreamprm_step_tag", DEFAULT_TAG)

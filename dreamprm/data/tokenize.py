@@ -13,13 +13,16 @@ import math
 from dataclasses import dataclass, field
 
 from dreamprm.data.record import Record, record_problems
+from dreamprm.errors import ModelError
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 NO_DOMAIN = "<none>"  # name of domain index 0: records without a domain
 
 # Text around the tag in check_step_tag: a tag that is one token alone but merges with a
 # neighbour ("x<tag>") would break tag-position lookup on whole-text encodings at inference.
-_PROBES = ("x{}", "{}x", "1.{}", " {} ", "\n{}\n", "a {}b")
+# Real steps end in digits, "$", "\\]", "." and newlines (ProcessBench), and a step follows a tag.
+_PROBES = ("x{}", "{}x", "1.{}", " {} ", "\n{}\n", "a {}b", "12{}", "$x$.{}", "\\]{}", "\n\n{}", "{}Step",
+           "{}{}")
 
 
 @dataclass
@@ -64,20 +67,25 @@ class EncodeStats:
 
 
 def check_step_tag(tokenizer, tag: str) -> int:
-    """Id of the step tag; ValueError unless the tag is exactly one token in every context."""
-    fix = (f"add it as a special token (tokenizer.add_special_tokens({{'additional_special_tokens': "
-           f"[{tag!r}]}}) and resize the model's embeddings), or choose another --step_tag that is one")
+    """Id of the step tag; ModelError (naming tag, tokenizer and an example) unless the tag is exactly
+    one token alone and in every probe context."""
+    name = f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or 'in memory'})"
+    fix = (f"let dreamprm add it as a special token (--add_step_tag, the default, grows the embeddings), "
+           f"or choose another --step_tag that is one token of {name}")
     ids = tokenizer.encode(tag, add_special_tokens=False)
     tid = tokenizer.convert_tokens_to_ids(tag)
     if len(ids) != 1 or tid is None or tid != ids[0] or tid == tokenizer.unk_token_id:
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise ValueError(f"step tag {tag!r} is not one token of this tokenizer: it encodes to {ids} "
+        raise ModelError(f"step tag {tag!r} is not one token of the tokenizer {name}: it encodes to {ids} "
                          f"{pieces} and convert_tokens_to_ids gives {tid!r}; {fix}")
-    merged = [p.format(tag) for p in _PROBES
-              if tokenizer.encode(p.format(tag), add_special_tokens=False).count(tid) != 1]
-    if merged:
-        raise ValueError(f"step tag {tag!r} (id {tid}) merges with neighbouring text: no tag token in "
-                         f"the encoding of {merged!r}; {fix}")
+    for probe in _PROBES:
+        text = probe.replace("{}", tag)
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        if enc.count(tid) != text.count(tag):
+            raise ModelError(
+                f"step tag {tag!r} (id {tid}) merges with neighbouring text in the tokenizer {name}: {text!r} "
+                f"encodes to {tokenizer.convert_ids_to_tokens(enc)}, with {enc.count(tid)} tag tokens instead "
+                f"of {text.count(tag)}; {fix}")
     return tid
 
 
