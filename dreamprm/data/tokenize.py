@@ -195,3 +195,34 @@ def encode_records(records: list[Record], tokenizer, step_tag: str, max_length: 
     if lens:
         st.len_mean, st.len_max = sum(lens) / len(lens), max(lens)
     return examples, st
+
+
+LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def length_report(records: list[Record], tokenizer, step_tag: str, use_chat_template: bool,
+                  max_length: int | None = None) -> dict:
+    """Token lengths of records exactly as training encodes them (encode_records: prompt with or
+    without the chat template, one token per step tag), for `dreamprm data check --tokenizer`.
+
+    tokens: mean, percentiles (observed lengths, numpy "higher") and max; buckets: examples per
+    length range; with max_length, cut: how many examples that limit keeps whole, truncates at a
+    step boundary or drops (not even the first step fits), and the steps it cuts.
+    """
+    import numpy as np
+
+    examples, _ = encode_records(records, tokenizer, step_tag, 10**9, use_chat_template)
+    lengths = np.array([len(e.input_ids) for e in examples])
+    out: dict = {"chat_template": bool(use_chat_template and getattr(tokenizer, "chat_template", None))}
+    if not len(lengths):
+        return out
+    pct = {f"p{p}": int(np.percentile(lengths, p, method="higher")) for p in (10, 25, 50, 75, 90, 95, 99)}
+    out["tokens"] = {"mean": round(float(lengths.mean()), 1), **pct, "max": int(lengths.max())}
+    edges = [0, *LENGTH_BUCKETS]
+    out["buckets"] = {f"{lo + 1}-{hi}": int(((lengths > lo) & (lengths <= hi)).sum()) for lo, hi in zip(edges, edges[1:])}
+    out["buckets"][f">{LENGTH_BUCKETS[-1]}"] = int((lengths > LENGTH_BUCKETS[-1]).sum())
+    if max_length is not None:
+        _, st = encode_records(records, tokenizer, step_tag, max_length, use_chat_template)
+        out["cut"] = {"max_length": max_length, "whole": st.n_kept - st.n_truncated, "truncated": st.n_truncated,
+                      "dropped": st.n_dropped, "steps_cut": st.steps_dropped, "steps_total": st.steps_total}
+    return out
