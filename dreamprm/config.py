@@ -52,6 +52,9 @@ class DataConfig:
     max_length: int = opt(4096, "tokens per example; longer solutions are cut at a step boundary")
     skip_invalid: bool = opt(False, "drop invalid records (reported by file:line) instead of failing")
     num_workers: int = opt(0, "DataLoader worker processes for batch collation")
+    packing: bool = opt(False, "pack the examples of a micro-batch end to end in rows (less padding; no "
+                        "attention across examples: sdpa/eager get a block-diagonal mask, flash_attention_2 "
+                        "one varlen row); losses, weights and meta passes stay per example")
 
 
 @dataclass
@@ -71,6 +74,8 @@ class ModelConfig:
     attn_implementation: str = opt("auto", "attention kernel; auto = flash_attention_2 if installed "
                                    "on a GPU, else sdpa", ATTN)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    gc_reentrant: bool = opt(False, "reentrant activation checkpointing (torch's older implementation); "
+                             "the default non-reentrant one is faster with LoRA")
     trust_remote_code: bool = opt(False, "allow model code from the checkpoint folder")
     chat_template: bool = opt(True, "wrap the question in the tokenizer's chat template when it has one")
 

@@ -250,14 +250,13 @@ def _lora_targets(model, wanted: list[str]) -> list[str]:
     return found
 
 
-def build_prm(mcfg, precision: str = "fp32", *, gc_reentrant: bool = False):
+def build_prm(mcfg, precision: str = "fp32"):
     """PRM and tokenizer for training, from a local causal-LM or PRM folder (mcfg: config.ModelConfig).
 
     A PRM folder (architectures has Qwen2ForProcessRewardModel, or the weights have score.0.weight) keeps
-    its head; a causal-LM folder gets a fresh head from the global RNG (seed before calling).
-    gc_reentrant: reentrant activation checkpointing. Non-reentrant (the default) is faster with LoRA, but
-    ZeRO-3 + LoRA can fail at recompute with CheckpointError (frozen weights still partitioned); pass True
-    there.
+    its head; a causal-LM folder gets a fresh head from the global RNG (seed before calling). A step tag
+    the tokenizer lacks is added with a new embedding row (load_tokenizer, grow_embeddings).
+    mcfg.gc_reentrant: reentrant activation checkpointing instead of the default non-reentrant one.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -281,9 +280,9 @@ def build_prm(mcfg, precision: str = "fp32", *, gc_reentrant: bool = False):
     grow_embeddings(prm.model, tok, path)
     if mcfg.mode == "qlora":
         prepare_model_for_kbit_training(prm.model, use_gradient_checkpointing=mcfg.gradient_checkpointing,
-                                        gradient_checkpointing_kwargs={"use_reentrant": gc_reentrant})
+                                        gradient_checkpointing_kwargs={"use_reentrant": mcfg.gc_reentrant})
     elif mcfg.gradient_checkpointing:
-        _enable_checkpointing(prm.model, gc_reentrant)
+        _enable_checkpointing(prm.model, mcfg.gc_reentrant)
     if mcfg.mode != "full":
         lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
                           target_modules=_lora_targets(prm.model, mcfg.lora_targets), bias="none")

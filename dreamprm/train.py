@@ -17,13 +17,16 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from dreamprm import engine, runlock
 from dreamprm.config import Config, save_config
-from dreamprm.data.loader import BatchStream, with_workers
+from dreamprm.model import resolve_attn
+from dreamprm.data.loader import BatchStream, collate, with_workers
+from dreamprm.data.packing import check_attention, collate_packed
 from dreamprm.data.readers import DataError, load_records
 from dreamprm.data.tokenize import domain_table, encode_records
 from dreamprm.scoring import eval_step_metrics, load_eval_examples
@@ -89,6 +92,18 @@ def load_data(cfg: Config, tokenizer, rank: int, needs_meta: bool, world: int = 
                              f"{cfg.data.max_length}) cannot give each of {world} ranks one; add data or use "
                              f"at most {max(1, len(ex))} ranks"])
     return train_ex, meta_ex, domains
+
+
+def collate_fn(cfg: Config):
+    """Padded batches, or with --packing data.packing.collate_packed: rows as long as the batch's longest
+    example for sdpa/eager (block-diagonal mask from the restarting position ids), one unpadded row for
+    flash_attention_2 (its varlen path needs batch size 1). The batch order and the stream state are
+    the same either way, so a packed run resumes like a padded one."""
+    if not cfg.data.packing:
+        return collate
+    attn = resolve_attn(cfg.model.attn_implementation)
+    check_attention(attn)
+    return partial(collate_packed, one_row=attn == "flash_attention_2")
 
 
 # ---------------------------------------------------------------- run directory
@@ -236,10 +251,11 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
     # ---
     wmod = build_weight_module(cfg.meta.weights, len(train_ex), len(domains), cfg.meta.net_hidden)
     wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
-    train_stream = with_workers(BatchStream(train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed),
-                                cfg.data.num_workers)
-    meta_stream = (BatchStream(meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1)
-                   if bilevel else None)
+    coll = collate_fn(cfg)
+    train_stream = with_workers(BatchStream(train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed,
+                                            collate_fn=coll), cfg.data.num_workers)
+    meta_stream = (BatchStream(meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1,
+                               collate_fn=coll) if bilevel else None)
     n_train = sum(p.numel() if eng.stage != 3 else p.ds_numel for p in eng.params)
     print0(f"ranks {world}, ZeRO stage {eng.stage}, {cfg.train.precision}, mode {cfg.model.mode}: "
            f"{n_train:,} trainable parameters; weights {cfg.meta.weights if bilevel else 'uniform (baseline)'}"

@@ -205,8 +205,8 @@ def test_gradient_checkpointing_same_loss_and_grads(lm_dir, reentrant):
     res = []
     for gc in (False, True):
         torch.manual_seed(0)
-        mcfg = cfg(lm_dir, mode="lora", gradient_checkpointing=gc)
-        prm, tok = build_prm(mcfg, "fp32", gc_reentrant=reentrant)
+        mcfg = cfg(lm_dir, mode="lora", gradient_checkpointing=gc, gc_reentrant=reentrant)
+        prm, tok = build_prm(mcfg, "fp32")
         perturb_lora(prm)
         base = prm.model.get_base_model()
         assert getattr(base, "is_activation_checkpointing", None) in (gc, None)

@@ -82,7 +82,7 @@ def test_smollm2_zero3_lora_two_ranks_meta_pass_then_export_reloads(smol_dir, pr
     write_jsonl(short[:8], tmp_path / "train.jsonl")
     write_jsonl(short[8:], tmp_path / "meta.jsonl")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "launch/train.py", "--model_name", str(smol_dir), "--mode", "lora", "--lora_r", "4",
            "--lora_targets", "q_proj", "v_proj", "--precision", "fp32", "--deepspeed", "ds_configs/zero3.json",
            "--train_file", tmp_path / "train.jsonl", "--meta_file", tmp_path / "meta.jsonl",
