@@ -219,7 +219,8 @@ def length_report(records: list[Record], tokenizer, step_tag: str, use_chat_temp
     pct = {f"p{p}": int(np.percentile(lengths, p, method="higher")) for p in (10, 25, 50, 75, 90, 95, 99)}
     out["tokens"] = {"mean": round(float(lengths.mean()), 1), **pct, "max": int(lengths.max())}
     edges = [0, *LENGTH_BUCKETS]
-    out["buckets"] = {f"{lo + 1}-{hi}": int(((lengths > lo) & (lengths <= hi)).sum()) for lo, hi in zip(edges, edges[1:])}
+    out["buckets"] = {f"{lo + 1}-{hi}": int(((lengths > lo) & (lengths <= hi)).sum())
+                      for lo, hi in zip(edges, edges[1:])}
     out["buckets"][f">{LENGTH_BUCKETS[-1]}"] = int((lengths > LENGTH_BUCKETS[-1]).sum())
     if max_length is not None:
         _, st = encode_records(records, tokenizer, step_tag, max_length, use_chat_template)
