@@ -1,7 +1,7 @@
 """Training tokens/s with --packing vs without, through the real training loop, on real length mixes.
 
     python bench/packing_train.py                  # ProcessBench + MiniF2F attempts, CPU, ~10 minutes
-    python bench/packing_train.py --updates 4 --records 64
+    python bench/packing_train.py --tokenizer ~/.cache/dreamprm/smollm2-135m-instruct --max_length 2048
 
 For each data set, `launch/train.py` runs twice on the same records, the same batches and the same
 model (a random tiny LoRA PRM: hidden 256, 2 layers, fp32, sdpa, 1 thread), once padded and once with
@@ -53,6 +53,24 @@ def records(root: Path, name: str, n: int, seed: int):
     return recs
 
 
+def tiny_model(out: Path, tokenizer: str | None) -> Path:
+    """The random tiny LoRA PRM backbone (hidden 256, 2 layers); with --tokenizer, over that tokenizer
+    (e.g. SmolLM2's, whose token counts are what a real run sees) instead of dreamprm's tiny one."""
+    if tokenizer is None:
+        return make_tiny_checkpoint(out, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=1344)
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=1344, max_position_embeddings=8192,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def run(model: Path, data: Path, out: Path, a, packing: bool) -> list[dict]:
     cmd = [sys.executable, "launch/train.py", "--model_name", str(model), "--train_file", str(data),
            "--meta_file", str(data), "--mode", "lora", "--precision", "fp32", "--attn_implementation", "sdpa",
@@ -75,15 +93,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_length", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenize with this folder's tokenizer (e.g. the SmolLM2 "
+                   "folder of `dreamprm smollm2`) instead of the tiny one")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    print(f"tiny LoRA PRM (hidden 256, 2 layers), fp32, sdpa, {a.threads} thread(s), batch {a.batch_size}, "
-          f"max_length {a.max_length}, {a.records} records per data set\n")
+    print(f"tiny LoRA PRM (hidden 256, 2 layers), tokenizer {a.tokenizer or 'tiny'}, fp32, sdpa, {a.threads} "
+          f"thread(s), batch {a.batch_size}, max_length {a.max_length}, {a.records} records per data set\n")
     print("| data | layout | timed updates | tokens/s (median) | packed / padded |")
     print("|---|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="dreamprm-packtrain-") as tmp:
         tmp = Path(tmp)
-        model = make_tiny_checkpoint(tmp / "model", hidden=256, layers=2, heads=4, kv_heads=2, intermediate=1344)
+        model = tiny_model(tmp / "model", a.tokenizer)
         for name in DATASETS:
             data = tmp / f"{name}.jsonl"
             write_jsonl(records(Path(a.realdata), name, a.records, a.seed), data)
