@@ -108,34 +108,27 @@ def check_model_dir(path) -> Path:
 def load_tokenizer(path, step_tag: str, trust_remote_code: bool = False, add_tag: bool = True):
     """AutoTokenizer from a local folder, with the step tag as exactly one token of it.
 
-    A tag the tokenizer does not have as one token is added as a special token when add_tag
-    (grow_embeddings then gives it an embedding row); either way data.tokenize.check_step_tag
-    must pass: one token alone and in every probe context (ModelError otherwise).
+    data.tokenize.check_step_tag must pass: one token alone and in every probe context. When it does
+    not and add_tag, the tag is added as a special token (split out before the tokenizer's own model
+    runs, so it can no longer merge; a new id gets an embedding row from grow_embeddings) and checked
+    again. ModelError, naming the tag, the tokenizer and an example, when it still fails.
     """
     from transformers import AddedToken, AutoTokenizer
 
     from dreamprm.data.tokenize import check_step_tag
 
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
-    if not _is_one_token(tok, step_tag):
+    try:
+        check_step_tag(tok, step_tag)
+    except ModelError:
         if not add_tag:
-            ids = tok.encode(step_tag, add_special_tokens=False)
-            raise ModelError(
-                f"model.step_tag {step_tag!r} is {len(ids)} tokens {ids} for the tokenizer in {path}; it must be "
-                "exactly one token or step positions are lost. Use a tag the tokenizer already has as one token "
-                "(Qwen2.5 tokenizers: '<extra_0>'), or pass --add_step_tag to add it as a special token")
+            raise
         tok.add_tokens([AddedToken(step_tag, special=True, normalized=False, lstrip=False, rstrip=False,
                                    single_word=False)], special_tokens=True)
+        check_step_tag(tok, step_tag)
         log.info("step tag %r added to the tokenizer of %s as special token id %d", step_tag, path,
                  tok.convert_tokens_to_ids(step_tag))
-    check_step_tag(tok, step_tag)  # raises ModelError naming tag, tokenizer and an example
     return tok
-
-
-def _is_one_token(tok, tag: str) -> bool:
-    ids = tok.encode(tag, add_special_tokens=False)
-    tid = tok.convert_tokens_to_ids(tag)
-    return len(ids) == 1 and tid == ids[0] and tid != tok.unk_token_id
 
 
 def grow_embeddings(backbone, tok, path) -> int:

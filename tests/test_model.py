@@ -15,6 +15,7 @@ from dreamprm.model import (
     PRM,
     build_prm,
     load_prm,
+    load_tokenizer,
     resolve_attn,
     save_adapter,
     save_prm,
@@ -267,6 +268,20 @@ def test_gguf_only_or_tokenizerless_folder_says_what_to_do(lm_dir, tmp_path):
 def test_tag_not_single_token_without_add_step_tag(lm_dir):
     with pytest.raises(ModelError, match=r"'<step>'.*" + str(lm_dir) + r".*--add_step_tag"):
         build_prm(cfg(lm_dir, step_tag="<step>", add_step_tag=False), "fp32")
+
+
+def test_tag_that_merges_with_text_is_made_special_or_refused(tmp_path, merging_tag_tok):
+    """A tag that is one word of the vocabulary but merges with its neighbours ("x<extra_0>" is one
+    unknown word): registered as a special token it keeps its id (no new embedding row) and stops
+    merging; with add_tag off (--no-add_step_tag) it is a ModelError naming tag, tokenizer and text."""
+    merging_tag_tok.save_pretrained(tmp_path / "wl")
+    tid = merging_tag_tok.convert_tokens_to_ids("<extra_0>")
+    with pytest.raises(ModelError, match=r"'<extra_0>'.*merges with neighbouring text in the tokenizer "
+                                         r"\w+\(.*wl\): 'x<extra_0>' encodes to"):
+        load_tokenizer(tmp_path / "wl", "<extra_0>", add_tag=False)
+    tok = load_tokenizer(tmp_path / "wl", "<extra_0>")
+    assert tok.convert_tokens_to_ids("<extra_0>") == tid and len(tok) == len(merging_tag_tok)
+    assert tok.encode("x<extra_0>", add_special_tokens=False).count(tid) == 1
 
 
 @pytest.fixture(scope="module")
