@@ -89,7 +89,9 @@ def test_smollm2_packed_rows_score_like_padded_batches(smol_dir, processbench, a
     torch.manual_seed(0)
     prm, tok = build_prm(ModelConfig(name_or_path=str(smol_dir), mode="full", attn_implementation=attn), "fp32")
     prm.eval()
-    examples, _ = encode_records(processbench["gsm8k"][:6], tok, TAG, 256, use_chat_template=True)
+    examples, _ = encode_records(processbench["gsm8k"][:20], tok, TAG, 1024, use_chat_template=True)
+    examples = sorted(examples, key=lambda e: len(e.input_ids))
+    examples = examples[:4] + examples[-1:]  # four short solutions fit beside each other in the longest one
     padded, packed = collate(examples, tok.pad_token_id), collate_packed(examples, tok.pad_token_id)
     assert packed["input_ids"].shape[0] < len(examples)  # some rows really hold several examples
     with torch.no_grad():
