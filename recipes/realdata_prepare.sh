@@ -12,7 +12,8 @@ for split in math olympiadbench omnimath; do
   dreamprm data convert --from processbench "$REAL/processbench/$split.json" "data/realdata/$split.jsonl"
 done
 cat data/realdata/{math,olympiadbench,omnimath}.jsonl > data/realdata/train.jsonl
-MODEL=$(dreamprm smollm2 --out models/smollm2-135m-instruct)
+MODEL=models/smollm2-135m-instruct
+dreamprm smollm2 --out "$MODEL"
 echo "== train: length distribution as trained (SmolLM2 tokenizer, chat template) and what $MAX_LENGTH cuts"
 dreamprm data check data/realdata/train.jsonl --tokenizer "$MODEL" --max_length "$MAX_LENGTH"
 echo "== meta: GSM8K best-of-4 candidates"
