@@ -1,21 +1,19 @@
 #!/usr/bin/env bash
-# Prepare recipes/realdata.yaml: real step labels to train on, their length distribution, the model.
+# Prepare recipes/realdata.yaml: the SmolLM2 folder, and the length distribution of every file it reads.
 #   bash recipes/realdata_prepare.sh [MAX_LENGTH]        (from the repository root; ../shared/realdata needed)
-# Writes data/realdata/train.jsonl (ProcessBench math + olympiadbench + omnimath, 3000 records with
-# first-error step labels) and builds the SmolLM2 folder (dreamprm smollm2). Meta and eval data are read
-# in place: GSM8K best-of-4 candidates (outcome labels) and ProcessBench gsm8k (step labels).
+# Builds models/smollm2-135m-instruct (dreamprm smollm2) and prints, for the SmolLM2 tokenizer with the chat
+# template, each file's token lengths and what MAX_LENGTH (default 2048) cuts: the training sources
+# (ProcessBench math, olympiadbench, omnimath: first-error step labels), the meta data (GSM8K best-of-4
+# candidates: outcomes) and the eval file (ProcessBench gsm8k).
 set -euo pipefail
 MAX_LENGTH=${1:-2048}
 REAL=${DREAMPRM_SHARED:-../shared}/realdata
-mkdir -p data/realdata
-for split in math olympiadbench omnimath; do
-  dreamprm data convert --from processbench "$REAL/processbench/$split.json" "data/realdata/$split.jsonl"
-done
-cat data/realdata/{math,olympiadbench,omnimath}.jsonl > data/realdata/train.jsonl
 MODEL=models/smollm2-135m-instruct
 dreamprm smollm2 --out "$MODEL"
-echo "== train: length distribution as trained (SmolLM2 tokenizer, chat template) and what $MAX_LENGTH cuts"
-dreamprm data check data/realdata/train.jsonl --tokenizer "$MODEL" --max_length "$MAX_LENGTH"
+for split in math olympiadbench omnimath; do
+  echo "== train: ProcessBench $split"
+  dreamprm data check "$REAL/processbench/$split.json" --from processbench --tokenizer "$MODEL" --max_length "$MAX_LENGTH"
+done
 echo "== meta: GSM8K best-of-4 candidates"
 dreamprm data check "$REAL/gsm8k_openai_model_solutions/example_model_solutions.jsonl" --from gsm8k_candidates \
   --tokenizer "$MODEL" --max_length "$MAX_LENGTH"
