@@ -365,7 +365,8 @@ def check_ds_json(cfg: Config, path: Path) -> list[str]:
 
 def save_config(cfg: Config, path: Path) -> None:
     """The resolved config as YAML: loadable again with --config."""
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from dreamprm.checkpoint import write_text_atomic
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def markdown_reference() -> str:

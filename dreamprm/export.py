@@ -31,11 +31,9 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
     Raises scoring.ScoringError naming what is missing for an incomplete run or a partial checkpoint,
     and before any loading for an out_dir that is not empty or an --adapter export of a full fine-tune.
     """
-    import torch
-
+    from dreamprm.checkpoint import shared_state, write_json_atomic
     from dreamprm.model import save_adapter, save_prm
-    from dreamprm.scoring import (EXPORT_INFO, SHARED_STATE, ScoringError, load_checkpoint_prm, path_kind,
-                                  resolve_checkpoint)
+    from dreamprm.scoring import EXPORT_INFO, ScoringError, load_checkpoint_prm, path_kind, resolve_checkpoint
 
     src, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
     if path_kind(src) == "model":
@@ -44,7 +42,7 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ScoringError(f"OUT_DIR {out} exists and is not empty; remove it or choose another")
     ckpt = resolve_checkpoint(src, checkpoint)
-    state = torch.load(ckpt / SHARED_STATE, weights_only=True, map_location="cpu")
+    state = shared_state(ckpt)
     cfg = state["config"]
     mode = cfg["model"]["mode"]
     if adapter and mode == "full":
@@ -65,7 +63,7 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
                 "chat_template": cfg["model"]["chat_template"], "max_length": cfg["data"]["max_length"],
                 "mode": mode, "precision": precision if mode != "qlora" else cfg["train"]["precision"],
                 "checkpoint": str(ckpt.resolve()), "step": state["step"], "config": cfg}
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+        write_json_atomic(tmp / EXPORT_INFO, info)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+from dreamprm import checkpoint as ckpt_io
 from dreamprm import hypergrad
+from dreamprm.checkpoint import MANIFEST, SHARED_STATE
 from dreamprm import metrics as M
 from dreamprm.data.loader import collate
 from dreamprm.data.record import Record
@@ -38,10 +40,6 @@ from dreamprm.errors import CheckpointError, DataError, ScoringError
 from dreamprm.model import DEFAULT_TAG, HEAD_FILE, step_probs
 
 EXPORT_INFO = "dreamprm.json"  # written by `dreamprm export` next to the weights
-# engine's file names, repeated so that exported folders load without importing deepspeed
-# (tests/test_scoring.py checks that they agree)
-SHARED_STATE = "dreamprm_state.pt"
-MANIFEST = "MANIFEST.json"
 
 
 # ---------------------------------------------------------------- scoring
@@ -176,8 +174,6 @@ def resolve_checkpoint(p: Path, checkpoint: str | None = None) -> Path:
 
     Refuses runs without a complete checkpoint and partial or damaged checkpoints, saying what is missing.
     """
-    from dreamprm import engine  # imports deepspeed; not needed for exported folders
-
     if path_kind(p) == "checkpoint":
         if checkpoint is not None:
             raise ScoringError(f"{p} is a checkpoint folder already; checkpoint= is for run directories")
@@ -190,21 +186,21 @@ def resolve_checkpoint(p: Path, checkpoint: str | None = None) -> Path:
         if checkpoint is not None:
             name = checkpoint.strip()
             if re.fullmatch(r"(step_)?\d+", name):
-                name = engine.checkpoint_tag(int(name.removeprefix("step_")))
+                name = ckpt_io.tag(int(name.removeprefix("step_")))
             ckpt = root / name
             if not ckpt.is_dir():
                 raise ScoringError(f"{p}: no checkpoint {checkpoint!r} ({ckpt} does not exist); checkpoints "
                                    f"there: {listing}")
         else:
-            ckpt = engine.latest_checkpoint(root)
+            ckpt = ckpt_io.latest(root)
             if ckpt is None:
                 raise ScoringError(
                     f"{p} has no complete checkpoint: {root / 'latest'} is missing (checkpoint folders: "
                     f"{listing}). A run writes one every --save_every updates, at the end, and on SIGTERM; "
                     "wait for one, or stop the run with SIGTERM")
     try:
-        engine.verify_checkpoint(ckpt, world=None)
-    except engine.CheckpointError as e:
+        ckpt_io.verify(ckpt)
+    except CheckpointError as e:
         raise ScoringError(str(e)) from e
     if not (ckpt / SHARED_STATE).is_file():  # a manifest written by something else
         raise ScoringError(f"checkpoint {ckpt} has no {SHARED_STATE} (the run config); not a dreamprm checkpoint")

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
+from dreamprm import checkpoint as ckpt
 from dreamprm import engine, runlock
 from dreamprm.config import Config, save_config
 from dreamprm.data.loader import BatchStream, with_workers
 from dreamprm.data.readers import DataError, load_records
+from dreamprm.errors import CheckpointError
 from dreamprm.data.tokenize import domain_table, encode_records
 from dreamprm.scoring import eval_step_metrics, load_eval_examples
 from dreamprm.weights import DomainTable, InstanceTable, build_weight_module, build_weight_optimizer
@@ -94,17 +96,38 @@ def load_data(cfg: Config, tokenizer, rank: int, needs_meta: bool, world: int = 
 # ---------------------------------------------------------------- run directory
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def truncate_metrics(path: Path, step: int) -> str | None:
+    """After a resume, drop metric lines past the checkpoint: they are logged again.
+
+    A torn last line (the writer was killed mid-line) is dropped with a note; a line that is
+    not JSON anywhere else is a DataError naming it."""
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    keep, note = [], None
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                note = f"{path}:{i}: dropped a torn last line (the writer was stopped while writing it)"
+                continue
+            raise DataError([f"{path}:{i}: not JSON ({e}); delete that line to resume"]) from e
+        if row["step"] <= step:
+            keep.append(ln)
+    ckpt.write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+    return note
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop metric lines past the checkpoint: they are logged again."""
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+def write_status(run_dir: Path, status: dict) -> None:
+    """status.json; a failure to write it (disk full, read-only) is reported, not raised, so
+    that it never hides the error that ended the run."""
+    try:
+        ckpt.write_json_atomic(run_dir / "status.json", {**status, "updated": time.time()})
+    except OSError as e:
+        print(f"dreamprm: could not record state {status.get('state')!r} in status.json: {e}", file=sys.stderr)
 
 
 def start_wandb(cfg: Config, run_dir: Path, rank: int):
@@ -142,23 +165,49 @@ def log_row(step, window, meta, eng, wmod, wopt, cfg, seconds) -> dict:
     return row
 
 
-def resolve_resume(cfg: Config, ckpt_root: Path) -> Path | None:
+def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from and notes about the ones passed over.
+
+    --resume_from auto: `latest`, else the newest intact checkpoint of its lineage, saying why
+    (checkpoint.resume_candidates); a named checkpoint is used as it is or refused.
+    problems_of(path) -> list of problems (default: checkpoint.verify reading every checksum);
+    the trainer passes engine.verify_on_every_rank, which shares the reading among the ranks."""
+    if problems_of is None:
+        def problems_of(path):
+            try:
+                ckpt.verify(path)
+                return []
+            except CheckpointError as e:
+                return [str(e)]
     r = cfg.run.resume_from
     if r == "none":
-        if engine.latest_checkpoint(ckpt_root) is not None:
-            raise engine.CheckpointError(f"--resume_from none but {ckpt_root} holds checkpoints; pick another "
-                                         "--output_dir, delete them, or resume with --resume_from auto")
-        return None
-    if r == "auto":
-        return engine.latest_checkpoint(ckpt_root)
-    return Path(r)
+        if ckpt.latest(ckpt_root) is not None or ckpt.complete(ckpt_root):
+            raise CheckpointError(f"--resume_from none but {ckpt_root} holds checkpoints; pick another "
+                                  "--output_dir, delete them, or resume with --resume_from auto")
+        return None, []
+    if r != "auto":
+        problems = problems_of(Path(r))
+        if problems:
+            raise CheckpointError(problems[0])
+        return Path(r), []
+    notes = []
+    for cand in ckpt.resume_candidates(ckpt_root):
+        problems = problems_of(cand)
+        if not problems:
+            return cand, notes
+        notes.append(f"{problems[0]}; trying the previous checkpoint of this run")
+    if notes:
+        raise CheckpointError("no intact checkpoint to resume from:\n  " + "\n  ".join(notes)
+                              + f"\nstart a new run (another --output_dir, or --resume_from none after "
+                              f"moving {ckpt_root} away)")
+    return None, []
 
 
 def check_resume_config(cfg: Config, saved: dict) -> None:
     diff = [f"--{k}: checkpoint has {saved[s][k]!r}, this run {getattr(getattr(cfg, s), k)!r}"
             for s, k in RESUME_MUST_MATCH if saved.get(s, {}).get(k) != getattr(getattr(cfg, s), k)]
     if diff:
-        raise engine.CheckpointError("cannot resume: the run config differs from the checkpoint's:\n  "
+        raise CheckpointError("cannot resume: the run config differs from the checkpoint's:\n  "
                                      + "\n  ".join(diff) + "\nuse the same settings or a new --output_dir")
 
 
@@ -216,7 +265,8 @@ def fit(cfg: Config, notes=()) -> int:
         if note:
             print0(note, rank=rank)
     try:
-        return _fit(cfg, rank, world, run_dir, ckpt_root, bilevel, stop)
+        resume = None if cfg.run.dry_run else find_resume(cfg, ckpt_root, rank)
+        return _fit(cfg, rank, world, run_dir, ckpt_root, bilevel, stop, resume)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -224,7 +274,25 @@ def fit(cfg: Config, notes=()) -> int:
             runlock.release(lock)
 
 
-def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bilevel: bool, stop) -> int:
+def find_resume(cfg: Config, ckpt_root: Path, rank: int) -> Path | None:
+    """Before the model is built: partial saves removed, the checkpoint to resume from chosen
+    and verified (every rank reads a share of the checksums), its config checked."""
+    if rank == 0 and ckpt_root.is_dir():
+        for n in ckpt.remove_partial(ckpt_root):
+            print0(n, rank=rank)
+    engine.barrier()
+    resume, notes = resolve_resume(cfg, ckpt_root, lambda p: engine.verify_on_every_rank(p)[1])
+    for n in notes:
+        print0(n, rank=rank)
+    if resume is not None:
+        check_resume_config(cfg, ckpt.shared_state(resume)["config"])
+        if notes:
+            print0(f"falling back to {resume}, the newest intact checkpoint of this run", rank=rank)
+    return resume
+
+
+def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bilevel: bool, stop,
+         resume: Path | None) -> int:
     eng = engine.create_engine(cfg, rank, world)
     pad_id = eng.tokenizer.pad_token_id
     train_ex, meta_ex, domains = load_data(cfg, eng.tokenizer, rank, needs_meta=bilevel, world=world)
@@ -249,10 +317,8 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
         return 0
 
     start = 0
-    resume = resolve_resume(cfg, ckpt_root)
     if resume is not None:
         shared, per_rank = engine.load_checkpoint(eng, resume)
-        check_resume_config(cfg, shared["config"])
         wmod.load_state_dict(shared["weights"])
         wopt.load_state_dict(shared["weights_opt"])
         train_stream.load_state_dict(per_rank["train_stream"])
@@ -263,24 +329,30 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        truncate_metrics(run_dir / "metrics.jsonl", start)
+        note = truncate_metrics(run_dir / "metrics.jsonl", start)
+        if note:
+            print0(note, rank=rank)
     engine.barrier()
 
     if engine.all_reduce_(torch.tensor([float(stop.signum)])).item() > 0:
         if rank == 0:
-            write_json_atomic(run_dir / "status.json", {"state": "stopped", "step": start, "updated": time.time()})
+            write_status(run_dir, {"state": "stopped", "step": start})
         print0(f"stopped by signal during startup at update {start}", rank=rank)
         return 128 + (stop.signum or signal.SIGTERM)
     wb = start_wandb(cfg, run_dir, rank)
-    status = {"state": "running", "step": start, "total_steps": cfg.train.total_steps, "last_checkpoint": None}
+    status = {"state": "running", "step": start, "total_steps": cfg.train.total_steps,
+              "last_checkpoint": str(resume) if resume is not None else None}
 
     def checkpoint(step):
-        path = engine.save_checkpoint(
+        path, notes = engine.save_checkpoint(
             eng, ckpt_root, step,
             shared={"config": cfg.to_dict(), "weights": wmod.state_dict(), "weights_opt": wopt.state_dict()},
             per_rank={"train_stream": train_stream.state_dict(),
                       "meta_stream": meta_stream.state_dict() if meta_stream else {}},
-            keep_last=cfg.run.keep_last)
+            keep_last=cfg.run.keep_last, parent=Path(status["last_checkpoint"] or "").name or None,
+            keep=[resume] if resume is not None else [])
+        for n in notes:  # old checkpoints that could not be deleted: the run goes on, the disk fills
+            print(f"dreamprm: warning: {n}", file=sys.stderr, flush=True)
         status["last_checkpoint"] = str(path)
         return path
 
@@ -319,7 +391,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                     if wb is not None:
                         wb.log(row, step=step)
                     status.update(step=step, loss=row["loss"], meta_loss=row.get("meta_loss"))
-                    write_json_atomic(run_dir / "status.json", {**status, "updated": time.time()})
+                    write_status(run_dir, status)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", meta=f"{meta.get('meta_loss', math.nan):.4f}")
@@ -342,7 +414,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
             bar.close()
         if rank == 0 and run_dir.is_dir():
             status["step"] = step
-            write_json_atomic(run_dir / "status.json", {**status, "updated": time.time()})
+            write_status(run_dir, status)
         if wb is not None:
             wb.finish()
 
@@ -365,7 +437,6 @@ def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, r
         w = wmod.all_weights()[torch.tensor([ex.domain for ex in train_ex])]
     else:
         w = torch.where(last_w >= 0, last_w, torch.full_like(last_w, math.nan))
-    with open(run_dir / "instance_weights.jsonl", "w") as f:
-        for ex, wi in zip(train_ex, w.tolist()):
-            wi = None if math.isnan(wi) else wi
-            f.write(json.dumps({"id": ex.id, "index": ex.index, "domain": ex.domain, "weight": wi}) + "\n")
+    rows = [{"id": ex.id, "index": ex.index, "domain": ex.domain, "weight": None if math.isnan(wi) else wi}
+            for ex, wi in zip(train_ex, w.tolist())]
+    ckpt.write_text_atomic(run_dir / "instance_weights.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from dreamprm import engine
 from dreamprm import metrics as M
 from dreamprm.config import Config, ModelConfig
 from dreamprm.data.readers import DataError
@@ -103,11 +102,6 @@ def test_bad_records_are_errors(scorer):
         scorer.score_records(records(2) + records(1))
     with pytest.raises(ScoringError, match="batch_size"):
         scorer.score_records(records(2), batch_size=0)
-
-
-def test_file_names_agree_with_the_engine():
-    from dreamprm import scoring
-    assert (scoring.SHARED_STATE, scoring.MANIFEST) == (engine.SHARED_STATE, engine.MANIFEST)
 
 
 def test_paths_that_are_not_models(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamprm import engine, runlock
+from dreamprm import checkpoint, engine, runlock
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -78,7 +78,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "stopped"
     stopped_at = status["step"]
-    assert engine.latest_checkpoint(out / "checkpoints").name == f"step_{stopped_at:08d}"
+    assert checkpoint.latest(out / "checkpoints").name == f"step_{stopped_at:08d}"
     p = train("--total_steps", stopped_at + 2, "--save_every", 1000, "--output_dir", out, *FAST)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'}" in p.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamprm import engine
+from dreamprm import checkpoint, engine
 
 pytestmark = pytest.mark.slurm
 NODES = 4  # in the cluster (conftest.py)
@@ -33,7 +33,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def assert_same_final_state(a: Path, b: Path) -> None:
     """Final checkpoint (consolidated fp32 parameters), instance weights and logged losses agree."""
-    ca, cb = engine.latest_checkpoint(a / "checkpoints"), engine.latest_checkpoint(b / "checkpoints")
+    ca, cb = checkpoint.latest(a / "checkpoints"), checkpoint.latest(b / "checkpoints")
     assert ca.name == cb.name == f"step_{STEPS:08d}"
     sa, sb = engine.consolidated_state_dict(ca), engine.consolidated_state_dict(cb)
     assert sa.keys() == sb.keys() and sa
