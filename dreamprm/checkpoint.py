@@ -232,16 +232,22 @@ def lineage(root: Path, start: Path) -> list[Path]:
 
 
 def resume_candidates(root: Path) -> list[Path]:
-    """Where auto-resume looks, in order: `latest`, then its lineage; where the chain breaks
-    (a missing or unreadable manifest) every older complete checkpoint, newest first."""
+    """Where auto-resume looks, in order: `latest`, then its lineage. Where the chain breaks
+    (a parent with a missing or unreadable manifest, or a manifest without parents from an
+    older dreamprm), every complete checkpoint at or below that step follows, newest first."""
     head = latest(root)
     if head is None:  # no pointer (deleted by hand?): every complete checkpoint
         return complete(root)
-    chain = lineage(root, head)
-    if not chain:
-        chain = [head]
-    floor = step_of(chain[-1].name)
-    older = [p for p in complete(root) if step_of(p.name) < floor and p not in chain]
+    chain = lineage(root, head) or [head]
+    try:
+        man = json.loads((chain[-1] / MANIFEST).read_text())
+        if "parent" in man:  # None: the first checkpoint of the run, nothing older belongs
+            below = step_of(man["parent"]) if man["parent"] else None
+        else:
+            below = step_of(chain[-1].name) - 1
+    except (OSError, ValueError, KeyError, TypeError):
+        below = step_of(chain[-1].name) - 1
+    older = [p for p in complete(root) if below is not None and step_of(p.name) <= below and p not in chain]
     return chain + older
 
 
