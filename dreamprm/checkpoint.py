@@ -67,9 +67,8 @@ def write_problem(e: BaseException, folder: Path) -> str:
         return f"{type(e).__name__}: {e}"
     if st.f_flag & os.ST_RDONLY:
         return "read-only file system"
-    free = st.f_bavail * st.f_frsize
-    if free < 64 << 20:
-        return f"disk full ({free >> 20} MiB free)"
+    if st.f_bavail * st.f_frsize < 64 << 20:  # under 64 MiB left after a failed write
+        return "disk full"
     return f"{type(e).__name__}: {e}"
 
 
