@@ -179,23 +179,14 @@ def damaged_error(ckpt: Path, bad: list[str]) -> CheckpointError:
                            + "; resume from an earlier checkpoint with --resume_from")
 
 
-def verify(ckpt: Path, world: int | None = None) -> dict:
+def verify(ckpt: Path) -> dict:
     """The manifest of a complete, undamaged checkpoint (all checksums read); raises
-    CheckpointError naming the damaged files. world: the ranks of the run that resumes from
-    it (None: any, e.g. for export)."""
+    CheckpointError naming the damaged files."""
     man = read_manifest(ckpt)
     bad = file_problems(ckpt, man)
     if bad:
         raise damaged_error(ckpt, bad)
-    check_world(ckpt, man, world)
     return man
-
-
-def check_world(ckpt: Path, man: dict, world: int | None) -> None:
-    if world is not None and man["world"] != world:
-        raise CheckpointError(
-            f"checkpoint {ckpt} was written by {man['world']} ranks and this run has {world}. "
-            f"Run again with {man['world']} ranks.")
 
 
 def latest(root: Path) -> Path | None:

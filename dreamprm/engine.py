@@ -22,6 +22,8 @@ import json
 import math
 import os
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,8 +132,11 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def create_engine(cfg: Config, rank: int, world: int) -> Engine:
+def create_engine(cfg: Config, rank: int, world: int, load_universal: bool = False) -> Engine:
+    """load_universal: the run resumes from a DeepSpeed universal checkpoint (another world size)."""
     dsc = ds_config(cfg, world)
+    if load_universal:
+        dsc["checkpoint"] = {**dsc.get("checkpoint", {}), "load_universal": True}
     stage = dsc["zero_optimization"].get("stage", 0)
     hf_ds = None
     if stage == 3:
@@ -439,19 +444,52 @@ def verify_on_every_rank(path: Path) -> tuple[dict | None, list[str]]:
     return man, ([str(ckpt.damaged_error(path, bad))] if bad else [])
 
 
-def load_checkpoint(eng: Engine, path: Path) -> tuple[dict, dict]:
-    """Load a checkpoint that verify_on_every_rank passed into the engine; returns the shared
-    state and this rank's data positions (the RNG state is restored here)."""
+def universal_copy(path: Path, world: int, rank: int) -> Path | None:
+    """For a checkpoint of another world size, its DeepSpeed universal form (per-parameter
+    fp32 weights and Adam moments, independent of the rank count), written by rank 0 next to
+    the checkpoints as universal/<tag> and loaded through the engine (create_engine with
+    load_universal). None when the checkpoint loads as it is: same world, or ZeRO stage 0,
+    whose model states file holds the whole optimizer. The other ranks wait meanwhile."""
     man = ckpt.read_manifest(path)
-    ckpt.check_world(path, man, eng.world)
-    loaded, _ = eng.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+    if man["world"] == world or man["stage"] == 0:
+        return None
+    out = path.parent / "universal" / path.name
+    err = None
+    if rank == 0 and not out.is_dir():
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            ckpt.remove_tree(tmp)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+               "--output_folder", str(tmp), "--num_extract_workers", "2", "--num_merge_workers", "2"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            ckpt.remove_tree(tmp)
+            err = (f"could not convert {path} (written by {man['world']} ranks, ZeRO stage {man['stage']}) for "
+                   f"{world} ranks: {' '.join(cmd)} failed:\n{(p.stdout + p.stderr)[-2000:]}\nresume on "
+                   f"{man['world']} ranks instead")
+        else:
+            os.replace(tmp, out)
+    err = broadcast_object(err)
+    if err:
+        raise CheckpointError(err)
+    return out
+
+
+def load_checkpoint(eng: Engine, path: Path, universal: Path | None = None) -> tuple[dict, dict, int]:
+    """Load a checkpoint that verify_on_every_rank passed into the engine (from its universal
+    form when given); returns the shared state, this rank's data positions and the world size
+    that wrote it. The RNG state is restored here; a rank the checkpoint did not have takes
+    that of rank (rank mod old world)."""
+    man = ckpt.read_manifest(path)
+    src = universal or path
+    loaded, _ = eng.ds.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load {path}")
+        raise CheckpointError(f"DeepSpeed could not load {src}")
     shared = ckpt.shared_state(path)
-    per_rank = torch.load(path / ckpt.rank_file(eng.rank), weights_only=True)
+    per_rank = torch.load(path / ckpt.rank_file(eng.rank % man["world"]), weights_only=True)
     _set_rng_state(per_rank["rng"])
-    return shared, per_rank
+    return shared, per_rank, man["world"]
 
 
 def consolidated_state_dict(path: Path) -> dict:

@@ -266,7 +266,8 @@ def fit(cfg: Config, notes=()) -> int:
             print0(note, rank=rank)
     try:
         resume = None if cfg.run.dry_run else find_resume(cfg, ckpt_root, rank)
-        return _fit(cfg, rank, world, run_dir, ckpt_root, bilevel, stop, resume)
+        universal = engine.universal_copy(resume, world, rank) if resume is not None else None
+        return _fit(cfg, rank, world, run_dir, ckpt_root, bilevel, stop, resume, universal)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -292,8 +293,8 @@ def find_resume(cfg: Config, ckpt_root: Path, rank: int) -> Path | None:
 
 
 def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bilevel: bool, stop,
-         resume: Path | None) -> int:
-    eng = engine.create_engine(cfg, rank, world)
+         resume: Path | None, universal: Path | None = None) -> int:
+    eng = engine.create_engine(cfg, rank, world, load_universal=universal is not None)
     pad_id = eng.tokenizer.pad_token_id
     train_ex, meta_ex, domains = load_data(cfg, eng.tokenizer, rank, needs_meta=bilevel, world=world)
     # --- periodic evaluation (scoring.eval_step_metrics): data
@@ -318,14 +319,27 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
 
     start = 0
     if resume is not None:
-        shared, per_rank = engine.load_checkpoint(eng, resume)
+        shared, per_rank, saved_world = engine.load_checkpoint(eng, resume, universal)
         wmod.load_state_dict(shared["weights"])
         wopt.load_state_dict(shared["weights_opt"])
-        train_stream.load_state_dict(per_rank["train_stream"])
+        moved = saved_world != world  # data: the same fraction of the epoch, split anew (BatchStream)
+        train_stream.load_state_dict(per_rank["train_stream"], allow_world_change=moved)
         if meta_stream is not None:
-            meta_stream.load_state_dict(per_rank["meta_stream"])
+            meta_stream.load_state_dict(per_rank["meta_stream"], allow_world_change=moved)
         start = shared["step"]
         print0(f"resumed from {resume} at update {start}", rank=rank)
+        if moved:
+            print0(f"the checkpoint was written by {saved_world} ranks, this run has {world}: parameters and "
+                   f"optimizer state {'via ' + str(universal) if universal else 'loaded whole (ZeRO stage 0)'}; "
+                   "the data continues at the same fraction of the epoch, split over the new ranks (within this "
+                   "epoch some examples are seen twice or not at all; later epochs are as a run on "
+                   f"{world} ranks)", rank=rank)
+        if universal is not None:
+            engine.barrier()
+            if rank == 0:  # derived from the checkpoint, needed no more
+                err = ckpt.remove_tree(universal.parent)
+                if err:
+                    print(f"dreamprm: warning: {err}", file=sys.stderr, flush=True)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

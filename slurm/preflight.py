@@ -10,8 +10,8 @@ own config validation and data reading, then adds what a multi-node job needs:
   across ranks, BatchStream), so the node count must not exceed what the data can divide;
 - the run directory is not locked by a live job (a stale lock of this job, requeued, is fine);
 - the checkpoint the job will resume from is complete, its checksums match (a damaged one is
-  passed over for the newest intact one, saying so), and it was written by the same number of
-  ranks with the same structural settings (a requeued job, or a resubmission with another
+  passed over for the newest intact one, saying so), and it has the same structural settings
+  (another number of ranks is fine: it is said that the checkpoint will be converted) (a requeued job, or a resubmission with another
   --nodes, would otherwise fail only after every rank has loaded the model);
 - the DeepSpeed JSON's batch fields against this world size (WORLD_SIZE is set for the
   trainer's validation);
@@ -92,14 +92,12 @@ def main(argv: list[str]) -> int:
             print(f"preflight: {n}", flush=True)
         if ckpt is not None:
             man = checkpoint.read_manifest(ckpt)
+            check_resume_config(cfg, checkpoint.shared_state(ckpt)["config"])
             if man["world"] != world:
-                hint = (f"resubmit with --nodes={man['world'] // per_node}"
-                        if man["world"] % per_node == 0 else f"resubmit with {man['world']} ranks in all")
-                problems.append(
-                    f"{ckpt} was written by {man['world']} ranks and this job has {job}; resuming needs the "
-                    f"same number of ranks: {hint}, or start a new run with another OUTPUT_DIR.")
-            else:
-                check_resume_config(cfg, checkpoint.shared_state(ckpt)["config"])
+                print(f"preflight: {ckpt} was written by {man['world']} ranks and this job has {job}: "
+                      + ("rank 0 converts it to a DeepSpeed universal checkpoint first (minutes for large models); "
+                         if man["stage"] > 0 else "")
+                      + "the data continues at the same fraction of the epoch", flush=True)
             print(f"preflight: will resume from {ckpt} (update {man['step']})", flush=True)
     except CheckpointError as e:
         problems.append(str(e))
