@@ -11,8 +11,8 @@ own config validation and data reading, then adds what a multi-node job needs:
 - the run directory is not locked by a live job (a stale lock of this job, requeued, is fine);
 - the checkpoint the job will resume from is complete, its checksums match (a damaged one is
   passed over for the newest intact one, saying so), and it has the same structural settings
-  (another number of ranks is fine: it is said that the checkpoint will be converted) (a requeued job, or a resubmission with another
-  --nodes, would otherwise fail only after every rank has loaded the model);
+  (another number of ranks is fine: it says that the checkpoint will be converted); a requeued
+  job would otherwise fail only after every rank has loaded the model;
 - the DeepSpeed JSON's batch fields against this world size (WORLD_SIZE is set for the
   trainer's validation);
 - that this Python can import dreamprm at all.
