@@ -112,7 +112,10 @@ class RunConfig:
     resume_from: str = opt("auto", "checkpoint folder to resume from; auto = output_dir's latest if "
                            "any; none = start fresh (fails if output_dir has checkpoints)")
     save_every: int = opt(500, "updates between checkpoints (a final one is always written)")
-    keep_last: int = opt(3, "checkpoints kept")
+    keep_last: int = opt(3, "checkpoints kept (the newest of the run's lineage; the one resumed from is never "
+                         "deleted)")
+    collective_timeout: int = opt(600, "seconds a collective waits for a silent rank before the job stops, "
+                                  "naming it (torch's default is 1800)")
     log_every: int = opt(10, "updates between metrics.jsonl lines")
     eval_every: int = opt(0, "updates between evaluations on eval_file (0 = off)")
     project_name: str = opt("dreamprm", "wandb project")
@@ -283,7 +286,8 @@ def validate(cfg: Config) -> list[str]:
     positive = {"--max_length": d.max_length, "--total_steps": t.total_steps, "--batch_size": t.batch_size,
                 "--grad_accum": t.grad_accum, "--meta_batch_size": meta.meta_batch_size,
                 "--meta_interval": meta.meta_interval, "--lora_r": m.lora_r, "--save_every": r.save_every,
-                "--keep_last": r.keep_last, "--log_every": r.log_every, "--net_hidden": meta.net_hidden}
+                "--keep_last": r.keep_last, "--log_every": r.log_every, "--net_hidden": meta.net_hidden,
+                "--collective_timeout": r.collective_timeout}
     p += [f"{k}: must be >= 1 (got {v})" for k, v in positive.items() if v < 1]
     nonneg = {"--num_workers": d.num_workers, "--warmup_steps": t.warmup_steps, "--grad_clip": t.grad_clip,
               "--weight_decay": t.weight_decay, "--eval_every": r.eval_every}

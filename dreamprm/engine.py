@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -48,8 +50,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join (or, for a plain `python` run, create) the process group; returns rank, world."""
+_monitor = None  # a gloo group for monitored_barrier (gloo only), which names the silent ranks
+
+
+def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
+    """Join (or, for a plain `python` run, create) the process group; returns rank, world.
+
+    timeout_s: how long a collective waits for the other ranks (torch's default, 30 min, is
+    long for a lost node)."""
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -57,7 +65,10 @@ def init_distributed() -> tuple[int, int]:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+                                   verbose=False, timeout=timedelta(seconds=timeout_s))
+    global _monitor
+    if dist.get_world_size() > 1 and _monitor is None:
+        _monitor = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
@@ -73,6 +84,30 @@ def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         else:
             dist.all_reduce(t, op=op)
     return t
+
+
+def collective_failed(e: BaseException) -> bool:
+    """Whether e is a collective that timed out or lost its peer (gloo and NCCL wording)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+                            "NCCL communicator was aborted", "Watchdog caught collective operation timeout"))
+
+
+def silent_ranks(wait_s: float) -> list[int] | None:
+    """After a failed collective: the ranks that do not reach a barrier within wait_s. Known on
+    rank 0 (monitored_barrier); None on other ranks, without a group of more than one, or when
+    the barrier fails in another way."""
+    if _monitor is None:
+        return None
+    try:
+        dist.monitored_barrier(group=_monitor, timeout=timedelta(seconds=wait_s), wait_all_ranks=True)
+        return []
+    except RuntimeError as e:
+        m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+        return [int(x) for x in m.group(1).split(",")] if m and dist.get_rank() == 0 else None
 
 
 def barrier() -> None:

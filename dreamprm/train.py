@@ -27,7 +27,7 @@ from dreamprm.config import Config, save_config
 from dreamprm.data.loader import BatchStream, with_workers
 from dreamprm.data.readers import load_records
 from dreamprm.data.tokenize import domain_table, encode_records
-from dreamprm.errors import CheckpointError, DataError
+from dreamprm.errors import CheckpointError, CollectiveError, DataError
 from dreamprm.train_eval import eval_step_metrics, load_eval_examples
 from dreamprm.weights import DomainTable, InstanceTable, build_weight_module, build_weight_optimizer
 
@@ -239,7 +239,7 @@ class _StopFlag:
 
 
 def fit(cfg: Config, notes=()) -> int:
-    rank, world = engine.init_distributed()
+    rank, world = engine.init_distributed(cfg.run.collective_timeout)
     for n in notes:
         print0(n, rank=rank)
     run_dir = Path(cfg.run.output_dir)
@@ -418,6 +418,11 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
         dump_instance_weights(wmod, train_ex, last_w, run_dir, rank, cfg.meta.baseline)
         return 0
     except BaseException as e:
+        if engine.collective_failed(e):  # a lost node or a hung rank: name it, then stop
+            err = CollectiveError(collective_message(e, engine.silent_ranks(min(60, cfg.run.collective_timeout)),
+                                                     cfg.run.collective_timeout, step, status["last_checkpoint"]))
+            status.update(state="failed", error=str(err))
+            raise err from e
         status.update(state="failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
@@ -428,6 +433,15 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
             write_status(run_dir, status)
         if wb is not None:
             wb.finish()
+
+
+def collective_message(e: BaseException, silent: list[int] | None, timeout_s: int, step: int,
+                       last_checkpoint: str | None) -> str:
+    who = (f"rank {', '.join(map(str, silent))} went silent" if silent else
+           "a rank or node was lost" + (" (every rank answered the check afterwards)" if silent == [] else ""))
+    return (f"{who}: a collective at update {step} failed after waiting up to --collective_timeout {timeout_s} s "
+            f"({str(e).strip().splitlines()[0][:200]}). The job stops here; run it again (resubmit) to resume "
+            f"from {last_checkpoint or 'the start (no checkpoint yet)'}")
 
 
 def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, rank: int, baseline: bool):

@@ -16,6 +16,7 @@ Rank-count changes on resume are in tests/test_train.py (ZeRO-3, 2 -> 1 and 1 ->
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -151,6 +152,53 @@ def test_3_a_full_disk_fails_cleanly_and_the_run_resumes_after_space_is_freed(sm
     assert f"resumed from {ckpts / ck.tag(2)}" in p.stdout
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
     assert ck.latest(ckpts).name == ck.tag(4) and leftovers(out) == []
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the training processes torchrun started."""
+    out = {}
+    for child in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split():
+        env = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in kv)
+        if "RANK" in env:
+            out[int(env["RANK"])] = int(child)
+    return out
+
+
+def test_4_a_silent_rank_ends_the_job_at_the_collective_timeout_naming_it(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/train.py",
+           "--total_steps", "400", "--save_every", "2", "--collective_timeout", "10", "--output_dir", str(out), *FAST]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = {}
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            st = out / "status.json"
+            if st.is_file() and json.loads(st.read_text()).get("step", 0) >= 3:
+                break
+            time.sleep(0.2)
+        workers = worker_pids(proc.pid)
+        silent = workers[1]
+        os.kill(silent, signal.SIGSTOP)  # a hung rank: alive, but answers nothing (as a lost node)
+        t0 = time.time()
+        while time.time() - t0 < 240 and json.loads((out / "status.json").read_text())["state"] == "running":
+            time.sleep(0.5)
+        waited = time.time() - t0
+        os.kill(silent, signal.SIGKILL)
+        _stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        for pid in [*workers.values(), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and "rank 1 went silent" in status["error"], (status, stderr[-3000:])
+    assert "--collective_timeout 10 s" in status["error"] and "to resume from" in status["error"]
+    assert "rank 1 went silent" in stderr and proc.returncode != 0
+    assert waited < 120  # 10 s of collective timeout and 10 s of monitored barrier, not torch's 30 minutes
+    assert ck.latest(out / "checkpoints") is not None and not (out / "LOCK").exists()
 
 
 def test_5_a_held_lock_is_found_before_the_model_is_built(tmp_path):
