@@ -529,6 +529,8 @@ def universal_copy(path: Path, world: int, rank: int) -> Path | None:
             ckpt.remove_tree(tmp)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
                "--output_folder", str(tmp), "--num_extract_workers", "2", "--num_merge_workers", "2"]
+        if man["stage"] < 3:  # ZeRO-1/2 checkpoints lack the Megatron-style layout info it asks for
+            cmd.append("--inject_missing_state")
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             ckpt.remove_tree(tmp)
