@@ -437,11 +437,16 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
 
 def collective_message(e: BaseException, silent: list[int] | None, timeout_s: int, step: int,
                        last_checkpoint: str | None) -> str:
-    who = (f"rank {', '.join(map(str, silent))} went silent" if silent else
-           "a rank or node was lost" + (" (every rank answered the check afterwards)" if silent == [] else ""))
-    return (f"{who}: a collective at update {step} failed after waiting up to --collective_timeout {timeout_s} s "
-            f"({str(e).strip().splitlines()[0][:200]}). The job stops here; run it again (resubmit) to resume "
-            f"from {last_checkpoint or 'the start (no checkpoint yet)'}")
+    """silent: the ranks a monitored barrier found missing (engine.silent_ranks), None if unknown."""
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if silent:
+        who = f"rank {', '.join(map(str, silent))} went silent"
+    elif "timed out" in text.lower():
+        who = "a rank or node went silent"
+    else:
+        who = "a rank died or a node was lost (a peer closed its connection)"
+    return (f"{who}: a collective at update {step} failed ({text}; --collective_timeout {timeout_s} s). The job "
+            f"stops here; run it again (resubmit) to resume from {last_checkpoint or 'the start (no checkpoint yet)'}")
 
 
 def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, rank: int, baseline: bool):

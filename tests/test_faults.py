@@ -201,6 +201,38 @@ def test_4_a_silent_rank_ends_the_job_at_the_collective_timeout_naming_it(tmp_pa
     assert ck.latest(out / "checkpoints") is not None and not (out / "LOCK").exists()
 
 
+def test_4_kill_9_of_a_rank_ends_the_job_and_status_says_failed(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/train.py",
+           "--total_steps", "400", "--save_every", "2", "--output_dir", str(out), *FAST]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = {}
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            st = out / "status.json"
+            if st.is_file() and json.loads(st.read_text()).get("step", 0) >= 3:
+                break
+            time.sleep(0.2)
+        workers = worker_pids(proc.pid)
+        t0 = time.time()
+        os.kill(workers[1], signal.SIGKILL)
+        _stdout, stderr = proc.communicate(timeout=300)
+        took = time.time() - t0
+    finally:
+        for pid in [*workers.values(), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert proc.returncode != 0 and took < 120
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and "a rank died or a node was lost" in status["error"], status
+    p = train("--total_steps", status["step"] + 1, "--save_every", 2, "--output_dir", out, *FAST)
+    assert p.returncode == 0 and f"resumed from {status['last_checkpoint']}" in p.stdout, p.stderr[-2000:]
+
+
 def test_5_a_held_lock_is_found_before_the_model_is_built(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
