@@ -149,6 +149,9 @@ def read_manifest(ckpt: Path) -> dict:
         man = json.loads(path.read_text())
         if not isinstance(man.get("files"), dict):
             raise ValueError("no file list")
+        for name, entry in man["files"].items():
+            if not (isinstance(entry, int) or (isinstance(entry, dict) and isinstance(entry.get("bytes"), int))):
+                raise ValueError(f"entry of {name} has no size")
     except (ValueError, AttributeError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is corrupt ({e}); resume from an earlier "
                               f"checkpoint with --resume_from") from e

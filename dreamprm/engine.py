@@ -551,6 +551,9 @@ def load_checkpoint(eng: Engine, path: Path, universal: Path | None = None) -> t
     that wrote it. The RNG state is restored here; a rank the checkpoint did not have takes
     that of rank (rank mod old world)."""
     man = ckpt.read_manifest(path)
+    if man["world"] != eng.world and man["stage"] > 0 and universal is None:
+        raise CheckpointError(f"{path} was written by {man['world']} ranks, this run has {eng.world}: load it "
+                              "through universal_copy")
     src = universal or path
     loaded, _ = eng.ds.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
