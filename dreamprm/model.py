@@ -313,14 +313,38 @@ def save_prm(prm: PRM, out_dir, tokenizer, step_tag: str, merge_lora: bool = Tru
     if cfg.model_type == "qwen2":
         cfg.architectures = [PRM_ARCH]
     cfg.dreamprm_step_tag = step_tag
+    cfg.dreamprm_step_tag_id = tokenizer.convert_tokens_to_ids(step_tag)
     cfg.dtype = base.get_input_embeddings().weight.dtype
     cfg.save_pretrained(out)
     d = json.loads((out / "config.json").read_text())
     d["num_labels"] = 2  # transformers 5 omits it when it equals its default; Qwen's PRM config states it
+    if _write_modeling_file(out, type(base.config), type(base)):
+        d["auto_map"] = {k: f"{REMOTE_MODULE}.{REMOTE_CLASS}"
+                         for k in ("AutoModel", "AutoModelForTokenClassification")}
     (out / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     return out
+
+
+REMOTE_MODULE, REMOTE_CLASS = "modeling_dreamprm", "DreamPRMForProcessReward"
+
+
+def _write_modeling_file(out: Path, config_cls, backbone_cls) -> bool:
+    """Copy dreamprm/hf_modeling.py to out as the trust_remote_code module, importing this backbone's
+    classes; False (with a warning) when transformers does not export them by name."""
+    import transformers
+
+    names = (config_cls.__name__, backbone_cls.__name__)
+    if not all(getattr(transformers, n, None) is c for n, c in zip(names, (config_cls, backbone_cls))):
+        log.warning("%s: no %s.py written (transformers does not export %s by name); the folder loads with "
+                    "dreamprm.model.load_prm and dreamprm.scoring.load_scorer only", out, REMOTE_MODULE, names)
+        return False
+    src = (Path(__file__).parent / "hf_modeling.py").read_text()
+    line = next(ln for ln in src.splitlines() if ln.endswith("# dreamprm: backbone line"))
+    new = f"from transformers import {names[0]} as BackboneConfig, {names[1]} as Backbone  # dreamprm: backbone line"
+    (out / f"{REMOTE_MODULE}.py").write_text(src.replace(line, new))
+    return True
 
 
 def save_adapter(prm: PRM, out_dir, tokenizer=None, step_tag: str = DEFAULT_TAG) -> Path:

@@ -100,6 +100,26 @@ def test_export_layout(exported):
     assert Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]).is_dir()
 
 
+def test_merged_export_gives_the_same_scores_in_plain_transformers(exported, recs):
+    """What a user without dreamprm does: AutoModel with trust_remote_code, the step tag from config.json."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from dreamprm.data.tokenize import encode_records
+
+    merged = exported[0]
+    scorer = load_scorer(merged)
+    ref = scorer.score_records(recs, 4)
+    model = AutoModel.from_pretrained(merged, trust_remote_code=True, dtype=torch.float32,
+                                      local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(merged, local_files_only=True)
+    assert tok.convert_tokens_to_ids(model.config.dreamprm_step_tag) == model.config.dreamprm_step_tag_id
+    examples, _ = encode_records(recs, tok, TAG, 10**6, True)
+    for ex in examples:
+        got = model.step_scores(torch.tensor([ex.input_ids]))[0]
+        assert len(got) == len(ref[ex.id])
+        assert max(abs(a - b) for a, b in zip(got, ref[ex.id])) <= ATOL
+
+
 def test_in_training_eval_equals_the_checkpoint_scored_offline(run):
     """The live 2-rank ZeRO-3 model (sharded eval, padded shard) against its consolidated checkpoint."""
     out, eval_file = run
