@@ -6,7 +6,7 @@ probability per step), so a run can be repeated without the model or compared wi
 
   dreamprm evaluate processbench --data realdata/processbench/*.json --from processbench \\
       --scores scores.jsonl --out report.json --plot plots/
-  dreamprm evaluate steps --data val.jsonl --model runs/prm/final --threshold 0.5
+  dreamprm evaluate steps --data val.jsonl --model runs/prm --save-scores s.jsonl  # run dir or export
   dreamprm evaluate bon --data example_model_solutions.jsonl --from gsm8k_candidates --scores s.jsonl
 """
 
@@ -60,10 +60,14 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                        help="step tag (default: the one recorded with --model, else <extra_0>); it must not occur "
                             "inside step text")
         src = t.add_mutually_exclusive_group(required=True)
-        src.add_argument("--model", metavar="PATH", help="PRM checkpoint to score the data with")
+        src.add_argument("--model", metavar="PATH",
+                         help="PRM to score the data with: a run directory (its latest complete checkpoint), "
+                              "a checkpoint folder (RUN/checkpoints/step_N) or a `dreamprm export` folder")
         src.add_argument("--scores", metavar="FILE",
                          help='JSONL of saved scores, one {"id": ..., "scores": [p1, ...]} per solution')
         t.add_argument("--batch-size", type=int, default=8, help="scoring batch size with --model")
+        t.add_argument("--save-scores", "--save_scores", metavar="FILE",
+                       help="with --model: also write the scores as the JSONL that --scores reads")
         if name in ("steps", "processbench"):
             t.add_argument("--threshold", type=float, default=0.5,
                            help="a step is predicted wrong when its score is strictly below this")
@@ -102,6 +106,9 @@ def evaluate(args) -> dict:
     else:
         from dreamprm.scoring import load_scorer  # needs torch and a model; not for --scores
         raw = load_scorer(args.model, step_tag=args.model_step_tag).score_records(records, args.batch_size)
+        if args.save_scores:
+            write_scores(raw, args.save_scores)
+            print(f"scores: {args.save_scores} ({len(raw)} solutions)")
         entries = [(f"model {args.model}", rid, s) for rid, s in raw.items()]
         scores, problems = check_scores(entries, records, f"model {args.model}")
         if problems:
@@ -141,6 +148,8 @@ def _check_args(args) -> None:
         problems.append(f"--scores {args.scores}: no such file")
     if args.model and not Path(args.model).exists():
         problems.append(f"--model {args.model}: no such file or directory")
+    if args.save_scores and not args.model:
+        problems.append("--save-scores: is for --model (with --scores the scores are in a file already)")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         problems.append("--plot needs matplotlib: pip install 'dreamprm[plot]'")
     if problems:
@@ -165,6 +174,16 @@ def load_data(paths, fmt: str, step_tag: str, skip_invalid: bool = False) -> lis
     if problems:
         raise EvalError(_listing(problems, "in the data"))
     return files
+
+
+def write_scores(scores: dict[str, list[float]], path) -> None:
+    """The JSONL read_scores reads, one {"id", "scores"} line per solution; written whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps({"id": rid, "scores": s}) + "\n" for rid, s in scores.items()),
+                   encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_scores(path, records) -> dict[str, list[float]]:

@@ -6,7 +6,7 @@
     scorer = load_scorer("exported/prm")                   # `dreamprm export` folder (merged or adapter)
     scorer.score(question, steps)                          # [P(step 1 correct), ...]
     scorer.score_solution(question, steps, "min")          # one of metrics.AGGREGATIONS
-    scorer.score_records(records, batch_size=8)            # {record id: [p1, ...]}
+    scorer.score_records(records, batch_size=8)            # {record id: [p1, ...]}; Records or dicts
 
 Text is tokenized exactly as in training (data.tokenize.encode_records, with the step tag and
 chat-template setting the model was trained with), and nothing is truncated: a solution that
@@ -32,7 +32,7 @@ import torch
 from dreamprm import hypergrad
 from dreamprm import metrics as M
 from dreamprm.data.loader import collate
-from dreamprm.data.record import Record
+from dreamprm.data.record import Record, record_from_json, record_problems
 from dreamprm.data.tokenize import encode_records
 from dreamprm.errors import CheckpointError, DataError, ScoringError
 from dreamprm.model import DEFAULT_TAG, HEAD_FILE, step_probs
@@ -80,10 +80,14 @@ class Scorer:
         out = self.score_records(records, batch_size)
         return [out[r.id] for r in records]
 
-    def score_records(self, records: list[Record], batch_size: int = 8) -> dict[str, list[float]]:
-        """{record id: step scores} (the interface `dreamprm evaluate --model` uses)."""
+    def score_records(self, records: list, batch_size: int = 8) -> dict[str, list[float]]:
+        """{record id: step scores} (the interface `dreamprm evaluate --model` uses).
+
+        records: dreamprm Records, or plain dicts with "id", "question" and "steps" (the
+        internal JSONL form; labels are not needed to score)."""
         if batch_size < 1:
             raise ScoringError(f"batch_size must be >= 1, got {batch_size}")
+        records = [_as_record(r, i) for i, r in enumerate(records)]
         ids = [r.id for r in records]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -115,6 +119,24 @@ class Scorer:
     def _forward(self, batch: dict) -> torch.Tensor:
         return self.prm(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                         batch["tag_pos"].to(self.device))
+
+
+def _as_record(r, i: int) -> Record:
+    if isinstance(r, Record):
+        return r
+    if not isinstance(r, dict):
+        raise ScoringError(f"records[{i}]: expected a dreamprm Record or a dict with id, question and steps, "
+                           f"got {type(r).__name__}")
+    try:
+        rec = record_from_json(r)
+    except KeyError as e:
+        raise ScoringError(f"records[{i}]: missing {e.args[0]} (a dict needs id, question and steps)") from None
+    except ValueError as e:
+        raise ScoringError(f"records[{i}]: {e}") from None
+    bad = [p for p in record_problems(rec, "") if not p.startswith("labels")]
+    if bad:
+        raise ScoringError(f"records[{i}] (id {rec.id!r}): " + "; ".join(bad))
+    return dataclasses.replace(rec, labels=[None] * len(rec.steps))
 
 
 def _is_quantized(prm) -> bool:

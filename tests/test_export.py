@@ -148,8 +148,9 @@ def test_export_of_a_named_checkpoint(run, exported, recs, tmp_path):
 
 def test_evaluate_steps_with_the_run_dir_as_model(run, tmp_path, capsys):
     out, eval_file = run
+    saved = tmp_path / "scores" / "s.jsonl"
     rc = cli.main(["evaluate", "steps", "--data", str(eval_file), "--model", str(out), "--out",
-                   str(tmp_path / "r.json")])
+                   str(tmp_path / "r.json"), "--save_scores", str(saved)])
     assert rc == 0, capsys.readouterr().err
     assert "step AUROC" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
@@ -158,6 +159,19 @@ def test_evaluate_steps_with_the_run_dir_as_model(run, tmp_path, capsys):
     pairs = [(p, y) for r in recs for p, y in zip(scores[r.id], r.labels) if y is not None]
     assert report["metrics"]["auroc"] == pytest.approx(M.auroc(*zip(*pairs)), abs=1e-6)
     assert report["metrics"]["n_labelled_steps"] == 15
+    # the saved scores are what --scores reads, and give the same report
+    assert [json.loads(line)["id"] for line in saved.read_text().splitlines()] == [r.id for r in recs]
+    rc = cli.main(["evaluate", "steps", "--data", str(eval_file), "--scores", str(saved), "--out",
+                   str(tmp_path / "r2.json")])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "r2.json").read_text())["metrics"] == report["metrics"]
+    # plain dicts (the internal JSONL form) score like Records
+    scorer = load_scorer(out)
+    assert scorer.score_records([r.to_json() for r in recs]) == scores
+    with pytest.raises(ScoringError, match=r"records\[1\]: missing steps"):
+        scorer.score_records([recs[0].to_json(), {"id": "x", "question": "q"}])
+    with pytest.raises(ScoringError, match="expected a dreamprm Record or a dict"):
+        scorer.score_records([("q", ["s"])])
 
 
 def export_err(capsys, *args) -> str:
