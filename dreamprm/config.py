@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_origin, get_type_hints
@@ -31,6 +33,7 @@ AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
 META_LOSSES = ("bce", "mse")
 SCHEDULES = ("constant", "cosine", "linear")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 def opt(default, help, choices=None, alias=()):
@@ -85,6 +88,8 @@ class TrainConfig:
     precision: str = opt("bf16", "bf16 or fp32 (fp16 is not supported: its loss scaling breaks "
                          "meta gradients)", PRECISIONS)
     seed: int = opt(42, "random seed")
+    device: str = opt("auto", "auto = the GPU(s) when visible, else the CPU; cuda = fail unless a GPU is "
+                      "visible; cpu = train on the CPU even where GPUs are (hides them from torch)", DEVICES)
     deepspeed: str = opt("", "DeepSpeed JSON (engine settings only); empty = ZeRO stage 0 in-process")
 
 
@@ -224,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML recipe (see recipes/)")
     p.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
+    p.add_argument("--resume_step", type=int, metavar="N",
+                   help="resume from checkpoint step N of --output_dir (the MiniF2F script's flag; dreamprm "
+                        "reads the step from the checkpoint, so --resume_from auto alone resumes the latest)")
     defaults = Config()
     for sec, cls in _section_types().items():
         g = p.add_argument_group(sec)
@@ -252,6 +260,7 @@ def load_config(argv=None) -> tuple[Config, list[str]]:
     cfg, problems, notes = Config(), [], []
     recipe = args.pop("config", None)
     args.pop("local_rank", None)
+    resume_step = args.pop("resume_step", None)
     if recipe is None and "data.train_file" not in args:
         recipe = str(DEMO_RECIPE)
         notes.append(f"no --config and no --train_file: running the built-in demo ({DEMO_RECIPE.name})")
@@ -263,10 +272,60 @@ def load_config(argv=None) -> tuple[Config, list[str]]:
     for dest, value in args.items():
         sec, name = dest.split(".")
         setattr(getattr(cfg, sec), name, value)
-    problems += validate(cfg)
+    if resume_step is not None:
+        problems += apply_resume_step(cfg, resume_step)
+    problems = machine_problems(cfg) + problems + validate(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg, notes
+
+
+def apply_resume_step(cfg: Config, n: int) -> list[str]:
+    """--resume_step N: with --resume_from auto, resume from output_dir's checkpoint of step N;
+    with a --resume_from folder, check that it is that step."""
+    r = cfg.run
+    root = Path(r.output_dir) / "checkpoints"
+
+    def step_of(name: str):
+        m = re.fullmatch(r"step_(\d+)", name)
+        return int(m.group(1)) if m else None
+
+    if r.resume_from == "none":
+        return [f"--resume_step {n}: contradicts --resume_from none (drop one of them)"]
+    if r.resume_from != "auto":
+        if step_of(Path(r.resume_from).name) != n:
+            return [f"--resume_step {n}: --resume_from {r.resume_from} is not the checkpoint of step {n}; "
+                    "pass one of the two"]
+        return []
+    found = sorted(p for p in root.glob("step_*") if p.is_dir() and step_of(p.name) is not None)
+    match = [p for p in found if step_of(p.name) == n]
+    if not match:
+        have = ", ".join(str(step_of(p.name)) for p in found) or "none"
+        return [f"--resume_step {n}: {root} has no checkpoint of step {n} (steps there: {have})"]
+    r.resume_from = str(match[0])
+    return []
+
+
+def machine_problems(cfg: Config) -> list[str]:
+    """What this machine lacks for the config: QLoRA needs bitsandbytes and a CUDA GPU,
+    --device cuda a GPU. torch is imported only to answer those questions."""
+    m, t, p = cfg.model, cfg.train, []
+    gpu = None
+    if t.device == "cuda" or (m.mode == "qlora" and t.device == "auto"):
+        import torch
+
+        gpu = torch.cuda.is_available()
+    if t.device == "cuda" and not gpu:
+        p.append("--device cuda: no CUDA GPU is visible to torch here; use --device auto or cpu")
+    if m.mode == "qlora":
+        lacks = (["bitsandbytes is not installed"] if importlib.util.find_spec("bitsandbytes") is None else []) + \
+                (["no CUDA GPU is visible"] if t.device == "auto" and gpu is False else [])
+        if lacks:
+            p.append("--mode qlora needs a CUDA GPU and bitsandbytes (pip install 'dreamprm[qlora]'); here "
+                     + " and ".join(lacks) + ". Use --mode lora (the same adapters on a full-precision base)"
+                     + (", or --device cpu to run bitsandbytes' CPU kernels anyway (slow; meant for tests)"
+                        if gpu is False else ""))
+    return p
 
 
 def validate(cfg: Config) -> list[str]:
