@@ -137,7 +137,6 @@ def quantize_linears_(model: nn.Module, compute_dtype: torch.dtype, device) -> N
 
 def build_random_prm(arch: dict, mcfg, precision: str, device):
     """Like dreamprm.model.build_prm, but the backbone is a random Qwen2 built in place on `device`."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Qwen2Model
 
     dtype = prm_model.DTYPES[precision]
@@ -156,17 +155,8 @@ def build_random_prm(arch: dict, mcfg, precision: str, device):
             torch.cuda.empty_cache()
     prm = prm_model.PRM(backbone, arch["hidden_size"])
     prm.score.to(device)
-    if mcfg.mode == "qlora":
-        prepare_model_for_kbit_training(prm.model, use_gradient_checkpointing=mcfg.gradient_checkpointing,
-                                        gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif mcfg.gradient_checkpointing:
-        prm_model._enable_checkpointing(prm.model, False)
-    if mcfg.mode != "full":
-        lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
-                          target_modules=prm_model._lora_targets(prm.model, mcfg.lora_targets), bias="none")
-        prm.model = get_peft_model(prm.model, lcfg)
-    prm.score.requires_grad_(True)
-    return prm.train(), make_tiny_tokenizer()  # the tokenizer only supplies the pad and tag ids
+    prm = prm_model.prepare_for_training(prm, mcfg)
+    return prm, make_tiny_tokenizer()  # the tokenizer only supplies the pad and tag ids
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -218,9 +208,8 @@ def one_run(spec: dict) -> dict:
         *(["--gradient_checkpointing"] if spec["checkpointing"] else [])])
     rank, world = engine.init_distributed()
     torch.manual_seed(a.seed)
-    engine.build_prm = lambda mcfg, precision, **kw: build_random_prm(arch, mcfg, precision, device)
     cfg = step_cost.run_config(a)
-    eng = engine.create_engine(cfg, rank, world)
+    eng = engine.create_engine(cfg, rank, world, model=build_random_prm(arch, cfg.model, cfg.train.precision, device))
     n, n_lora = matmul_params(eng.ds.module)
     result = step_cost.measure(a, cfg, eng, rank, world)
     kind = "full" if spec["mode"] == "full" else "lora"

@@ -56,6 +56,7 @@ import torch
 from dreamprm import engine, hypergrad
 from dreamprm.config import Config, validate
 from dreamprm.data.loader import collate
+from dreamprm.data.packing import select
 from dreamprm.data.tokenize import Example
 from dreamprm.tiny import STEP_TAG, make_tiny_checkpoint
 from dreamprm.weights import build_weight_module, build_weight_optimizer
@@ -390,7 +391,7 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
     def inst_fwd_bwd():
         b = next(stream)
         for i in range(len(b["index"])):
-            row = {k: (x[i:i + 1] if torch.is_tensor(x) and x.dim() > 0 else x) for k, x in b.items()}
+            row = select(b, i)
             grad_of(eng, hypergrad.instance_losses(engine.forward(eng, row, meta=True), row)[0])
 
     # (name, function, updates per cycle); components run in eval mode and exclude the zero_grad after them

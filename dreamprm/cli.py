@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from dreamprm.data.readers import FORMATS, format_summary, load_records, summary
-from dreamprm.data.record import DEFAULT_STEP_TAG, write_jsonl
+from dreamprm.config import DEFAULT_STEP_TAG
+from dreamprm.data.record import write_jsonl
 from dreamprm.errors import ConfigError, DataError, DreamPRMError
 from dreamprm.evaluate import add_evaluate_parser
 from dreamprm.export import add_export_parser

@@ -24,9 +24,11 @@ from dreamprm.errors import ConfigError
 
 DEMO_RECIPE = Path(__file__).parent / "demo" / "demo.yaml"
 
+# Option lists and constants: their one home (model, metrics, hypergrad and data import them from here).
+DEFAULT_STEP_TAG = "<extra_0>"  # Qwen2.5-Math-PRM's tag, assumed for PRM folders that do not record one
 PRECISIONS = ("bf16", "fp32", "fp16")
 MODES = ("full", "lora", "qlora")
-ATTN = ("auto", "sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 WEIGHTS = ("instance_table", "instance_net", "domain_table")
 METHODS = ("finite_diff", "exact")
 AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
@@ -61,7 +63,7 @@ class DataConfig:
 class ModelConfig:
     name_or_path: str = opt("", "local HF causal-LM or PRM folder; empty = a tiny Qwen2 built locally (demo, tests)",
                             alias=("--model_name",))
-    step_tag: str = opt("<extra_0>", "step tag token placed after every step (must be one token)")
+    step_tag: str = opt(DEFAULT_STEP_TAG, "step tag token placed after every step (must be one token)")
     mode: str = opt("lora", "what trains: full fine-tune, LoRA, or QLoRA (4-bit base, one GPU)", MODES)
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
@@ -69,7 +71,7 @@ class ModelConfig:
     lora_targets: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                              "module names that get LoRA adapters")
     attn_implementation: str = opt("auto", "attention kernel; auto = flash_attention_2 if installed "
-                                   "on a GPU, else sdpa", ATTN)
+                                   "on a GPU, else sdpa", ATTN_IMPLEMENTATIONS)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = opt(False, "allow model code from the checkpoint folder")
     chat_template: bool = opt(True, "wrap the question in the tokenizer's chat template when it has one")

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch.distributed as dist
 
 from dreamprm import hypergrad
 from dreamprm.config import Config
+from dreamprm.data.packing import select
 from dreamprm.errors import CheckpointError, NonFiniteError
 from dreamprm.model import build_prm
 
@@ -79,6 +79,15 @@ def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):
@@ -133,7 +142,9 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def create_engine(cfg: Config, rank: int, world: int) -> Engine:
+def create_engine(cfg: Config, rank: int, world: int, model: tuple | None = None) -> Engine:
+    """The DeepSpeed engine around the PRM. model: (prm, tokenizer) built elsewhere (bench/gpu.py's random
+    7B, via model.prepare_for_training); default: build_prm(cfg.model)."""
     dsc = ds_config(cfg, world)
     stage = dsc["zero_optimization"].get("stage", 0)
     hf_ds = None
@@ -141,7 +152,7 @@ def create_engine(cfg: Config, rank: int, world: int) -> Engine:
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds = HfDeepSpeedConfig(dsc)  # must stay alive while the model is built
     torch.manual_seed(cfg.train.seed)  # head and LoRA init come from the global RNG
-    prm, tokenizer = build_prm(cfg.model, cfg.train.precision)
+    prm, tokenizer = model if model is not None else build_prm(cfg.model, cfg.train.precision)
     params = [p for p in prm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -193,16 +204,42 @@ def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int) -> dict:
             "instances": int(sums[2].item()), "tokens": int(sums[3].item()), "recent": recent}
 
 
+def _record_ids(batch: dict, rows) -> list:
+    return [batch["ids"][i] if "ids" in batch else int(batch["index"][i]) for i in rows]
+
+
+def _named_by_rank(local_ids: list) -> str:
+    """'rank 0: [ids], rank 1: [ids]' over every rank that has any (a collective: call on all ranks)."""
+    per_rank = all_gather_object(local_ids)
+    return ", ".join(f"rank {r}: {ids}" for r, ids in enumerate(per_rank) if ids) or "none identified"
+
+
 def check_finite(losses: torch.Tensor, batch: dict, what: str) -> None:
-    """Raise on every rank if any rank saw a non-finite loss, with the instance ids."""
+    """Raise on every rank if any rank saw a non-finite loss, naming the records of every rank."""
     bad = ~torch.isfinite(losses.detach())
     flag = all_reduce_(torch.tensor([float(bad.sum())]))
     if flag.item() > 0:
-        rows = torch.nonzero(bad.cpu()).flatten().tolist()
-        ids = [batch["ids"][i] if "ids" in batch else int(batch["index"][i]) for i in rows]
-        raise NonFiniteError(f"non-finite {what}; records on this rank: {ids}. Nothing was "
-                             "applied to the PRM or the weights; resume from the last checkpoint after "
-                             "fixing the data (dreamprm data check) or lowering --lr.")
+        named = _named_by_rank(_record_ids(batch, torch.nonzero(bad.cpu()).flatten().tolist()))
+        raise NonFiniteError(f"non-finite {what}; records {named}. Nothing was applied to the PRM or the "
+                             "weights; resume from the last checkpoint after fixing the data (dreamprm data "
+                             "check) or lowering --lr.")
+
+
+def check_meta_finite(align: list, recent: list, meta_batch: dict, meta_loss: float, step: int) -> None:
+    """Raise on every rank if the meta loss or any rank's alignment is non-finite, naming the training
+    records with a bad alignment (and the meta batch's records if the meta loss is bad) of every rank."""
+    bad_local = [i for r, a in zip(recent, align)
+                 for i in _record_ids(r["batch"], torch.nonzero(~torch.isfinite(a)).flatten().tolist())]
+    meta_bad = not math.isfinite(meta_loss)
+    flag = all_reduce_(torch.tensor([float(len(bad_local)), float(meta_bad)]))
+    if flag.sum().item() == 0:
+        return
+    named = _named_by_rank(bad_local)
+    meta_ids = _named_by_rank(_record_ids(meta_batch, range(len(meta_batch["index"])))) if meta_bad else ""
+    raise NonFiniteError(f"non-finite meta pass at update {step}: meta loss {meta_loss}"
+                         + (f" on meta records {meta_ids}" if meta_bad else "")
+                         + f"; alignments non-finite for training records {named}. The weights were not "
+                         "updated; resume from the last checkpoint after fixing the data or lowering --lr.")
 
 
 # ---------------------------------------------------------------- meta update
@@ -273,7 +310,7 @@ def exact_alignments(eng: Engine, recent: list, v: list):
         b = r["batch"]
         a = torch.zeros(len(b["index"]))
         for i in range(len(b["index"])):
-            row = {k: (x[i:i + 1] if torch.is_tensor(x) and x.dim() > 0 else x) for k, x in b.items()}
+            row = select(b, i)
             li = hypergrad.instance_losses(forward(eng, row, meta=True), row)[0]
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
             a[i] = sum((g.float() * x).sum() for g, x in zip(grads, v) if g is not None).item()
@@ -297,15 +334,10 @@ def meta_update(eng: Engine, meta_batch: dict, recent: list, wmod, wopt, cfg: Co
     finally:
         eng.ds.optimizer.zero_grad()  # what autograd.grad left in ZeRO's buffers
         module.train(was_training)
+    check_meta_finite(align, recent, meta_batch, lmeta, step)
     n_local = sum(len(a) for a in align)
     n_global = int(all_reduce_(torch.tensor([float(n_local)])).item())
     a_all = torch.cat(align)
-    bad = all_reduce_(torch.tensor([float((~torch.isfinite(a_all)).sum())]))
-    if bad.item() > 0 or not torch.isfinite(torch.tensor(lmeta)):
-        ids = [i for r in recent for i in r["batch"].get("ids", r["batch"]["index"].tolist())]
-        ids = [i for i, ok in zip(ids, torch.isfinite(a_all).tolist()) if not ok]
-        raise NonFiniteError(f"non-finite meta loss or alignment at update {step} (meta loss {lmeta}, "
-                             f"records {ids}); the weights were not updated")
     wopt.zero_grad()
     obj = sum(hypergrad.weight_objective(
         wmod(r["batch"]["index"].cpu(), r["batch"]["domain"].cpu(), r["features"].cpu()), a, n_global)
@@ -460,6 +492,3 @@ def peak_memory_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
-def now() -> float:
-    return time.perf_counter()

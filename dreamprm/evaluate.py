@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dreamprm import metrics as M
 from dreamprm.data.readers import FORMATS, load_records
-from dreamprm.data.record import DEFAULT_STEP_TAG
+from dreamprm.config import AGGREGATIONS, DEFAULT_STEP_TAG
 from dreamprm.errors import DataError, DreamPRMError, EvalError
 
 TASKS = {
@@ -73,9 +73,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                            help="a step is predicted wrong when its score is strictly below this")
             t.add_argument("--n-bins", type=int, default=10, help="calibration bins (default %(default)s)")
         if name in ("steps", "bon"):
-            t.add_argument("--aggregations", nargs="+", choices=M.AGGREGATIONS, default=list(M.AGGREGATIONS),
+            t.add_argument("--aggregations", nargs="+", choices=AGGREGATIONS, default=list(AGGREGATIONS),
                            metavar="AGG",
-                           help=f"solution scores to compare: {' '.join(M.AGGREGATIONS)} (default all)")
+                           help=f"solution scores to compare: {' '.join(AGGREGATIONS)} (default all)")
         if name == "processbench":
             t.add_argument("--split-by", choices=("file", "domain"), default="file",
                            help="a split is one --data file (default) or one record domain")

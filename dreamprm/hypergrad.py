@@ -21,7 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
+from dreamprm.config import AGGREGATIONS
+
 
 
 def step_logits(logits: torch.Tensor) -> torch.Tensor:

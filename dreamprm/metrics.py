@@ -19,7 +19,7 @@ import numpy as np
 
 # Solution-level aggregations of step scores. The training meta loss (hypergrad.py) uses
 # the same names for its torch versions; keep the two lists identical.
-AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
+from dreamprm.config import AGGREGATIONS
 _EPS = 1e-6
 
 

@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dreamprm.config import ATTN_IMPLEMENTATIONS, DEFAULT_STEP_TAG, MODES, PRECISIONS
+from dreamprm.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("full", "lora", "qlora")
-ATTNS = ("auto", "sdpa", "eager", "flash_attention_2")
+assert set(DTYPES) == set(PRECISIONS)
 PRM_ARCH = "Qwen2ForProcessRewardModel"
 HEAD_KEYS = {"0.weight", "0.bias", "2.weight", "2.bias"}
 HEAD_FILE = "score.safetensors"  # head weights next to a PEFT adapter
-DEFAULT_TAG = "<extra_0>"  # Qwen2.5-Math-PRM's tag, assumed for PRM folders that do not record one
 
 
 class PRM(nn.Module):
@@ -63,13 +64,13 @@ def step_probs(logits: torch.Tensor) -> torch.Tensor:
 
 def resolve_attn(name: str) -> str:
     """'auto' -> flash_attention_2 when flash-attn and CUDA are there, else sdpa; never a silent swap."""
-    if name not in ATTNS:
-        raise ValueError(f"model.attn_implementation {name!r} is not one of {ATTNS}")
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ModelError(f"model.attn_implementation {name!r} is not one of {ATTN_IMPLEMENTATIONS}")
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if name == "auto":
         return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
     if name == "flash_attention_2" and not has_flash:
-        raise ImportError("model.attn_implementation is flash_attention_2 but the flash_attn package is not "
+        raise ModelError("model.attn_implementation is flash_attention_2 but the flash_attn package is not "
                           "installed: `pip install dreamprm[flash]` (needs CUDA to build), or pass "
                           "--attn_implementation sdpa")
     return name
@@ -83,7 +84,7 @@ def check_model_dir(path) -> Path:
             "`huggingface-cli download ORG/NAME --local-dir DIR` and pass DIR, or leave model.name_or_path "
             "empty for the built-in tiny model")
     if not p.is_dir():
-        raise FileNotFoundError(f"model folder {str(path)!r} does not exist ({p.resolve()}); {want}")
+        raise ModelError(f"model folder {str(path)!r} does not exist ({p.resolve()}); {want}")
     missing = []
     if not (p / "config.json").is_file():
         missing.append("config.json")
@@ -92,7 +93,7 @@ def check_model_dir(path) -> Path:
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         missing.append("tokenizer files (tokenizer.json, tokenizer_config.json)")
     if missing:
-        raise FileNotFoundError(f"model folder {p} lacks {', '.join(missing)}; {want}")
+        raise ModelError(f"model folder {p} lacks {', '.join(missing)}; {want}")
     return p.resolve()
 
 
@@ -103,7 +104,7 @@ def load_tokenizer(path, step_tag: str, trust_remote_code: bool = False):
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     ids = tok.encode(step_tag, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(
+        raise ModelError(
             f"model.step_tag {step_tag!r} is {len(ids)} tokens {ids} for the tokenizer in {path}; it must be "
             "exactly one token or step positions are lost. Use a tag the tokenizer already has as one token "
             "(Qwen2.5 tokenizers: '<extra_0>'), or add it as a special token: "
@@ -125,7 +126,7 @@ def _read_head(path: Path) -> dict | None:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             head.update({k[6:]: v for k, v in sd.items() if k.startswith("score.")})
     if head and set(head) != HEAD_KEYS:
-        raise ValueError(f"{path} has a score head with keys {sorted('score.' + k for k in head)}; dreamprm "
+        raise ModelError(f"{path} has a score head with keys {sorted('score.' + k for k in head)}; dreamprm "
                          f"reads the {PRM_ARCH} layout score.0.*, score.2.* (Linear, ReLU, Linear)")
     return head or None
 
@@ -156,12 +157,27 @@ def _load_backbone(path: Path, precision: str, attn: str, trust_remote_code: boo
     finally:
         hf_logging.set_verbosity(verbosity)
     if info["missing_keys"]:
-        raise ValueError(f"{path}: backbone weights missing from the checkpoint: "
+        raise ModelError(f"{path}: backbone weights missing from the checkpoint: "
                          f"{sorted(info['missing_keys'])}")
     other = sorted(k for k in info["unexpected_keys"] if not k.startswith(("score.", "lm_head.")))
     if other:
         log.warning("%s: checkpoint keys not used by the backbone: %s", path, other)
+    if quantize:
+        _no_cpu_bf16_repack(model)
     return model
+
+
+def _no_cpu_bf16_repack(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on their training kernel in eval mode.
+
+    On a CPU with AVX512-BF16, Linear4bit repacks its weights for a bf16 kernel the first time it runs
+    without grad in eval mode: scores then differ from the training forward and from the dequantized
+    (merged) export by up to ~0.04 per matmul (measured on the tiny model). Scoring must see the model
+    that was trained, so that path is switched off.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def _load(path: Path, precision: str, attn: str, trust_remote_code: bool, quantize: bool,
@@ -171,7 +187,7 @@ def _load(path: Path, precision: str, attn: str, trust_remote_code: bool, quanti
     prm = PRM(backbone, backbone.config.hidden_size)
     head = _read_head(path) if want_head else None
     if want_head and head is None and PRM_ARCH in (backbone.config.architectures or []):
-        raise ValueError(f"{path} says {PRM_ARCH} but has no score.0/score.2 weights")
+        raise ModelError(f"{path} says {PRM_ARCH} but has no score.0/score.2 weights")
     if head is not None:
         prm.score.load_state_dict({k: v.float() for k, v in head.items()})
     prm.score.to(next(backbone.parameters()).device)
@@ -191,7 +207,7 @@ def _lora_targets(model, wanted: list[str]) -> list[str]:
     names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     found = [t for t in wanted if t in names]
     if not found:
-        raise ValueError(f"none of model.lora_targets {list(wanted)} is a linear layer of this model; "
+        raise ModelError(f"none of model.lora_targets {list(wanted)} is a linear layer of this model; "
                          f"its linear layers are named {names}")
     if len(found) < len(wanted):
         log.warning("model.lora_targets %s are not in this model; LoRA goes on %s",
@@ -208,17 +224,15 @@ def build_prm(mcfg, precision: str = "fp32", *, gc_reentrant: bool = False):
     ZeRO-3 + LoRA can fail at recompute with CheckpointError (frozen weights still partitioned); pass True
     there.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     problems = []
     if mcfg.mode not in MODES:
         problems.append(f"model.mode {mcfg.mode!r} is not one of {MODES}")
     if precision not in DTYPES:
         problems.append(f"precision {precision!r} is not one of {tuple(DTYPES)}")
-    if mcfg.attn_implementation not in ATTNS:
-        problems.append(f"model.attn_implementation {mcfg.attn_implementation!r} is not one of {ATTNS}")
+    if mcfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        problems.append(f"model.attn_implementation {mcfg.attn_implementation!r} is not one of {ATTN_IMPLEMENTATIONS}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ModelError("; ".join(problems))
     if mcfg.name_or_path:
         path = check_model_dir(mcfg.name_or_path)
     else:
@@ -229,8 +243,17 @@ def build_prm(mcfg, precision: str = "fp32", *, gc_reentrant: bool = False):
     prm, _ = _load(path, precision, mcfg.attn_implementation, mcfg.trust_remote_code, mcfg.mode == "qlora")
     tag_id = tok.convert_tokens_to_ids(mcfg.step_tag)
     if tag_id >= prm.model.get_input_embeddings().num_embeddings:
-        raise ValueError(f"step tag {mcfg.step_tag!r} has id {tag_id} but the model in {path} has only "
+        raise ModelError(f"step tag {mcfg.step_tag!r} has id {tag_id} but the model in {path} has only "
                          f"{prm.model.get_input_embeddings().num_embeddings} embeddings: resize them")
+    return prepare_for_training(prm, mcfg, gc_reentrant), tok
+
+
+def prepare_for_training(prm: PRM, mcfg, gc_reentrant: bool = False) -> PRM:
+    """What build_prm does once the weights are loaded: activation checkpointing, LoRA (QLoRA: k-bit
+    preparation first) and a trainable head. Public so that a PRM around another backbone (bench/gpu.py's
+    random 7B) trains exactly like a loaded one."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     if mcfg.mode == "qlora":
         prepare_model_for_kbit_training(prm.model, use_gradient_checkpointing=mcfg.gradient_checkpointing,
                                         gradient_checkpointing_kwargs={"use_reentrant": gc_reentrant})
@@ -241,7 +264,7 @@ def build_prm(mcfg, precision: str = "fp32", *, gc_reentrant: bool = False):
                           target_modules=_lora_targets(prm.model, mcfg.lora_targets), bias="none")
         prm.model = get_peft_model(prm.model, lcfg)  # freezes the backbone; adapters fp32
     prm.score.requires_grad_(True)
-    return prm.train(), tok
+    return prm.train()
 
 
 def _is_peft(prm: PRM) -> bool:
@@ -347,7 +370,7 @@ def _write_modeling_file(out: Path, config_cls, backbone_cls) -> bool:
     return True
 
 
-def save_adapter(prm: PRM, out_dir, tokenizer=None, step_tag: str = DEFAULT_TAG) -> Path:
+def save_adapter(prm: PRM, out_dir, tokenizer=None, step_tag: str = DEFAULT_STEP_TAG) -> Path:
     """PEFT adapter (adapter_config.json, adapter_model.safetensors) + head (score.safetensors).
 
     load_prm rebuilds base + adapter + head; the base folder is adapter_config.json's
@@ -387,11 +410,11 @@ def load_prm(path, precision: str = "fp32", attn_implementation: str = "auto", b
     p = Path(path).expanduser()
     if (p / "adapter_config.json").is_file():
         if not (p / HEAD_FILE).is_file():
-            raise FileNotFoundError(f"{p} has a PEFT adapter but no {HEAD_FILE} (the PRM head): "
+            raise ModelError(f"{p} has a PEFT adapter but no {HEAD_FILE} (the PRM head): "
                                     "write adapters with dreamprm.model.save_adapter")
         with safe_open(str(p / HEAD_FILE), "pt") as sf:
             meta = sf.metadata() or {}
-        step_tag = meta.get("step_tag", DEFAULT_TAG)
+        step_tag = meta.get("step_tag", DEFAULT_STEP_TAG)
         base_dir = check_model_dir(base or json.loads((p / "adapter_config.json").read_text())
                                    ["base_model_name_or_path"])
         prm, _ = _load(base_dir, precision, attn_implementation, trust_remote_code, meta.get("qlora") == "1",
@@ -402,10 +425,10 @@ def load_prm(path, precision: str = "fp32", attn_implementation: str = "auto", b
         tok = load_tokenizer(p if has_tok else base_dir, step_tag, trust_remote_code)
     else:
         p = check_model_dir(p)
-        step_tag = json.loads((p / "config.json").read_text()).get("dreamprm_step_tag", DEFAULT_TAG)
+        step_tag = json.loads((p / "config.json").read_text()).get("dreamprm_step_tag", DEFAULT_STEP_TAG)
         tok = load_tokenizer(p, step_tag, trust_remote_code)
         prm, has_head = _load(p, precision, attn_implementation, trust_remote_code, False)
         if not has_head:
-            raise ValueError(f"{p} is not a PRM folder (no score.0/score.2 weights); build_prm makes a PRM "
+            raise ModelError(f"{p} is not a PRM folder (no score.0/score.2 weights); build_prm makes a PRM "
                              "from a causal-LM folder")
     return prm.eval(), tok, step_tag

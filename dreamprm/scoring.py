@@ -14,7 +14,6 @@ does not fit in max_length tokens is an error naming it. A checkpoint is rebuilt
 config saved in it (build_prm in fp32) and its consolidated fp32 state dict
 (engine.consolidated_state_dict, any ZeRO stage).
 
-eval_step_metrics() is the periodic evaluation of dreamprm.train (--eval_file, --eval_every).
 """
 
 from __future__ import annotations
@@ -22,20 +21,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from dreamprm import hypergrad
 from dreamprm import metrics as M
 from dreamprm.data.loader import collate
 from dreamprm.data.record import Record, record_from_json, record_problems
 from dreamprm.data.tokenize import encode_records
-from dreamprm.errors import CheckpointError, DataError, ScoringError
-from dreamprm.model import DEFAULT_TAG, HEAD_FILE, step_probs
+from dreamprm.config import DEFAULT_STEP_TAG
+from dreamprm.errors import CheckpointError, ModelError, ScoringError
+from dreamprm.model import HEAD_FILE, step_probs
 
 EXPORT_INFO = "dreamprm.json"  # written by `dreamprm export` next to the weights
 # engine's file names, repeated so that exported folders load without importing deepspeed
@@ -226,7 +224,7 @@ def resolve_checkpoint(p: Path, checkpoint: str | None = None) -> Path:
                     "wait for one, or stop the run with SIGTERM")
     try:
         engine.verify_checkpoint(ckpt, world=None)
-    except engine.CheckpointError as e:
+    except CheckpointError as e:
         raise ScoringError(str(e)) from e
     if not (ckpt / SHARED_STATE).is_file():  # a manifest written by something else
         raise ScoringError(f"checkpoint {ckpt} has no {SHARED_STATE} (the run config); not a dreamprm checkpoint")
@@ -298,84 +296,13 @@ def load_exported(p: Path, precision: str = "fp32", step_tag: str | None = None)
                  else "config.json ('dreamprm_step_tag')")
         raise ScoringError(
             f"{p} does not record its step tag ({where}), so the positions to score are unknown. Pass it "
-            f"(load_scorer(path, step_tag=...); Qwen2.5-Math-PRM uses {DEFAULT_TAG!r}), or add "
+            f"(load_scorer(path, step_tag=...); Qwen2.5-Math-PRM uses {DEFAULT_STEP_TAG!r}), or add "
             f"\"dreamprm_step_tag\": \"<tag>\" to its config.json; `dreamprm export` records it")
     if recorded is not None and step_tag is not None and step_tag != recorded:
         raise ScoringError(f"{p} records step tag {recorded!r}, not {step_tag!r}")
     info = json.loads((p / EXPORT_INFO).read_text()) if (p / EXPORT_INFO).is_file() else {}
     try:
         prm, tok, _ = load_prm(p, precision)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ModelError) as e:
         raise ScoringError(f"cannot load the PRM in {p}: {e}") from e
     return prm, tok, recorded or step_tag, info
-
-
-# ---------------------------------------------------------------- evaluation during training
-
-
-def load_eval_examples(cfg, tokenizer, domains: list[str]):
-    """(examples, encode stats) of --eval_file, encoded like the training data (same truncation).
-
-    domains: the run's domain table; eval domains outside it are added (the eval does not use them).
-    """
-    from dreamprm.data.readers import DataError, load_records
-
-    d = cfg.data
-    recs = load_records(d.eval_file, d.eval_format, step_tag=cfg.model.step_tag, skip_invalid=d.skip_invalid)
-    if not any(y is not None for r in recs for y in r.labels):
-        raise DataError([f"--eval_file {d.eval_file}: no record has step labels; the evaluation during "
-                         "training measures step AUROC / F1 / calibration on labelled steps"])
-    examples, st = encode_records(recs, tokenizer=tokenizer, step_tag=cfg.model.step_tag, max_length=d.max_length,
-                                  use_chat_template=cfg.model.chat_template,
-                                  domains=[*domains, *(r.domain for r in recs)])
-    if not examples:
-        raise DataError([f"--eval_file {d.eval_file}: no example fits in --max_length {d.max_length}"])
-    return examples, st
-
-
-def shard_batches(examples: list, batch_size: int, rank: int, world: int) -> list[list]:
-    """This rank's eval batches: examples rank, rank + world, ...; every rank gets the same number of
-    batches (under ZeRO-3 every forward needs every rank), so a short shard ends with empty ones."""
-    shard = examples[rank::world]
-    n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
-    return [shard[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
-
-
-def eval_step_metrics(forward_fn, examples: list, batch_size: int, rank: int = 0, world: int = 1,
-                      pad_id: int = 0, threshold: float = 0.5, n_bins: int = 10) -> dict:
-    """Step metrics of the PRM on step-labelled examples, sharded over the ranks of the process group.
-
-    forward_fn(batch) -> logits [B, K, 2]; call under torch.no_grad with the module in eval mode. Every
-    rank must call this (same examples): all ranks run the same number of forwards (an empty batch is
-    padded with a real example whose result is dropped), then per-step scores and labels are gathered.
-    Returns eval_loss (mean instance loss, the training loss unweighted), eval_step_auroc, eval_f1 (the
-    error class at `threshold`, as in `dreamprm evaluate steps`), eval_ece, eval_labelled_steps.
-    """
-    if not examples:
-        raise ValueError("eval_step_metrics: no examples")
-    probs, labels, losses = [], [], []
-    for chunk in shard_batches(examples, batch_size, rank, world):
-        batch = collate(chunk or examples[:1], pad_id)
-        logits = forward_fn(batch).float().cpu()
-        if not chunk:
-            continue
-        p = step_probs(logits)
-        lm = batch["label_mask"]
-        probs += p[lm].tolist()
-        labels += batch["labels"][lm].tolist()
-        has = lm.any(-1)
-        losses += hypergrad.instance_losses(logits, batch)[has].tolist()
-    if world > 1:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"eval_step_metrics: world={world} but no process group is initialized")
-        box = [None] * world
-        dist.all_gather_object(box, (probs, labels, losses))
-        probs, labels, losses = ([x for part in box for x in part[i]] for i in range(3))
-    if not probs:
-        return {"eval_loss": math.nan, "eval_step_auroc": math.nan, "eval_f1": math.nan, "eval_ece": math.nan,
-                "eval_labelled_steps": 0}
-    return {"eval_loss": sum(losses) / len(losses), "eval_step_auroc": M.auroc(probs, labels),
-            "eval_f1": M.f1_at(probs, labels, threshold, positive="error")["f1"],
-            "eval_ece": M.ece(probs, labels, n_bins)["ece"], "eval_labelled_steps": len(probs)}

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-PAD, IM_START, IM_END, STEP_TAG = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"
+from dreamprm.config import DEFAULT_STEP_TAG
+
+PAD, IM_START, IM_END, STEP_TAG = "<|endoftext|>", "<|im_start|>", "<|im_end|>", DEFAULT_STEP_TAG
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, STEP_TAG]
 VOCAB_SIZE = 640
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""

@@ -24,9 +24,10 @@ import torch
 from dreamprm import engine, runlock
 from dreamprm.config import Config, save_config
 from dreamprm.data.loader import BatchStream, with_workers
-from dreamprm.data.readers import DataError, load_records
+from dreamprm.data.readers import load_records
 from dreamprm.data.tokenize import domain_table, encode_records
-from dreamprm.scoring import eval_step_metrics, load_eval_examples
+from dreamprm.errors import DataError
+from dreamprm.train_eval import eval_step_metrics, load_eval_examples
 from dreamprm.weights import DomainTable, InstanceTable, build_weight_module, build_weight_optimizer
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -228,12 +229,10 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
     eng = engine.create_engine(cfg, rank, world)
     pad_id = eng.tokenizer.pad_token_id
     train_ex, meta_ex, domains = load_data(cfg, eng.tokenizer, rank, needs_meta=bilevel, world=world)
-    # --- periodic evaluation (scoring.eval_step_metrics): data
     eval_ex = []
     if cfg.run.eval_every:
         eval_ex, se = load_eval_examples(cfg, eng.tokenizer, domains)
         print0(f"eval  {cfg.data.eval_file}: {se}", rank=rank)
-    # ---
     wmod = build_weight_module(cfg.meta.weights, len(train_ex), len(domains), cfg.meta.net_hidden)
     wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
     train_stream = with_workers(BatchStream(train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed),
@@ -306,9 +305,8 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                 meta = engine.meta_update(eng, next(meta_stream), out["recent"], wmod, wopt, cfg, step)
                 window["meta_n"] += 1
                 window["meta_loss"] += meta["meta_loss"]
-            # --- periodic evaluation (scoring.eval_step_metrics): every rank, a row of its own
+            # periodic evaluation: every rank takes part; its metrics get a row of their own
             evals = run_eval(eng, eval_ex, cfg) if eval_ex and step % cfg.run.eval_every == 0 else {}
-            # ---
             if step % log_every == 0 or step == cfg.train.total_steps or evals:
                 row = {**log_row(step, window, meta, eng, wmod, wopt, cfg, time.perf_counter() - t_last), **evals}
                 t_last = time.perf_counter()

@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
-                             safe_get_local_optimizer_state)
 
 from dreamprm import engine
 from dreamprm.config import load_config
@@ -26,20 +24,33 @@ KINDS = ("instance_table", "instance_net", "domain_table")
 METHODS = ("exact", "finite_diff")
 
 
+def _leaves(obj, path=""):
+    """(path, value) for every tensor and number inside a nested state dict, cloned."""
+    if torch.is_tensor(obj):
+        yield path, obj.detach().clone()
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _leaves(obj[k], f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, x in enumerate(obj):
+            yield from _leaves(x, f"{path}/{i}")
+    elif isinstance(obj, (int, float, bool)):
+        yield path, obj
+
+
 def snapshot(eng):
-    out = []
-    for p in eng.params:
-        local = p.ds_tensor if eng.stage == 3 else p.data
-        out.append(local.detach().clone())
-        if eng.stage == 3:
-            out.append(safe_get_local_fp32_param(p).detach().clone())
-            out.append(safe_get_local_optimizer_state(p, "exp_avg").detach().clone())
-        elif eng.stage > 0 or eng.ds.bfloat16_enabled():
-            out.append(safe_get_full_fp32_param(p).detach().clone())
-            out.append(safe_get_full_optimizer_state(p, "exp_avg").detach().clone())
-        else:
-            out.append(eng.ds.optimizer.state[p]["exp_avg"].detach().clone())
+    """The PRM's local parameters and the WHOLE optimizer state (fp32 masters, both Adam moments, step
+    counts, loss scaler...), as DeepSpeed would checkpoint it."""
+    out = {f"param{i}": (p.ds_tensor if eng.stage == 3 else p.data).detach().clone()
+           for i, p in enumerate(eng.params)}
+    out.update(_leaves(eng.ds.optimizer.state_dict(), "optimizer"))
     return out
+
+
+def same(before: dict, after: dict) -> bool:
+    assert before.keys() == after.keys() and any("exp_avg_sq" in k for k in before) and \
+        any(k.endswith("/step") for k in before), sorted(before)[:20]
+    return all(torch.equal(a, after[k]) if torch.is_tensor(a) else a == after[k] for k, a in before.items())
 
 
 def main():
@@ -69,7 +80,7 @@ def main():
             before = snapshot(eng)
             engine.meta_update(eng, meta_batch, out["recent"], wmod, wopt, cfg, 1)
             after = snapshot(eng)
-            result["identical"][(method, kind)] = all(torch.equal(a, b) for a, b in zip(before, after))
+            result["identical"][(method, kind)] = same(before, after)
             result["grads"][(method, kind)] = torch.cat([p.grad.flatten() for p in wmod.parameters()
                                                          if p.grad is not None])
     # the engine still trains normally after the meta passes

@@ -22,7 +22,8 @@ from dreamprm.data.readers import load_records
 from dreamprm.data.record import Record, write_jsonl
 from dreamprm.data.tokenize import domain_table
 from dreamprm.model import PRM_ARCH, build_prm
-from dreamprm.scoring import Scorer, ScoringError, _model_config, eval_step_metrics, load_eval_examples, load_scorer
+from dreamprm.scoring import Scorer, ScoringError, _model_config, load_scorer
+from dreamprm.train_eval import eval_step_metrics, load_eval_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dreamprm import hypergrad
+from dreamprm.config import AGGREGATIONS
 
 
 def batch_of(labels, mask, outcome=None):
@@ -21,7 +22,7 @@ def test_instance_loss_is_soft_cross_entropy_over_labelled_steps():
     torch.testing.assert_close(hypergrad.instance_losses(logits, b), want.reshape(1))
 
 
-@pytest.mark.parametrize("how", hypergrad.AGGREGATIONS)
+@pytest.mark.parametrize("how", AGGREGATIONS)
 def test_aggregations_match_hand_values(how):
     p = torch.tensor([0.9, 0.6, 0.8])
     z = torch.log(p / (1 - p))
@@ -36,7 +37,7 @@ def test_aggregations_match_hand_values(how):
 def test_meta_loss_bce_and_mse():
     logits = torch.randn(3, 4, 2)
     b = batch_of([[1.0] * 4] * 3, [[True] * 4, [True, True, False, False], [True] * 4], [1.0, 0.0, 1.0])
-    for how in hypergrad.AGGREGATIONS:
+    for how in AGGREGATIONS:
         s = hypergrad.aggregate(logits, b["step_mask"], how)
         bce = torch.nn.functional.binary_cross_entropy(s.clamp(1e-6, 1 - 1e-6), b["outcome"])
         torch.testing.assert_close(hypergrad.meta_loss(logits, b, how, "bce"), bce, atol=1e-5, rtol=1e-5)

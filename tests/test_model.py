@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import Qwen2Model
 
 from dreamprm.config import ModelConfig
+from dreamprm.errors import ModelError
 from dreamprm.model import (
     PRM,
     build_prm,
@@ -227,7 +228,7 @@ def test_prm_checkpoint_keeps_head_lm_gets_fresh_seeded_head(lm_dir, prm_dir):
         torch.manual_seed(seed)
         heads.append(build_prm(cfg(lm_dir, mode="full"), "fp32")[0].score[0].weight.detach())
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
-    with pytest.raises(ValueError, match="not a PRM folder"):
+    with pytest.raises(ModelError, match="not a PRM folder"):
         load_prm(lm_dir)
 
 
@@ -265,7 +266,7 @@ def test_bf16_dtypes(lm_dir):
 
 def test_attn_choices():
     if importlib.util.find_spec("flash_attn") is None:
-        with pytest.raises(ImportError, match=r"pip install dreamprm\[flash\].*sdpa"):
+        with pytest.raises(ModelError, match=r"pip install dreamprm\[flash\].*sdpa"):
             resolve_attn("flash_attention_2")
     if not torch.cuda.is_available():
         assert resolve_attn("auto") == "sdpa"
@@ -274,28 +275,28 @@ def test_attn_choices():
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
 def test_flash_without_package_fails_clearly(lm_dir):
-    with pytest.raises(ImportError, match=r"pip install dreamprm\[flash\]"):
+    with pytest.raises(ModelError, match=r"pip install dreamprm\[flash\]"):
         build_prm(cfg(lm_dir, attn_implementation="flash_attention_2"), "fp32")
 
 
 def test_missing_or_incomplete_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere.*config\.json.*safetensors.*tokenizer"):
+    with pytest.raises(ModelError, match=r"nowhere.*config\.json.*safetensors.*tokenizer"):
         build_prm(cfg(tmp_path / "nowhere"), "fp32")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"lacks config\.json, weights.*, tokenizer files"):
+    with pytest.raises(ModelError, match=r"lacks config\.json, weights.*, tokenizer files"):
         build_prm(cfg(tmp_path / "empty"), "fp32")
 
 
 def test_tag_not_single_token(lm_dir):
-    with pytest.raises(ValueError, match=r"'<step>'.*" + str(lm_dir) + r".*add it as a special token"):
+    with pytest.raises(ModelError, match=r"'<step>'.*" + str(lm_dir) + r".*add it as a special token"):
         build_prm(cfg(lm_dir, step_tag="<step>"), "fp32")
 
 
 def test_bad_choices_and_targets_reported(lm_dir):
     bad = dataclasses.replace(cfg(lm_dir), mode="adapters", attn_implementation="fast")
-    with pytest.raises(ValueError, match=r"mode 'adapters'.*precision 'fp8'.*attn_implementation 'fast'"):
+    with pytest.raises(ModelError, match=r"mode 'adapters'.*precision 'fp8'.*attn_implementation 'fast'"):
         build_prm(bad, "fp8")
-    with pytest.raises(ValueError, match=r"lora_targets \['c_attn'\].*q_proj"):
+    with pytest.raises(ModelError, match=r"lora_targets \['c_attn'\].*q_proj"):
         build_prm(cfg(lm_dir, lora_targets=["c_attn"]), "fp32")
 
 

@@ -138,6 +138,6 @@ def test_run_lock_blocks_a_second_job_and_replaces_a_dead_one(tmp_path):
 
 def test_non_finite_loss_names_the_instances_and_stops():
     batch = {"index": torch.tensor([7, 9, 11]), "ids": ["a", "b", "c"]}
-    with pytest.raises(engine.NonFiniteError, match=r"update 5.*\['b'\]"):
+    with pytest.raises(engine.NonFiniteError, match=r"update 5.*rank 0: \[.b.\]"):
         engine.check_finite(torch.tensor([0.3, float("nan"), 0.1]), batch, "inner loss at update 5")
     engine.check_finite(torch.tensor([0.3, 0.2, 0.1]), batch, "inner loss")

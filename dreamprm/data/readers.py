@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamprm.data.record import DEFAULT_STEP_TAG, Record, record_from_json, record_problems
+from dreamprm.config import DEFAULT_STEP_TAG
+from dreamprm.data.record import Record, record_from_json, record_problems
 from dreamprm.errors import DataError
 
 log = logging.getLogger(__name__)

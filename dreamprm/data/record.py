@@ -11,8 +11,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from dreamprm.config import DEFAULT_STEP_TAG
+
 SCHEMA_VERSION = 1
-DEFAULT_STEP_TAG = "<extra_0>"  # Qwen2.5-Math-PRM's step tag
 
 
 @dataclass
@@ -49,6 +50,9 @@ def record_problems(rec: Record, step_tag: str = DEFAULT_STEP_TAG) -> list[str]:
         out.append("id: must be a non-empty string")
     if not isinstance(rec.question, str):
         out.append("question: must be a string")
+    elif step_tag and step_tag in rec.question:
+        out.append(f"question: contains the step tag {step_tag!r} (steps would be misplaced); remove it from the "
+                   "text or train with another --step_tag")
     if not isinstance(rec.steps, list) or not rec.steps:
         out.append("steps: must be a non-empty list of strings")
         return out

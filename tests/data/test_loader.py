@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dreamprm.data.loader import BatchStream, batches_per_epoch, collate
-from dreamprm.data.record import DEFAULT_STEP_TAG as TAG
+from dreamprm.config import DEFAULT_STEP_TAG as TAG
 from dreamprm.data.record import Record
 from dreamprm.data.tokenize import Example, encode_records
 

@@ -112,9 +112,10 @@ def test_trl_and_every_bad_input_in_one_run(tmp_path):
         {"id": "dup", "prompt": "p", "completions": ["a"], "labels": [0]},           # 11 duplicate id
         "[1, 2]",                                                                    # 12 not an object
         "null",                                                                      # 13 not an object
+        {"prompt": "what is 2+2?<extra_0>", "completions": ["a"], "labels": [1]},    # 14 tag in the question
     ])
     with open(f, "ab") as fh:
-        fh.write(b'{"prompt": "caf\xe9", "completions": ["a"], "labels": [1]}\n')  # 14 Latin-1 byte
+        fh.write(b'{"prompt": "caf\xe9", "completions": ["a"], "labels": [1]}\n')  # 15 Latin-1 byte
     recs, problems = read_records(f, "trl")
     assert [r.id for r in recs] == ["t.jsonl:1", "dup"]
     assert recs[0].labels == [1.0, 1.0] and recs[0].question == "2+2?"
@@ -128,9 +129,11 @@ def test_trl_and_every_bad_input_in_one_run(tmp_path):
     assert at(problems, 11) == ["id: duplicate id 'dup' (first at line 10)"]
     assert at(problems, 12) == ["line: expected a JSON object, got list"]
     assert at(problems, 13) == ["line: expected a JSON object, got NoneType"]
-    assert at(problems, 14)[0].startswith("line: not valid UTF-8 (byte 0xe9 at column 16)")
+    assert at(problems, 14) == ["question: contains the step tag '<extra_0>' (steps would be misplaced); remove it "
+                                "from the text or train with another --step_tag"]
+    assert at(problems, 15)[0].startswith("line: not valid UTF-8 (byte 0xe9 at column 16)")
     assert all(p.startswith(f"{f}:") for p in problems)
-    assert len(problems) == 13
+    assert len(problems) == 14
 
 
 # ---------------------------------------------------------------------------- math_shepherd

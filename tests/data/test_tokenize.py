@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from dreamprm.data.record import DEFAULT_STEP_TAG as TAG
+from dreamprm.config import DEFAULT_STEP_TAG as TAG
 from dreamprm.data.record import Record
 from dreamprm.data.tokenize import (
     check_step_tag,
@@ -127,6 +127,6 @@ def test_invalid_records_reported_together(bpe_tok, corpus):
 
 
 def test_tag_in_question_fails_loudly(bpe_tok, corpus):
-    # Record validation does not look at the question; the invariant check catches it.
-    with pytest.raises(RuntimeError, match="record 'q'.*tag tokens"):
+    # Record validation names it (readers report it as FILE:LINE at read time, tests/data/test_readers.py).
+    with pytest.raises(ValueError, match="record 'q': question: contains the step tag"):
         encode_records([rec(corpus, "q", question="Is " + TAG + " a tag?")], bpe_tok, TAG, 512, False)
