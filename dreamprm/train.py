@@ -155,6 +155,40 @@ def resolve_resume(cfg: Config, ckpt_root: Path) -> Path | None:
     return Path(r)
 
 
+def finished_note(cfg: Config, ckpt_root: Path) -> str | None:
+    """What to say when the checkpoint to resume from is already at --total_steps, else None.
+    Read from its manifest, before anything is built; an unreadable one is left to the resume."""
+    if cfg.run.resume_from == "none":
+        return None
+    ckpt = engine.latest_checkpoint(ckpt_root) if cfg.run.resume_from == "auto" else Path(cfg.run.resume_from)
+    try:
+        step = json.loads((ckpt / engine.MANIFEST).read_text())["step"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    total = cfg.train.total_steps
+    if step < total:
+        return None
+    return (f"{cfg.run.output_dir} is finished: checkpoint {ckpt.name} is at update {step} and --total_steps is "
+            f"{total}, so there is nothing to train; nothing was changed. To train further, run the same command "
+            f"with a larger --total_steps (e.g. --total_steps {2 * step}); it resumes from update {step}. To start "
+            "over, use another --output_dir.")
+
+
+def progress_line(row: dict, total: int, done: int, seconds: float) -> str:
+    """The plain progress line printed every log_every updates when stderr is not a terminal
+    (Slurm logs, redirected output), where tqdm's bar stays off. done/seconds: updates and
+    wall time of this process so far, for the ETA."""
+    eta = seconds / max(done, 1) * (total - row["step"])
+    meta = f"{row['meta_loss']:.4f}" if "meta_loss" in row else "-"
+    return (f"update {row['step']}/{total}  loss {row['loss']:.4f}  meta loss {meta}  "
+            f"tokens/s {row['tokens_per_s']:,.0f}  ETA {_hms(eta)}")
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def check_resume_config(cfg: Config, saved: dict) -> None:
     diff = [f"--{k}: checkpoint has {saved[s][k]!r}, this run {getattr(getattr(cfg, s), k)!r}"
             for s, k in RESUME_MUST_MATCH if saved.get(s, {}).get(k) != getattr(getattr(cfg, s), k)]
@@ -217,6 +251,10 @@ def fit(cfg: Config, notes=()) -> int:
         if note:
             print0(note, rank=rank)
     try:
+        done = None if cfg.run.dry_run else finished_note(cfg, ckpt_root)
+        if done:  # nothing to train: status.json, metrics and wandb are left as they are
+            print0(done, rank=rank)
+            return 0
         return _fit(cfg, rank, world, run_dir, ckpt_root, bilevel, stop)
     finally:
         for s, h in old.items():
@@ -290,6 +328,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                    disable=not sys.stderr.isatty())
     log_every = 1 if cfg.run.debug else cfg.run.log_every
     t_last, step, meta = time.perf_counter(), start, {}
+    t_start, tokens_total = t_last, 0
     last_w = torch.full((len(train_ex),), -1.0)  # weight each instance got when last trained on
     window = {"n": 0, "tokens": 0, "loss": 0.0, "loss_unweighted": 0.0, "meta_n": 0, "meta_loss": 0.0}
     try:
@@ -299,6 +338,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                 last_w[r["batch"]["index"].cpu()] = r["weights"].cpu().float()
             window["n"] += 1
             window["tokens"] += out["tokens"]
+            tokens_total += out["tokens"]
             window["loss"] += out["loss"]
             window["loss_unweighted"] += out["loss_unweighted"]
             if bilevel and step % cfg.meta.meta_interval == 0:
@@ -316,6 +356,9 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                         f.write(json.dumps(row) + "\n")
                     if wb is not None:
                         wb.log(row, step=step)
+                    if bar is not None and bar.disable:
+                        print0(progress_line(row, cfg.train.total_steps, step - start,
+                                             time.perf_counter() - t_start))
                     status.update(step=step, loss=row["loss"], meta_loss=row.get("meta_loss"))
                     write_json_atomic(run_dir / "status.json", {**status, "updated": time.time()})
             if bar is not None:
@@ -330,7 +373,14 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                 status["state"] = "stopped"
                 return 128 + (stop.signum or signal.SIGTERM)
         status["state"] = "finished"
-        dump_instance_weights(wmod, train_ex, last_w, run_dir, rank, cfg.meta.baseline)
+        dump_instance_weights(wmod, train_ex, last_w, run_dir, rank, cfg.meta.baseline, domains)
+        seconds = time.perf_counter() - t_start
+        meta_loss = status.get("meta_loss")
+        print0(f"finished: {step - start} updates in {_hms(seconds)} (update {step} of {cfg.train.total_steps}), "
+               f"{tokens_total / max(seconds, 1e-9):,.0f} tokens/s over all ranks; last logged loss {status.get('loss', math.nan):.4f}"
+               + (f", meta loss {meta_loss:.4f}" if meta_loss is not None else "")
+               + f"; checkpoint {status['last_checkpoint']}; instance weights {run_dir / 'instance_weights.jsonl'}",
+               rank=rank)
         return 0
     except BaseException as e:
         status.update(state="failed", error=f"{type(e).__name__}: {e}")
@@ -345,8 +395,10 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
             wb.finish()
 
 
-def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, rank: int, baseline: bool):
-    """instance_weights.jsonl: the learned weight of every training record, by id.
+def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, rank: int, baseline: bool,
+                          domains: list[str]):
+    """instance_weights.jsonl: the learned weight of every training record, by id, with its
+    domain by name (null for a record without one).
 
     Tables give every row's current weight; the instance net's weight depends on features
     seen in training, so it is the weight it gave the record when last trained on (null if
@@ -366,4 +418,5 @@ def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, r
     with open(run_dir / "instance_weights.jsonl", "w") as f:
         for ex, wi in zip(train_ex, w.tolist()):
             wi = None if math.isnan(wi) else wi
-            f.write(json.dumps({"id": ex.id, "index": ex.index, "domain": ex.domain, "weight": wi}) + "\n")
+            domain = domains[ex.domain] if ex.domain else None  # index 0: no domain
+            f.write(json.dumps({"id": ex.id, "index": ex.index, "domain": domain, "weight": wi}) + "\n")
