@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,11 @@ from dreamprm.model import build_prm
 
 MANIFEST = "MANIFEST.json"
 SHARED_STATE = "dreamprm_state.pt"
+
+# DeepSpeed's ZeRO collectives call the torch.distributed names that torch 2.13 deprecated in
+# favour of *_single; they still work, and the warning repeats on every rank and update.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                        "is deprecated", category=FutureWarning)
 
 
 # ---------------------------------------------------------------- process group

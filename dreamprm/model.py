@@ -15,6 +15,7 @@ import copy
 import importlib.util
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,18 @@ from dreamprm.config import ATTN_IMPLEMENTATIONS, DEFAULT_STEP_TAG, MODES, PRECI
 from dreamprm.errors import ModelError
 
 log = logging.getLogger(__name__)
+
+# bitsandbytes (imported by peft when installed) logs on AVX512-BF16 CPUs that an optional faster
+# 4-bit kernel package is absent; its own CPU kernel is used instead. Known harmless: silenced.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def _peft_wrap(fn, *args, **kwargs):
+    """fn(*args, **kwargs) for peft's model wrappers, which read transformers' deprecated
+    `is_gradient_checkpointing` property (a FutureWarning on every run; harmless)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return fn(*args, **kwargs)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 assert set(DTYPES) == set(PRECISIONS)
@@ -262,7 +275,7 @@ def prepare_for_training(prm: PRM, mcfg, gc_reentrant: bool = False) -> PRM:
     if mcfg.mode != "full":
         lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
                           target_modules=_lora_targets(prm.model, mcfg.lora_targets), bias="none")
-        prm.model = get_peft_model(prm.model, lcfg)  # freezes the backbone; adapters fp32
+        prm.model = _peft_wrap(get_peft_model, prm.model, lcfg)  # freezes the backbone; adapters fp32
     prm.score.requires_grad_(True)
     return prm.train()
 
@@ -420,7 +433,7 @@ def load_prm(path, precision: str = "fp32", attn_implementation: str = "auto", b
         prm, _ = _load(base_dir, precision, attn_implementation, trust_remote_code, meta.get("qlora") == "1",
                        want_head=False)
         prm.score.load_state_dict(load_file(str(p / HEAD_FILE), device=str(prm.score[0].weight.device)))
-        prm.model = PeftModel.from_pretrained(prm.model, str(p), is_trainable=False)
+        prm.model = _peft_wrap(PeftModel.from_pretrained, prm.model, str(p), is_trainable=False)
         has_tok = (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()
         tok = load_tokenizer(p if has_tok else base_dir, step_tag, trust_remote_code)
     else:

@@ -218,6 +218,14 @@ def test_export_loads_in_plain_transformers_with_remote_code(lm_dir, tmp_path):
     torch.testing.assert_close(scores(prm2, b), ref_logits, atol=1e-6, rtol=0)
 
 
+def test_lora_build_and_adapter_load_warn_nothing(lm_dir, tmp_path, recwarn):
+    """peft's read of transformers' deprecated is_gradient_checkpointing is silenced where it arises."""
+    prm, tok = build_prm(cfg(lm_dir, mode="lora"), "fp32")
+    load_prm(save_adapter(prm, tmp_path / "ad", tok, "<extra_0>"))
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                and "checkpointing" in str(w.message)]
+
+
 def test_prm_checkpoint_keeps_head_lm_gets_fresh_seeded_head(lm_dir, prm_dir):
     sd = load_file(str(prm_dir / "model.safetensors"))
     prm, _ = build_prm(cfg(prm_dir, mode="lora"), "fp32")
