@@ -377,7 +377,8 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
         seconds = time.perf_counter() - t_start
         meta_loss = status.get("meta_loss")
         print0(f"finished: {step - start} updates in {_hms(seconds)} (update {step} of {cfg.train.total_steps}), "
-               f"{tokens_total / max(seconds, 1e-9):,.0f} tokens/s over all ranks; last logged loss {status.get('loss', math.nan):.4f}"
+               f"{tokens_total / max(seconds, 1e-9):,.0f} tokens/s over all ranks; "
+               f"last logged loss {status.get('loss', math.nan):.4f}"
                + (f", meta loss {meta_loss:.4f}" if meta_loss is not None else "")
                + f"; checkpoint {status['last_checkpoint']}; instance weights {run_dir / 'instance_weights.jsonl'}",
                rank=rank)

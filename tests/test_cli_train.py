@@ -62,3 +62,22 @@ def test_device_cpu_hides_gpus_before_the_stack_loads(monkeypatch):
         device=cfg.train.device, cuda=os.environ["CUDA_VISIBLE_DEVICES"], ds=os.environ["DS_ACCELERATOR"]) or 0)
     assert cli.train(["--device", "cpu"]) == 0
     assert seen == {"device": "cpu", "cuda": "", "ds": "cpu"}
+
+
+def test_readme_demos_use_separate_run_directories():
+    """The one-rank quick start and the 2-rank demo after it must not share a run directory
+    (a checkpoint resumes only with the world size that wrote it)."""
+    import shlex
+
+    from dreamprm.config import load_config
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Quick start")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    commands = [ln.split("&&")[-1].strip() for ln in section.splitlines() if "launch/train.py" in ln]
+    assert len(commands) == 2 and "--num_gpus 2" in commands[1] and "--master_port" in commands[1]
+    dirs = []
+    for cmd in commands:
+        argv = shlex.split(cmd)
+        dirs.append(load_config(argv[argv.index("launch/train.py") + 1:])[0].run.output_dir)
+    assert dirs[0] != dirs[1], dirs
