@@ -54,7 +54,8 @@ class DataConfig:
     train_format: str = opt("auto", "format of train_file (see `dreamprm data convert --help`)")
     meta_format: str = opt("auto", "format of meta_file")
     eval_format: str = opt("auto", "format of eval_file")
-    max_length: int = opt(4096, "tokens per example; longer solutions are cut at a step boundary")
+    max_length: int = opt(4096, "tokens per example, capped at the model's max_position_embeddings; "
+                          "longer solutions are cut at a step boundary")
     skip_invalid: bool = opt(False, "drop invalid records (reported by file:line) instead of failing")
     num_workers: int = opt(0, "DataLoader worker processes for batch collation")
 
@@ -279,7 +280,41 @@ def load_config(argv=None) -> tuple[Config, list[str]]:
     problems = machine_problems(cfg) + problems + validate(cfg)
     if problems:
         raise ConfigError(problems)
+    capped = effective_max_length(cfg)
+    if capped:
+        notes.append(capped)
     return cfg, notes
+
+
+LENGTH_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def model_length_limit(hf_config: dict) -> int | None:
+    """The longest input a model takes, from its config.json fields; None if it names none."""
+    return next((int(hf_config[k]) for k in LENGTH_LIMIT_KEYS if isinstance(hf_config.get(k), int)), None)
+
+
+def effective_max_length(cfg: Config) -> str | None:
+    """The one length rule: max_length = min(--max_length, the model's limit). Applied to the
+    config here, before anything uses it, so training, --eval_file, the saved config, the
+    checkpoint and the export all carry the same value; returns the note to print, if capped."""
+    path = cfg.model.name_or_path
+    if path:
+        try:
+            limit = model_length_limit(json.loads((Path(path) / "config.json").read_text()))
+        except (OSError, ValueError):
+            return None  # a missing or broken model folder is reported when it is loaded
+        where = f"{Path(path) / 'config.json'}"
+    else:
+        from dreamprm.tiny import TINY_MAX_POSITIONS
+
+        limit, where = TINY_MAX_POSITIONS, "the built-in tiny model"
+    if limit is None or cfg.data.max_length <= limit:
+        return None
+    note = (f"max_length: --max_length {cfg.data.max_length} is more than the model takes "
+            f"({limit} positions, {where}); using {limit} for training, evaluation and export")
+    cfg.data.max_length = limit
+    return note
 
 
 def apply_resume_step(cfg: Config, n: int) -> list[str]:

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from dreamprm import metrics as M
+from dreamprm.config import DEFAULT_STEP_TAG, model_length_limit
 from dreamprm.data.loader import collate
 from dreamprm.data.record import Record, record_from_json, record_problems
 from dreamprm.data.tokenize import encode_records
-from dreamprm.config import DEFAULT_STEP_TAG
 from dreamprm.errors import CheckpointError, ModelError, ScoringError
 from dreamprm.model import HEAD_FILE, step_probs
 
@@ -55,7 +55,9 @@ class Scorer:
         self.step_tag = step_tag
         self.chat_template = chat_template
         base = getattr(prm.model, "config", None)
-        self.max_length = max_length or getattr(base, "max_position_embeddings", None) or 10**9
+        # the one length rule (config.effective_max_length): min(asked for, the model's limit)
+        self.model_limit = model_length_limit(base.to_dict()) if base is not None else None
+        self.max_length = min(x for x in (max_length, self.model_limit, 10**9) if x)
         self.source = source
         if device is not None and not _is_quantized(prm):  # 4-bit weights cannot be moved with .to
             self.prm.to(device)
@@ -101,9 +103,11 @@ class Scorer:
             too_long = [repr(i) + " (not even its first step fits)" for i in st.dropped_ids] + too_long
             raise ScoringError(
                 f"{len(too_long)} solution(s) do not fit in max_length {self.max_length} tokens (the longest is "
-                f"{st.full_len_max}); scores of a cut solution would be missing steps. Not scored: "
+                f"{st.full_len_max}; the model takes {self.model_limit}); scores of a cut solution would be "
+                "missing steps. Not scored: "
                 + ", ".join(too_long[:10]) + (f" and {len(too_long) - 10} more" if len(too_long) > 10 else "")
-                + ". Leave them out, or pass a larger max_length if the model supports it")
+                + ". Leave them out or cut them (Scorer.fit_to_length; `dreamprm evaluate --too-long cut` or "
+                "`skip`), or pass a larger max_length up to the model's limit")
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
         out = {}
         with torch.no_grad():
@@ -113,6 +117,36 @@ class Scorer:
                 for ex, p in zip(chunk, probs):
                     out[ex.id] = p[:ex.n_kept].tolist()
         return {i: out[i] for i in ids}
+
+    def fit_to_length(self, records: list, how: str) -> tuple[list[Record], dict[str, tuple[int, int]], list[str]]:
+        """(records that fit, {id: (steps kept, steps) of those cut}, ids skipped) at max_length.
+
+        how = "cut": a solution too long is cut at the last step boundary that fits (as in
+        training; its later steps get no score) and one whose first step does not fit is
+        skipped; how = "skip": every solution too long is skipped."""
+        if how not in ("cut", "skip"):
+            raise ScoringError(f"how must be 'cut' or 'skip', got {how!r}")
+        records = [_as_record(r, i) for i, r in enumerate(records)]
+        try:
+            examples, st = encode_records(records, self.tokenizer, self.step_tag, self.max_length,
+                                          self.chat_template)
+        except ValueError as e:
+            raise ScoringError(str(e)) from e
+        kept = {ex.id: ex.n_kept for ex in examples}
+        cut = {r.id: (kept[r.id], len(r.steps)) for r in records if r.id in kept and kept[r.id] < len(r.steps)}
+        skipped = [r.id for r in records if r.id not in kept or (how == "skip" and r.id in cut)]
+        out = []
+        for r in records:
+            if r.id in skipped:
+                continue
+            if r.id in cut:
+                k = kept[r.id]
+                meta = dict(r.meta)
+                if isinstance(meta.get("first_error"), int) and meta["first_error"] >= k:
+                    meta["first_error"] = -1  # the error lies in the part cut off
+                r = dataclasses.replace(r, steps=r.steps[:k], labels=r.labels[:k], meta=meta)
+            out.append(r)
+        return out, ({} if how == "skip" else cut), skipped
 
     def _forward(self, batch: dict) -> torch.Tensor:
         return self.prm(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
@@ -152,8 +186,9 @@ def load_scorer(path, *, checkpoint: str | None = None, step_tag: str | None = N
     step_tag: only for a model folder that does not record its tag (e.g. the released Qwen2.5-Math-PRM:
       '<extra_0>'); a tag that differs from the recorded one is an error.
     device: default cuda when available, else cpu. max_length: longest solution in tokens (default the
-    model's max_position_embeddings). chat_template: override the recorded setting (default: as trained,
-    True for folders that do not record it).
+    one the model was trained with, as its checkpoint or export records it; never more than the model's
+    max_position_embeddings). chat_template: override the recorded setting (default: as trained, True for
+    folders that do not record it).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,15 +198,17 @@ def load_scorer(path, *, checkpoint: str | None = None, step_tag: str | None = N
         if checkpoint is not None:
             raise ScoringError(f"{p} is an exported model folder; checkpoint= is for run directories")
         prm, tok, tag, info = load_exported(p, precision, step_tag)
-        chat = info.get("chat_template", True)
+        chat, trained = info.get("chat_template", True), info.get("max_length")
     else:
         ckpt = resolve_checkpoint(p, checkpoint)
         prm, tok, cfg = load_checkpoint_prm(ckpt, precision)
         tag, chat = cfg["model"]["step_tag"], cfg["model"]["chat_template"]
+        trained = cfg["data"]["max_length"]
         if step_tag is not None and step_tag != tag:
             raise ScoringError(f"{ckpt} was trained with step tag {tag!r}, not {step_tag!r}")
         p = ckpt
-    return Scorer(prm, tok, tag, chat if chat_template is None else chat_template, max_length, device, str(p))
+    return Scorer(prm, tok, tag, chat if chat_template is None else chat_template, max_length or trained, device,
+                  str(p))
 
 
 def path_kind(p: Path) -> str:

@@ -156,3 +156,17 @@ def test_device_and_qlora_needs_are_checked_up_front(monkeypatch):
     assert cfg.train.device == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert load_config(["--mode", "qlora", "--precision", "bf16"])[0].model.mode == "qlora"
+
+
+def test_max_length_is_capped_at_the_model_limit_with_one_note(tmp_path):
+    cfg, notes = load_config(["--max_length", "4096"])  # the demo's tiny model takes 1024 positions
+    assert cfg.data.max_length == 1024 and sum("is more than the model takes" in n for n in notes) == 1
+    cfg, notes = load_config(["--max_length", "300"])
+    assert cfg.data.max_length == 300 and not any("model takes" in n for n in notes)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 256}))
+    cfg, notes = load_config(["--model_name", str(model), "--max_length", "4096"])
+    assert cfg.data.max_length == 256
+    assert notes[-1:] == [f"max_length: --max_length 4096 is more than the model takes (256 positions, "
+                     f"{model / 'config.json'}); using 256 for training, evaluation and export"]

@@ -165,12 +165,14 @@ def test_model_branch_uses_scoring_module(tmp_path, monkeypatch, capsys):
     calls = []
 
     class Scorer:
+        max_length, model_limit = 1024, 1024
+
         def score_records(self, records, batch_size):
             calls.append(([r.id for r in records], batch_size))
             return returned
 
     fake = types.ModuleType("dreamprm.scoring")
-    fake.load_scorer = lambda path, step_tag=None: Scorer()
+    fake.load_scorer = lambda path, step_tag=None, max_length=None: Scorer()
     monkeypatch.setitem(sys.modules, "dreamprm.scoring", fake)
     args = ("processbench", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--model", tmp_path,
             "--batch-size", "3", "--out", tmp_path / "r.json")

@@ -95,6 +95,7 @@ def test_export_layout(exported):
     assert (merged / "tokenizer_config.json").is_file()
     info = json.loads((merged / "dreamprm.json").read_text())
     assert (info["form"], info["step"], info["step_tag"], info["chat_template"]) == ("merged", 3, TAG, True)
+    assert info["max_length"] == 512 and load_scorer(merged).max_length == 512  # the demo's, which trained it
     ad = load_file(str(adapter / "adapter_model.safetensors"))  # peft #453: empty tensors under ZeRO-3
     assert ad and all(v.numel() > 0 for v in ad.values())
     assert any("lora_B" in k for k in ad) and all(v.abs().sum() > 0 for k, v in ad.items() if "lora_B" in k)
@@ -175,6 +176,33 @@ def test_evaluate_steps_with_the_run_dir_as_model(run, tmp_path, capsys):
         scorer.score_records([recs[0].to_json(), {"id": "x", "question": "q"}])
     with pytest.raises(ScoringError, match="expected a dreamprm Record or a dict"):
         scorer.score_records([("q", ["s"])])
+
+
+def test_evaluate_max_length_cut_or_skip_counted_and_listed(run, tmp_path, capsys):
+    """At --max_length 112 one eval solution (111 tokens) fits and four (113-115) are cut after 2 steps."""
+    out, eval_file = run
+    base = ["evaluate", "steps", "--data", str(eval_file), "--model", str(out), "--max_length", "112"]
+    assert cli.main(base) == 1
+    err = capsys.readouterr().err
+    assert "4 solution(s) do not fit in max_length 112" in err and "--too-long" in err
+    full = load_scorer(out).score_records(load_records(eval_file))
+    assert cli.main([*base, "--too-long", "cut", "--out", str(tmp_path / "cut.json"),
+                     "--save-scores", str(tmp_path / "cut.jsonl")]) == 0
+    text = capsys.readouterr().out
+    assert "max_length 112 (model limit 1024)" in text
+    assert "4 of 5 solutions cut at a step boundary, 0 skipped" in text and "meta-0001 (2/3)" in text
+    report = json.loads((tmp_path / "cut.json").read_text())
+    assert report["inputs"]["max_length"] == 112
+    assert report["inputs"]["too_long"]["cut"] == {f"meta-000{i}": [2, 3] for i in range(1, 5)}
+    assert report["metrics"]["n_labelled_steps"] == 3 + 4 * 2
+    cut = {json.loads(ln)["id"]: json.loads(ln)["scores"] for ln in (tmp_path / "cut.jsonl").read_text().splitlines()}
+    for rid, s in cut.items():  # a cut solution's scores are the first scores of the whole one (causal model)
+        assert s == pytest.approx(full[rid][:len(s)], abs=ATOL)
+    assert cli.main([*base, "--too-long", "skip", "--out", str(tmp_path / "skip.json")]) == 0
+    assert "0 of 5 solutions cut at a step boundary, 4 skipped" in capsys.readouterr().out
+    report = json.loads((tmp_path / "skip.json").read_text())
+    assert report["inputs"]["too_long"]["skipped"] == [f"meta-000{i}" for i in range(1, 5)]
+    assert report["metrics"]["n_labelled_steps"] == 3
 
 
 def export_err(capsys, *args) -> str:
@@ -263,4 +291,4 @@ def test_scores_that_do_not_match_the_data_or_the_model(run, exported, recs, tmp
     long = Record(id="long", question="q", steps=["1 + 1 = 2. " * 300], labels=[1.0])  # > 1024 positions
     write_jsonl([long], data)
     assert cli.main(["evaluate", "steps", "--data", str(data), "--model", str(run[0])]) == 1
-    assert "do not fit in max_length 1024" in capsys.readouterr().err
+    assert "do not fit in max_length 512" in capsys.readouterr().err  # the length the run trained with

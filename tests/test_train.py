@@ -147,8 +147,12 @@ def test_log_shows_progress_without_a_terminal_and_a_finished_run_is_left_alone(
     """Output to a file (as under Slurm): a progress line every log_every updates and a closing
     summary; the same command again says the run is finished and changes nothing."""
     out = tmp_path / "run"
-    p = train("--total_steps", 4, "--output_dir", out, *FAST[:-3], "--log_every", 2, "--disable_wandb")
+    p = train("--total_steps", 4, "--output_dir", out, *FAST[:-3], "--log_every", 2, "--disable_wandb",
+              "--max_length", 4096)
     assert p.returncode == 0, p.stderr[-3000:]
+    # one length rule: capped at the tiny model's 1024 positions, said once, used and saved
+    assert p.stdout.count("is more than the model takes") == 1 and "(max_length 1024)" in p.stdout
+    assert "max_length: 1024" in (out / "config.yaml").read_text()
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("update ")]
     assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"]
     for ln in lines:
@@ -162,7 +166,7 @@ def test_log_shows_progress_without_a_terminal_and_a_finished_run_is_left_alone(
     status = (out / "status.json").read_text()
     metrics = (out / "metrics.jsonl").read_text()
 
-    p = train("--total_steps", 4, "--output_dir", out, *FAST[:-3], "--wandb_mode", "offline")
+    p = train("--total_steps", 4, "--output_dir", out, *FAST[:-3], "--wandb_mode", "offline", "--max_length", 4096)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "is finished: checkpoint step_00000004 is at update 4" in p.stdout and "--total_steps" in p.stdout
     assert "resumed" not in p.stdout
