@@ -6,9 +6,10 @@
 
 Merged (default): the Qwen2ForProcessRewardModel layout written by model.save_prm (config.json with
 that architecture for Qwen2 backbones and the step tag, model.safetensors with model.* and score.0/2,
-tokenizer files), LoRA merged and 4-bit weights dequantized. --adapter: model.save_adapter (PEFT
-adapter_config.json / adapter_model.safetensors on the base folder named in it, head in
-score.safetensors). Both come from the checkpoint's consolidated fp32 state dict
+tokenizer files), LoRA merged and 4-bit weights dequantized; modeling_dreamprm.py and the config's
+auto_map let AutoModel.from_pretrained(OUT, trust_remote_code=True) load it with its head.
+--adapter: model.save_adapter (PEFT adapter_config.json / adapter_model.safetensors on the base
+folder named in it, head in score.safetensors). Both come from the checkpoint's consolidated fp32 state dict
 (engine.consolidated_state_dict), so ZeRO-3 runs export whole tensors, never the empty shards of
 peft #453 / trl #4416. dreamprm.json records where the export came from and how to tokenize for it
 (step tag, chat template); dreamprm.scoring.load_scorer reads it.

@@ -15,6 +15,7 @@ import copy
 import importlib.util
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -163,12 +164,16 @@ def _load_backbone(path: Path, precision: str, attn: str, trust_remote_code: boo
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[precision],
             bnb_4bit_use_double_quant=True)
         kw["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its load report lists the head/lm_head keys we skip on purpose
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a log file
     try:
         model, info = cls.from_pretrained(str(path), **kw)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
     if info["missing_keys"]:
         raise ModelError(f"{path}: backbone weights missing from the checkpoint: "
                          f"{sorted(info['missing_keys'])}")

@@ -48,6 +48,7 @@ def run(tmp_path_factory):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     # no known-harmless third-party warning on every run (DeepSpeed's deprecated collectives, peft)
     assert "FutureWarning" not in p.stderr and "is deprecated" not in p.stderr, p.stderr[-3000:]
+    assert "WARNING" not in p.stderr and "Loading weights" not in p.stderr, p.stderr[-3000:]
     return out, eval_file
 
 
