@@ -132,15 +132,20 @@ def test_state_dict_layout(lm_dir):
     assert all(exported[k].shape == v.shape for k, v in full.state_dict().items())
 
 
+def perturbed_prm(lm_dir, mode, texts=TEXTS):
+    """A seeded PRM whose adapters matter, a batch of texts and its reference scores."""
+    torch.manual_seed(0)
+    prm, tok = build_prm(cfg(lm_dir, mode=mode), "fp32")
+    perturb_lora(prm)
+    b = batch(tok, texts)
+    return prm, tok, b, scores(prm, b)
+
+
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_save_load_merged_same_scores(lm_dir, tmp_path, mode):
     if mode == "qlora" and not _has_bnb():
         pytest.skip("bitsandbytes does not import")
-    torch.manual_seed(0)
-    prm, tok = build_prm(cfg(lm_dir, mode=mode), "fp32")
-    perturb_lora(prm)
-    b = batch(tok)
-    ref = scores(prm, b)
+    prm, tok, b, ref = perturbed_prm(lm_dir, mode)
     save_prm(prm, tmp_path / "out", tok, "<extra_0>")
     conf = json.loads((tmp_path / "out" / "config.json").read_text())
     assert conf["architectures"] == ["Qwen2ForProcessRewardModel"] and conf["num_labels"] == 2
@@ -155,11 +160,7 @@ def test_save_load_merged_same_scores(lm_dir, tmp_path, mode):
 def test_save_load_adapter_same_scores(lm_dir, tmp_path, mode):
     if mode == "qlora" and not _has_bnb():
         pytest.skip("bitsandbytes does not import")
-    torch.manual_seed(0)
-    prm, tok = build_prm(cfg(lm_dir, mode=mode), "fp32")
-    perturb_lora(prm)
-    b = batch(tok)
-    ref = scores(prm, b)
+    prm, tok, b, ref = perturbed_prm(lm_dir, mode)
     out = save_prm(prm, tmp_path / "ad", tok, "<extra_0>", merge_lora=False)
     assert {"adapter_config.json", "adapter_model.safetensors", "score.safetensors"} <= {
         p.name for p in out.iterdir()}
@@ -171,11 +172,7 @@ def test_save_load_adapter_same_scores(lm_dir, tmp_path, mode):
 
 def test_matches_plain_qwen2_reading_of_export(lm_dir, tmp_path):
     """The exported folder means the same to code that knows only the Qwen2ForProcessRewardModel layout."""
-    torch.manual_seed(0)
-    prm, tok = build_prm(cfg(lm_dir, mode="lora"), "fp32")
-    perturb_lora(prm)
-    b = batch(tok, TEXTS[:1])
-    ref = scores(prm, b)
+    prm, tok, b, ref = perturbed_prm(lm_dir, "lora", TEXTS[:1])
     save_prm(prm, tmp_path / "out", tok, "<extra_0>")
     sd = load_file(str(tmp_path / "out" / "model.safetensors"))
     base = Qwen2Model.from_pretrained(tmp_path / "out", dtype=torch.float32, local_files_only=True).eval()

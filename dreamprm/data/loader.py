@@ -20,33 +20,30 @@ from torch.utils.data import DataLoader
 from dreamprm.data.tokenize import Example
 
 
-def collate(examples: list[Example], pad_id: int) -> dict:
-    """Right-padded batch. Dtypes are explicit: soft labels stay float32, masks are bool
-    (TRL PR 2127: labels cast to bool turned -100 into True)."""
+def check_batch(examples: list[Example], pad_id: int, who: str) -> None:
     if not examples:
-        raise ValueError("collate: empty batch")
+        raise ValueError(f"{who}: empty batch")
     if pad_id is None:
-        raise ValueError("collate: pad_id is None; the tokenizer has no pad token (set "
-                         "tokenizer.pad_token, e.g. to its eos token)")
-    b = len(examples)
-    s = max(len(e.input_ids) for e in examples)
-    k = max(len(e.tag_pos) for e in examples)
-    input_ids = torch.full((b, s), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((b, s), dtype=torch.long)
-    tag_pos = torch.zeros((b, k), dtype=torch.long)
-    step_mask = torch.zeros((b, k), dtype=torch.bool)
-    labels = torch.full((b, k), math.nan, dtype=torch.float32)
+        raise ValueError(f"{who}: pad_id is None; the tokenizer has no pad token (set tokenizer.pad_token, "
+                         "e.g. to its eos token)")
+
+
+def example_fields(examples: list[Example], tag_base: list[int]) -> dict:
+    """The per-example part of a batch, shared by the padded and packed layouts: tag positions [N, K]
+    (example i's positions offset by tag_base[i]; unused slots point at tag_base[i]), step and label
+    masks, labels, outcome, index, domain and record ids. Dtypes are explicit: soft labels stay float32,
+    masks are bool (TRL PR 2127: labels cast to bool turned -100 into True)."""
+    n, k = len(examples), max(len(e.tag_pos) for e in examples)
+    tag_pos = torch.tensor(tag_base, dtype=torch.long)[:, None].repeat(1, k)
+    step_mask = torch.zeros((n, k), dtype=torch.bool)
+    labels = torch.full((n, k), math.nan, dtype=torch.float32)
     for i, e in enumerate(examples):
-        n, m = len(e.input_ids), len(e.tag_pos)
-        input_ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        tag_pos[i, :m] = torch.tensor(e.tag_pos, dtype=torch.long)
+        m = len(e.tag_pos)
+        tag_pos[i, :m] += torch.tensor(e.tag_pos, dtype=torch.long)
         step_mask[i, :m] = True
         labels[i, :m] = torch.tensor(e.labels, dtype=torch.float32)
     label_mask = step_mask & ~torch.isnan(labels)
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
         "tag_pos": tag_pos,
         "step_mask": step_mask,
         "label_mask": label_mask,
@@ -54,9 +51,21 @@ def collate(examples: list[Example], pad_id: int) -> dict:
         "outcome": torch.tensor([e.outcome for e in examples], dtype=torch.float32),
         "index": torch.tensor([e.index for e in examples], dtype=torch.long),
         "domain": torch.tensor([e.domain for e in examples], dtype=torch.long),
-        "n_tokens": int(attention_mask.sum()),
         "ids": [e.id for e in examples],  # record ids, for error messages
     }
+
+
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """Right-padded batch: one example per row."""
+    check_batch(examples, pad_id, "collate")
+    b, s = len(examples), max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((b, s), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, s), dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention_mask[i, :len(e.input_ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **example_fields(examples, [0] * b),
+            "n_tokens": int(attention_mask.sum())}
 
 
 def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:

@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from dreamprm.data.loader import check_batch, example_fields
 from dreamprm.data.tokenize import Example
 
 PER_EXAMPLE = ("step_mask", "label_mask", "labels", "outcome", "index", "domain")
@@ -62,55 +63,28 @@ def collate_packed(examples: list[Example], pad_id: int, row_tokens: int | None 
     attention matrix is never larger than in the padded batch). one_row: every example in one row
     with no padding (flash_attention_2 varlen).
     """
-    if not examples:
-        raise ValueError("collate_packed: empty batch")
-    if pad_id is None:
-        raise ValueError("collate_packed: pad_id is None; the tokenizer has no pad token (set "
-                         "tokenizer.pad_token, e.g. to its eos token)")
+    check_batch(examples, pad_id, "collate_packed")
     lens = [len(e.input_ids) for e in examples]
     cap = sum(lens) if one_row else (row_tokens or max(lens))
     rows = pack_rows(lens, cap)
     n, r = len(examples), len(rows)
     s = max(sum(lens[i] for i in row) for row in rows)
-    k = max(len(e.tag_pos) for e in examples)
     input_ids = torch.full((r, s), pad_id, dtype=torch.long)
     position_ids = torch.zeros((r, s), dtype=torch.long)
-    tag_pos = torch.zeros((n, k), dtype=torch.long)
-    step_mask = torch.zeros((n, k), dtype=torch.bool)
-    labels = torch.full((n, k), math.nan, dtype=torch.float32)
     seq_row, seq_start = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
     for ri, row in enumerate(rows):
         at = 0
         for i in row:
-            e, m = examples[i], len(examples[i].tag_pos)
-            input_ids[ri, at:at + lens[i]] = torch.tensor(e.input_ids, dtype=torch.long)
+            input_ids[ri, at:at + lens[i]] = torch.tensor(examples[i].input_ids, dtype=torch.long)
             position_ids[ri, at:at + lens[i]] = torch.arange(lens[i])
-            base = ri * s + at
-            tag_pos[i] = base
-            tag_pos[i, :m] = base + torch.tensor(e.tag_pos, dtype=torch.long)
-            step_mask[i, :m] = True
-            labels[i, :m] = torch.tensor(e.labels, dtype=torch.float32)
             seq_row[i], seq_start[i] = ri, at
             at += lens[i]
         position_ids[ri, at:] = torch.arange(s - at)  # the pad tail: a segment of its own
-    label_mask = step_mask & ~torch.isnan(labels)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": None,
-        "position_ids": position_ids,
-        "tag_pos": tag_pos,
-        "step_mask": step_mask,
-        "label_mask": label_mask,
-        "labels": torch.where(label_mask, labels, torch.zeros_like(labels)),
-        "outcome": torch.tensor([e.outcome for e in examples], dtype=torch.float32),
-        "index": torch.tensor([e.index for e in examples], dtype=torch.long),
-        "domain": torch.tensor([e.domain for e in examples], dtype=torch.long),
-        "n_tokens": sum(lens),
-        "ids": [e.id for e in examples],
-        "seq_row": seq_row,
-        "seq_start": seq_start,
-        "seq_len": torch.tensor(lens, dtype=torch.long),
-    }
+    # tag positions are flat indices into the R*S tokens
+    fields = example_fields(examples, (seq_row * s + seq_start).tolist())
+    return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids, **fields,
+            "n_tokens": sum(lens), "seq_row": seq_row, "seq_start": seq_start,
+            "seq_len": torch.tensor(lens, dtype=torch.long)}
 
 
 def is_packed(batch: dict) -> bool:

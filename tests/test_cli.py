@@ -1,0 +1,38 @@
+"""dreamprm.cli: user errors become one clean message, bugs keep their traceback."""
+
+import pytest
+
+from dreamprm import cli, errors
+
+
+@pytest.mark.parametrize("err", [errors.DataError(["a.jsonl:3: steps: empty step"]), errors.CheckpointError("torn"),
+                                 errors.RunLockError("held"), errors.NonFiniteError("nan"), errors.ModelError("tag"),
+                                 errors.ScoringError("x")])
+def test_user_errors_print_one_message(monkeypatch, capsys, err):
+    import dreamprm.train
+
+    def fit(cfg, notes):
+        raise err
+
+    monkeypatch.setattr(dreamprm.train, "fit", fit)
+    assert cli.train(["--total_steps", "1"]) == 1
+    out = capsys.readouterr().err
+    assert out.startswith("error: ") and str(err) in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("bug", [ImportError("no module named x"), FileNotFoundError("/tmp/nope")])
+def test_bugs_keep_their_traceback(monkeypatch, bug):
+    import dreamprm.train
+
+    def fit(cfg, notes):
+        raise bug
+
+    monkeypatch.setattr(dreamprm.train, "fit", fit)
+    with pytest.raises(type(bug)):
+        cli.train(["--total_steps", "1"])
+
+
+def test_config_errors_exit_2_naming_every_flag(capsys):
+    assert cli.train(["--lr", "-1", "--batch_size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr: must be > 0" in err and "--batch_size: must be >= 1" in err
