@@ -130,11 +130,6 @@ def train(argv: list[str]) -> int:
     if cfg.train.device == "cpu":  # before torch starts CUDA or DeepSpeed picks its accelerator
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"
-    elif "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():  # DeepSpeed's own pick, without its "no GPU detected" warning
-            os.environ["DS_ACCELERATOR"] = "cpu"
     from dreamprm.train import fit  # the heavy stack (torch, deepspeed) only once the flags are valid
     try:
         return fit(cfg, notes)

@@ -27,8 +27,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import deepspeed
 import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's own pick here, without its "no GPU detected" warning
+import deepspeed
 import torch.distributed as dist
 
 from dreamprm import hypergrad

@@ -191,10 +191,10 @@ def fit_files(scorer, files, how: str) -> tuple[list[tuple[str, list]], dict]:
           f"{len(skipped)} skipped")
     if cut:
         print("  cut (steps kept/steps): " + ", ".join(f"{i} ({k}/{t})" for i, (k, t) in list(cut.items())[:20])
-              + (f" and {len(cut) - 20} more (all in --out)" if len(cut) > 20 else ""))
+              + (f" and {len(cut) - 20} more (--out writes them all)" if len(cut) > 20 else ""))
     if skipped:
         print("  skipped: " + ", ".join(skipped[:20])
-              + (f" and {len(skipped) - 20} more (all in --out)" if len(skipped) > 20 else ""))
+              + (f" and {len(skipped) - 20} more (--out writes them all)" if len(skipped) > 20 else ""))
     if not any(recs for _, recs in out):
         raise EvalError(f"no solution fits in max_length {scorer.max_length}")
     return out, {"how": how, "cut": {i: list(kt) for i, kt in cut.items()}, "skipped": skipped}
