@@ -36,20 +36,30 @@ META_LOSSES = ("bce", "mse")
 SCHEDULES = ("constant", "cosine", "linear")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cuda", "cpu")
+MIXES = ("size", "temperature", "weights", "learned")
+CURRICULA = ("none", "steps", "length", "difficulty")
+CURRICULUM_SCHEDULES = ("linear", "sqrt")
+STEP_LOSSES = ("ce", "balanced_ce", "focal")
+PROFILE_NAMES = ("default", "plain", "problem_solution", "custom")  # data.tokenize.PROFILES + custom
 
 
-def opt(default, help, choices=None, alias=()):
-    """A config field with its help text, allowed values and old-script flag aliases."""
+def opt(default, help, choices=None, alias=(), sources=False):
+    """A config field with its help text, allowed values and old-script flag aliases.
+
+    sources: a data-source field (--train_file, --meta_file): the flag may be repeated and YAML
+    may give a list; one value stays a plain string (data.mixing parses the specs)."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(metadata={"help": help, "choices": choices, "alias": tuple(alias)}, **kw)
+    return field(metadata={"help": help, "choices": choices, "alias": tuple(alias), "sources": sources}, **kw)
 
 
 @dataclass
 class DataConfig:
-    train_file: str = opt("", "training data (JSONL/JSON, any format `dreamprm data` reads); "
-                          "empty with no --config = the bundled demo data", alias=("--train_json_file",))
-    meta_file: str = opt("", "meta (held-out, outcome-labelled) data for the hypergradient",
-                         alias=("--meta_json_file",))
+    train_file: str = opt("", "training data (JSONL/JSON, any format `dreamprm data` reads); repeat the flag "
+                          "(or give a YAML list) for several sources, each PATH[,name=N][,format=F][,domain=D]"
+                          "[,weight=W][,profile=P]; empty with no --config = the bundled demo data",
+                          alias=("--train_json_file",), sources=True)
+    meta_file: str = opt("", "meta (held-out, outcome-labelled) data for the hypergradient; repeatable like "
+                         "--train_file", alias=("--meta_json_file",), sources=True)
     eval_file: str = opt("", "optional held-out step-labelled file evaluated every eval_every steps")
     train_format: str = opt("auto", "format of train_file (see `dreamprm data convert --help`)")
     meta_format: str = opt("auto", "format of meta_file")
@@ -58,6 +68,21 @@ class DataConfig:
                           "longer solutions are cut at a step boundary")
     skip_invalid: bool = opt(False, "drop invalid records (reported by file:line) instead of failing")
     num_workers: int = opt(0, "DataLoader worker processes for batch collation")
+    mix: str = opt("size", "how training sources are sampled: size = proportional to size; temperature = "
+                   "p ~ n^mix_alpha; weights = the sources' weight=; learned = the domain table's learned "
+                   "weights (times n^mix_alpha) as sampling probabilities instead of loss weights", MIXES)
+    mix_alpha: float = opt(0.5, "exponent of --mix temperature and learned (1 = by size, 0 = uniform over sources)")
+    curriculum: str = opt("none", "easy-to-hard order within each source, by number of steps, tokens, or the "
+                          "records' meta.difficulty field", CURRICULA)
+    curriculum_start: float = opt(0.2, "share of each source (its easiest) sampled at update 0")
+    curriculum_steps: int = opt(0, "updates until the whole of every source is sampled (0 = --total_steps)")
+    curriculum_schedule: str = opt("linear", "growth of the sampled share: linear, or sqrt (fast first)",
+                                   CURRICULUM_SCHEDULES)
+    profile: str = opt("default", "prompt profile of sources without profile=: default = system prompt + chat "
+                       "template (dreamprm's usual), plain = the question alone, problem_solution, custom",
+                       PROFILE_NAMES)
+    system_prompt: str = opt("", "system prompt of the custom profile (chat template only)")
+    prompt_template: str = opt("{question}", "question template of the custom profile ({question} once)")
 
 
 @dataclass
@@ -93,6 +118,12 @@ class TrainConfig:
     seed: int = opt(42, "random seed")
     device: str = opt("auto", "auto = the GPU(s) when visible, else the CPU; cuda = fail unless a GPU is "
                       "visible; cpu = train on the CPU even where GPUs are (hides them from torch)", DEVICES)
+    step_loss: str = opt("ce", "per-step loss: ce (soft-label cross-entropy), balanced_ce (classes weighted to "
+                         "half the loss each), focal", STEP_LOSSES)
+    hard_labels: bool = opt(False, "round soft step labels to 0/1 (threshold 0.5) before the loss")
+    focal_gamma: float = opt(2.0, "focal loss exponent")
+    pos_fraction: float = opt(0.0, "balanced_ce: positive fraction of the step labels (0 = measured on the "
+                              "training data)")
     deepspeed: str = opt("", "DeepSpeed JSON (engine settings only); empty = ZeRO stage 0 in-process")
 
 
@@ -153,8 +184,11 @@ def _fields():
             yield name, f, hints[f.name]
 
 
-def _coerce(value, typ, where: str, problems: list[str]):
+def _coerce(value, typ, where: str, problems: list[str], sources: bool = False):
     """Check a YAML value against the field type; ints are fine where floats are expected."""
+    if sources and (isinstance(value, str) or (isinstance(value, list) and value and all(
+            isinstance(v, (str, dict)) for v in value))):
+        return value[0] if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) else value
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -213,7 +247,8 @@ def apply_yaml(cfg: Config, path: Path, problems: list[str]) -> None:
             if key not in names:
                 problems.append(f"{kwhere}: unknown option {sec}.{key} (see launch/train.py --help)")
                 continue
-            v = _coerce(value, hints[key], f"{kwhere}: {sec}.{key}", problems)
+            meta = next(f.metadata for f in dataclasses.fields(obj) if f.name == key)
+            v = _coerce(value, hints[key], f"{kwhere}: {sec}.{key}", problems, meta["sources"])
             if v is not None:
                 setattr(obj, key, v)
 
@@ -244,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
             default = getattr(getattr(defaults, sec), f.name)
             names = [f"--{f.name}", *md["alias"]]
             kw = {"dest": f"{sec}.{f.name}", "metavar": f.name.upper(), "help": f"{md['help']} (default: {default!r})"}
-            if typ is bool:
+            if md["sources"]:
+                g.add_argument(*names, action="append", **kw)
+            elif typ is bool:
                 g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             elif typ is list or get_origin(typ) is list:
                 g.add_argument(*names, nargs="+", **kw)
@@ -275,10 +312,17 @@ def load_config(argv=None, check_machine: bool = True) -> tuple[Config, list[str
             apply_yaml(cfg, Path(recipe), problems)
     for dest, value in args.items():
         sec, name = dest.split(".")
+        if isinstance(value, list) and dest in ("data.train_file", "data.meta_file") and len(value) == 1:
+            value = value[0]  # one source: a plain string, as before
         setattr(getattr(cfg, sec), name, value)
     if resume_step is not None:
         problems += apply_resume_step(cfg, resume_step)
     problems = (machine_problems(cfg) if check_machine else []) + problems + validate(cfg)
+    if problems and cfg.data.train_file:  # the data's problems too, so that one run reports everything
+        from dreamprm.data.mixing import data_problems
+        d = cfg.data
+        problems += data_problems(d.train_file, d.meta_file, d.train_format, d.meta_format, not cfg.meta.baseline,
+                                  cfg.model.step_tag, d.skip_invalid)
     if problems:
         raise ConfigError(problems)
     capped = effective_max_length(cfg)
@@ -400,10 +444,10 @@ def validate(cfg: Config) -> list[str]:
                  "rounding (see docs); use --hypergrad exact, --mode lora, or --precision fp32")
     if not m.step_tag:
         p.append("--step_tag: must not be empty")
-    for flag, path in (("--train_file", d.train_file), ("--meta_file", d.meta_file),
-                       ("--eval_file", d.eval_file), ("--deepspeed", t.deepspeed)):
+    for flag, path in (("--eval_file", d.eval_file), ("--deepspeed", t.deepspeed)):
         if path and not Path(path).is_file():
             p.append(f"{flag}: {path} does not exist")
+    p += _source_problems(cfg)
     if d.train_file and not d.meta_file and not meta.baseline:
         p.append("--meta_file: bilevel training needs a meta file with outcome labels "
                  "(or pass --baseline to train without reweighting)")
@@ -416,6 +460,46 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"--resume_from: {r.resume_from} is not a checkpoint folder (or use auto / none)")
     if t.deepspeed and Path(t.deepspeed).is_file():
         p += check_ds_json(cfg, Path(t.deepspeed))
+    return p
+
+
+def _source_problems(cfg: Config) -> list[str]:
+    """Source specs, mixing, curriculum, profiles and step-loss options; each names the flag (and source)."""
+    import math
+
+    from dreamprm.data.mixing import parse_sources
+
+    d, t, meta, p = cfg.data, cfg.train, cfg.meta, []
+    train, pt = parse_sources(d.train_file, "--train_file", d.train_format)
+    metas, pm = parse_sources(d.meta_file, "--meta_file", d.meta_format)
+    p += pt + pm
+    for s in train + metas:
+        if not Path(s.path).is_file():
+            p.append(f"{s.flag}: {s.path} does not exist")
+        if s.profile is not None and s.profile not in PROFILE_NAMES:
+            p.append(f"{s.flag} {s.path}: profile={s.profile!r} is not one of {', '.join(PROFILE_NAMES)}")
+    if d.mix == "weights" and train and not sum(s.weight for s in train) > 0:
+        p.append("--mix weights: every --train_file source has weight=0; give at least one a positive weight")
+    if d.mix == "learned":
+        if meta.baseline or meta.weights != "domain_table":
+            p.append("--mix learned: samples by the learned domain weights; it needs --weights domain_table "
+                     "and no --baseline")
+        if d.num_workers:
+            p.append("--mix learned: the sampling probabilities change after every meta pass; use --num_workers 0")
+        if len(train) < 2:
+            p.append("--mix learned: needs at least two --train_file sources (one domain each) to sample between")
+    if not (math.isfinite(d.mix_alpha) and d.mix_alpha >= 0):
+        p.append(f"--mix_alpha: must be a finite number >= 0 (got {d.mix_alpha})")
+    if not 0 < d.curriculum_start <= 1:
+        p.append(f"--curriculum_start: must be in (0, 1] (got {d.curriculum_start})")
+    if d.curriculum_steps < 0:
+        p.append(f"--curriculum_steps: must be >= 0 (got {d.curriculum_steps})")
+    if "{question}" not in d.prompt_template or d.prompt_template.count("{question}") != 1:
+        p.append(f"--prompt_template: {d.prompt_template!r} must contain {{question}} exactly once")
+    if not (math.isfinite(t.focal_gamma) and t.focal_gamma >= 0):
+        p.append(f"--focal_gamma: must be a finite number >= 0 (got {t.focal_gamma})")
+    if not (t.pos_fraction == 0 or 0 < t.pos_fraction < 1):
+        p.append(f"--pos_fraction: must be in (0, 1), or 0 to measure it on the training data (got {t.pos_fraction})")
     return p
 
 

@@ -134,6 +134,8 @@ class Engine:
     tokenizer: object
     params: list = field(default_factory=list)  # trainable parameters, in a fixed order
     hf_ds_config: object = None  # keeps zero.Init partitioning active for ZeRO-3 loads
+    # the inner loss; the inner update and both alignment methods use it, so the hypergradient is its own
+    step_loss: hypergrad.StepLoss = field(default_factory=hypergrad.StepLoss)
 
 
 def lr_lambda(cfg: Config):
@@ -197,7 +199,7 @@ def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int) -> dict:
     for _ in range(eng.ds.gradient_accumulation_steps()):
         batch = to_device(next(stream), eng.ds.device)
         logits = forward(eng, batch)
-        losses = hypergrad.instance_losses(logits, batch)
+        losses = hypergrad.instance_losses(logits, batch, eng.step_loss)
         check_finite(losses, batch, f"inner loss at update {step}")
         feats = hypergrad.instance_features(logits, batch, losses)
         with torch.no_grad():
@@ -304,7 +306,8 @@ def fd_alignments(eng: Engine, recent: list, v: list, radius: float):
             for (t, d), s in zip(local, saved):
                 t.copy_(s.float().add(d, alpha=sign * eps).to(t.dtype))
             _params_changed(eng)
-            losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"], meta=True), r["batch"]) for r in recent]
+            losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"], meta=True), r["batch"], eng.step_loss)
+                            for r in recent]
         for (t, _), s in zip(local, saved):
             t.copy_(s)
         _params_changed(eng)
@@ -320,7 +323,7 @@ def exact_alignments(eng: Engine, recent: list, v: list):
         a = torch.zeros(len(b["index"]))
         for i in range(len(b["index"])):
             row = select(b, i)
-            li = hypergrad.instance_losses(forward(eng, row, meta=True), row)[0]
+            li = hypergrad.instance_losses(forward(eng, row, meta=True), row, eng.step_loss)[0]
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
             a[i] = sum((g.float() * x).sum() for g, x in zip(grads, v) if g is not None).item()
         out.append(a)

@@ -12,7 +12,7 @@ auto_map let AutoModel.from_pretrained(OUT, trust_remote_code=True) load it with
 folder named in it, head in score.safetensors). Both come from the checkpoint's consolidated fp32 state dict
 (engine.consolidated_state_dict), so ZeRO-3 runs export whole tensors, never the empty shards of
 peft #453 / trl #4416. dreamprm.json records where the export came from and how to tokenize for it
-(step tag, chat template); dreamprm.scoring.load_scorer reads it.
+(step tag, chat template, prompt profiles); dreamprm.scoring.load_scorer reads it.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
         info = {"format": 1, "form": "adapter" if adapter else "merged", "step_tag": tag,
                 "chat_template": cfg["model"]["chat_template"], "max_length": cfg["data"]["max_length"],
                 "mode": mode, "precision": precision if mode != "qlora" else cfg["train"]["precision"],
-                "checkpoint": str(ckpt.resolve()), "step": state["step"], "config": cfg}
+                "checkpoint": str(ckpt.resolve()), "step": state["step"], "config": cfg,
+                "profile": cfg.get("data", {}).get("profile", "default"), "profiles": state.get("profiles")}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
         if out.is_dir():
             out.rmdir()  # empty (checked above)

@@ -31,7 +31,7 @@ from dreamprm import metrics as M
 from dreamprm.config import DEFAULT_STEP_TAG, model_length_limit
 from dreamprm.data.loader import collate
 from dreamprm.data.record import Record, record_from_json, record_problems
-from dreamprm.data.tokenize import encode_records
+from dreamprm.data.tokenize import Profile, encode_records
 from dreamprm.errors import CheckpointError, ModelError, ScoringError
 from dreamprm.model import HEAD_FILE, step_probs
 
@@ -49,11 +49,12 @@ class Scorer:
     """A PRM in eval mode with the tokenization it was trained with."""
 
     def __init__(self, prm, tokenizer, step_tag: str, chat_template: bool = True, max_length: int | None = None,
-                 device=None, source: str = ""):
+                 device=None, source: str = "", profile: Profile | None = None):
         self.prm = prm.eval()
         self.tokenizer = tokenizer
         self.step_tag = step_tag
         self.chat_template = chat_template
+        self.profile = profile  # how questions are rendered (None: PROFILES["default"])
         base = getattr(prm.model, "config", None)
         # the one length rule (config.effective_max_length): min(asked for, the model's limit)
         self.model_limit = model_length_limit(base.to_dict()) if base is not None else None
@@ -94,7 +95,7 @@ class Scorer:
             raise ScoringError(f"record ids must be unique to key the scores; repeated: {dup[:5]}")
         try:
             examples, st = encode_records(records, self.tokenizer, self.step_tag, self.max_length,
-                                          self.chat_template)
+                                          self.chat_template, profile=self.profile)
         except ValueError as e:
             raise ScoringError(str(e)) from e
         if st.n_dropped or st.n_truncated:
@@ -129,7 +130,7 @@ class Scorer:
         records = [_as_record(r, i) for i, r in enumerate(records)]
         try:
             examples, st = encode_records(records, self.tokenizer, self.step_tag, self.max_length,
-                                          self.chat_template)
+                                          self.chat_template, profile=self.profile)
         except ValueError as e:
             raise ScoringError(str(e)) from e
         kept = {ex.id: ex.n_kept for ex in examples}
@@ -179,7 +180,8 @@ def _is_quantized(prm) -> bool:
 
 
 def load_scorer(path, *, checkpoint: str | None = None, step_tag: str | None = None, precision: str = "fp32",
-                device=None, max_length: int | None = None, chat_template: bool | None = None) -> Scorer:
+                device=None, max_length: int | None = None, chat_template: bool | None = None,
+                profile: str | None = None) -> Scorer:
     """A Scorer from a run directory, a checkpoint folder (step_N) or an exported model folder.
 
     checkpoint: a checkpoint of the run directory (step_N, or N) instead of its latest.
@@ -188,7 +190,8 @@ def load_scorer(path, *, checkpoint: str | None = None, step_tag: str | None = N
     device: default cuda when available, else cpu. max_length: longest solution in tokens (default the
     one the model was trained with, as its checkpoint or export records it; never more than the model's
     max_position_embeddings). chat_template: override the recorded setting (default: as trained, True for
-    folders that do not record it).
+    folders that do not record it). profile: which of the prompt profiles the run recorded renders
+    the questions (default: the run's --profile); folders that record none render as PROFILES["default"].
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -199,16 +202,32 @@ def load_scorer(path, *, checkpoint: str | None = None, step_tag: str | None = N
             raise ScoringError(f"{p} is an exported model folder; checkpoint= is for run directories")
         prm, tok, tag, info = load_exported(p, precision, step_tag)
         chat, trained = info.get("chat_template", True), info.get("max_length")
+        prof = pick_profile(info.get("profiles"), info.get("profile"), profile, p)
     else:
         ckpt = resolve_checkpoint(p, checkpoint)
         prm, tok, cfg = load_checkpoint_prm(ckpt, precision)
         tag, chat = cfg["model"]["step_tag"], cfg["model"]["chat_template"]
         trained = cfg["data"]["max_length"]
+        recorded = torch.load(ckpt / SHARED_STATE, weights_only=True, map_location="cpu").get("profiles")
+        prof = pick_profile(recorded, cfg.get("data", {}).get("profile"), profile, ckpt)
         if step_tag is not None and step_tag != tag:
             raise ScoringError(f"{ckpt} was trained with step tag {tag!r}, not {step_tag!r}")
         p = ckpt
     return Scorer(prm, tok, tag, chat if chat_template is None else chat_template, max_length or trained, device,
-                  str(p))
+                  str(p), prof)
+
+
+def pick_profile(recorded: dict | None, default: str | None, wanted: str | None, where) -> Profile | None:
+    """The Profile a run recorded under `wanted` (or its default); None for runs that record none."""
+    if not recorded:
+        if wanted not in (None, "default"):
+            raise ScoringError(f"{where} records no prompt profiles (trained before profiles existed, or not by "
+                               f"dreamprm); it renders as the default profile, not {wanted!r}")
+        return None
+    name = wanted or default or "default"
+    if name not in recorded:
+        raise ScoringError(f"{where} records the prompt profiles {sorted(recorded)}, not {name!r}")
+    return Profile(**recorded[name])
 
 
 def path_kind(p: Path) -> str:

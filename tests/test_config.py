@@ -42,6 +42,34 @@ def test_seed_script_flags_are_aliases_with_the_same_meaning(tmp_path):
     assert cfg.run.disable_wandb and cfg.run.dry_run and cfg.run.debug and cfg.meta.baseline
 
 
+def test_sources_repeat_as_flags_and_list_in_yaml(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("{}\n")
+    b.write_text("{}\n")
+    cfg, _ = load_config(["--train_file", str(a), "--baseline"])
+    assert cfg.data.train_file == str(a)  # one source: a plain string, as before
+    cfg, _ = load_config(["--train_file", f"{a},domain=x", "--train_file", f"{b},weight=2", "--baseline"])
+    assert cfg.data.train_file == [f"{a},domain=x", f"{b},weight=2"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  train_file:\n    - {a}\n    - path: {b}\n      weight: 3\n  meta_file: [{a}]\n")
+    cfg, _ = load_config(["--config", str(recipe)])
+    assert cfg.data.train_file == [str(a), {"path": str(b), "weight": 3}] and cfg.data.meta_file == str(a)
+    recipe.write_text("data:\n  train_file: [1, 2]\n")
+    with pytest.raises(ConfigError, match="train_file"):
+        load_config(["--config", str(recipe)])
+
+
+def test_new_options_are_validated_naming_the_flag():
+    cfg = Config()
+    cfg.data.mix, cfg.data.num_workers, cfg.data.mix_alpha = "learned", 2, float("nan")
+    cfg.data.curriculum_start, cfg.data.prompt_template = 0.0, "no question here"
+    cfg.train.pos_fraction, cfg.train.focal_gamma = 1.0, -1.0
+    text = "\n".join(validate(cfg))
+    for flag in ("--mix learned: samples", "--mix learned: the sampling", "--mix_alpha", "--curriculum_start",
+                 "--prompt_template", "--pos_fraction", "--focal_gamma"):
+        assert flag in text, flag
+
+
 def test_help_lists_every_option():
     text = build_parser().format_help()
     for sec in ("data", "model", "train", "meta", "run"):
