@@ -25,12 +25,16 @@ import re
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import deepspeed
 import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's own pick here, without its "no GPU detected" warning
+import deepspeed
 import torch.distributed as dist
 
 from dreamprm import checkpoint as ckpt
@@ -39,6 +43,11 @@ from dreamprm.config import Config
 from dreamprm.data.packing import select
 from dreamprm.errors import CheckpointError, NonFiniteError
 from dreamprm.model import build_prm
+
+# DeepSpeed's ZeRO collectives call the torch.distributed names that torch 2.13 deprecated in
+# favour of *_single; they still work, and the warning repeats on every rank and update.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                        "is deprecated", category=FutureWarning)
 
 
 # ---------------------------------------------------------------- process group
@@ -159,6 +168,8 @@ class Engine:
     tokenizer: object
     params: list = field(default_factory=list)  # trainable parameters, in a fixed order
     hf_ds_config: object = None  # keeps zero.Init partitioning active for ZeRO-3 loads
+    # the inner loss; the inner update and both alignment methods use it, so the hypergradient is its own
+    step_loss: hypergrad.StepLoss = field(default_factory=hypergrad.StepLoss)
 
 
 def lr_lambda(cfg: Config):
@@ -226,7 +237,7 @@ def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int) -> dict:
     for _ in range(eng.ds.gradient_accumulation_steps()):
         batch = to_device(next(stream), eng.ds.device)
         logits = forward(eng, batch)
-        losses = hypergrad.instance_losses(logits, batch)
+        losses = hypergrad.instance_losses(logits, batch, eng.step_loss)
         check_finite(losses, batch, f"inner loss at update {step}")
         feats = hypergrad.instance_features(logits, batch, losses)
         with torch.no_grad():
@@ -333,7 +344,8 @@ def fd_alignments(eng: Engine, recent: list, v: list, radius: float):
             for (t, d), s in zip(local, saved):
                 t.copy_(s.float().add(d, alpha=sign * eps).to(t.dtype))
             _params_changed(eng)
-            losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"], meta=True), r["batch"]) for r in recent]
+            losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"], meta=True), r["batch"], eng.step_loss)
+                            for r in recent]
         for (t, _), s in zip(local, saved):
             t.copy_(s)
         _params_changed(eng)
@@ -349,7 +361,7 @@ def exact_alignments(eng: Engine, recent: list, v: list):
         a = torch.zeros(len(b["index"]))
         for i in range(len(b["index"])):
             row = select(b, i)
-            li = hypergrad.instance_losses(forward(eng, row, meta=True), row)[0]
+            li = hypergrad.instance_losses(forward(eng, row, meta=True), row, eng.step_loss)[0]
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
             a[i] = sum((g.float() * x).sum() for g, x in zip(grads, v) if g is not None).item()
         out.append(a)

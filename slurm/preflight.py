@@ -46,7 +46,8 @@ def main(argv: list[str]) -> int:
               "the setup block of slurm/minif2f.sbatch, or set PYTHON", file=sys.stderr)
         return 1
     try:
-        cfg, _notes = load_config(train_argv)
+        # the machine check (GPU, bitsandbytes) is left to the ranks: this step may not see the job's GPUs
+        cfg, _notes = load_config(train_argv, check_machine=False)
     except ConfigError as e:
         print(f"preflight: error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ def cosine(a, b):
 
 def reference_grads(out: Path, flags: list[str]) -> dict:
     """Single-process torch.autograd evaluation of the same hypergradient formula, in fp32."""
+    from dreamprm.train import step_loss_spec  # imports deepspeed: only in the tests that run it
     cfg, _ = load_config(flags)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     state = torch.load(out / "prm_state.pt", weights_only=False)
@@ -52,9 +53,11 @@ def reference_grads(out: Path, flags: list[str]) -> dict:
         for acc, g in zip(v, torch.autograd.grad(lm, params)):
             acc += g / len(ranks)
     recent = [x for r in ranks for x in r["recent"]]
+    spec = step_loss_spec(cfg, ranks[0]["pos_fraction"])
+    assert spec == ranks[0]["step_loss"]  # the reference computes the loss the engine trained with
     align = []
     for x in recent:
-        losses = hypergrad.instance_losses(logits(x["batch"]), x["batch"])
+        losses = hypergrad.instance_losses(logits(x["batch"]), x["batch"], spec)
         align.append(torch.stack([sum((g * vv).sum() for g, vv in zip(
             torch.autograd.grad(li, params, retain_graph=True), v)) for li in losses]))
     n = sum(len(a) for a in align)
@@ -79,7 +82,10 @@ CASES = {
     # ZeRO 0-2 cast LoRA adapters to bf16: rounding shrinks the finite-difference step by
     # 5-10% (README: use exact there); the direction is still right.
     "zero2-bf16": ("ds_configs/zero2.json", "bf16", 1, 0.99, 0.05, 0.15),
+    # class-balanced CE with the positive fraction measured on the data (issue 13): the same checks
+    "zero3-fp32-balanced": ("ds_configs/zero3.json", "fp32", 1, 0.999, 0.05, 0.05),
 }
+EXTRA_FLAGS = {"zero3-fp32-balanced": ["--step_loss", "balanced_ce", "--hard_labels"]}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -87,7 +93,7 @@ def test_hypergradient_matches_autograd_reference(tmp_path, case):
     ds, precision, accum, min_cos, tol_exact, tol_fd = CASES[case]
     flags = ["--deepspeed", ds, "--precision", precision, "--mode", "lora", "--grad_accum", str(accum),
              "--batch_size", "2", "--meta_batch_size", "2", "--lora_dropout", "0.1",
-             "--output_dir", str(tmp_path / "run"), "--fd_radius", "0.01"]
+             "--output_dir", str(tmp_path / "run"), "--fd_radius", "0.01", *EXTRA_FLAGS.get(case, [])]
     run(TORCHRUN + ["tests/engine_worker.py", str(tmp_path)] + flags)
     ref, ranks = reference_grads(tmp_path, flags)
     for r in ranks:  # a meta pass leaves the PRM, its fp32 masters and Adam state bit-identical

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from dreamprm.data.record import Record, record_problems
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+QUESTION = "{question}"  # where a profile's template puts the question
 NO_DOMAIN = "<none>"  # name of domain index 0: records without a domain
 
 # Text around the tag in check_step_tag: a tag that is one token alone but merges with a
@@ -63,6 +64,42 @@ class EncodeStats:
         return s
 
 
+@dataclass(frozen=True)
+class Profile:
+    """How a source's question is rendered before its steps.
+
+    With chat (and a tokenizer that has a chat template, and --chat_template on): a system message
+    (if not empty) and a user message holding the template; otherwise the template alone and a
+    newline. The template holds {question} once; other braces are kept as they are (LaTeX).
+    """
+    name: str
+    chat: bool = True
+    system: str = SYSTEM_PROMPT
+    template: str = QUESTION
+
+    def render(self, question: str) -> str:
+        return self.template.replace(QUESTION, question)
+
+
+# Built-in profiles; "default" is the rendering dreamprm always used. A "custom" one is built from
+# --system_prompt / --prompt_template (train.profiles).
+PROFILES = {
+    "default": Profile("default"),
+    "plain": Profile("plain", chat=False, system="", template=QUESTION),
+    "problem_solution": Profile("problem_solution", chat=False, system="", template="Problem: {question}\nSolution:"),
+}
+
+
+def run_profiles(system_prompt: str, prompt_template: str) -> dict[str, Profile]:
+    """Every profile a run can use: the built-ins and "custom" (--system_prompt, --prompt_template)."""
+    return {**PROFILES, "custom": Profile("custom", chat=True, system=system_prompt, template=prompt_template)}
+
+
+def profile_problems(p: Profile) -> list[str]:
+    return [] if p.template.count(QUESTION) == 1 else [
+        f"profile {p.name!r}: template {p.template!r} must contain {QUESTION} exactly once"]
+
+
 def check_step_tag(tokenizer, tag: str) -> int:
     """Id of the step tag; ValueError unless the tag is exactly one token in every context."""
     fix = (f"add it as a special token (tokenizer.add_special_tokens({{'additional_special_tokens': "
@@ -86,18 +123,27 @@ def domain_table(names) -> list[str]:
     return [NO_DOMAIN] + sorted({n for n in names if n is not None} - {NO_DOMAIN})
 
 
-def prompt_text(question: str, tokenizer, use_chat_template: bool) -> str:
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+def _uses_chat(tokenizer, use_chat_template: bool, profile: Profile | None) -> bool:
+    return (use_chat_template and (profile is None or profile.chat)
+            and bool(getattr(tokenizer, "chat_template", None)))
+
+
+def prompt_text(question: str, tokenizer, use_chat_template: bool, profile: Profile | None = None) -> str:
+    """The text before the first step; profile None = PROFILES["default"]."""
+    p = profile or PROFILES["default"]
+    if _uses_chat(tokenizer, use_chat_template, p):
+        msgs = ([{"role": "system", "content": p.system}] if p.system else []) + [
+            {"role": "user", "content": p.render(question)}]
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return question + "\n"
+    return p.render(question) + "\n"
 
 
-def _prompt_ids(questions: list[str], tokenizer, use_chat_template: bool) -> list[list[int]]:
-    chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+def _prompt_ids(questions: list[str], tokenizer, use_chat_template: bool,
+                profile: Profile | None = None) -> list[list[int]]:
+    chat = _uses_chat(tokenizer, use_chat_template, profile)
     # A rendered template already holds BOS etc., so it is encoded like apply_chat_template
     # does it (no special tokens added); the plain form gets the tokenizer's BOS if it has one.
-    texts = [prompt_text(q, tokenizer, chat) for q in questions]
+    texts = [prompt_text(q, tokenizer, chat, profile) for q in questions]
     return tokenizer(texts, add_special_tokens=not chat)["input_ids"]
 
 
@@ -127,23 +173,24 @@ def _assemble(rec: Record, prompt: list[int], steps: list[list[int]], tag_id: in
 
 
 def encode_record(rec: Record, tokenizer, tag_id: int, max_length: int, use_chat_template: bool,
-                  index: int, domain: int) -> Example | None:
+                  index: int, domain: int, profile: Profile | None = None) -> Example | None:
     """One record -> Example, keeping the longest prefix of whole steps within max_length.
 
     None when not even the prompt and the first step fit (the caller counts it).
     """
-    (prompt,) = _prompt_ids([rec.question], tokenizer, use_chat_template)
+    (prompt,) = _prompt_ids([rec.question], tokenizer, use_chat_template, profile)
     steps = tokenizer(list(rec.steps), add_special_tokens=False)["input_ids"]
     return _assemble(rec, prompt, steps, tag_id, max_length, index, domain)
 
 
 def encode_records(records: list[Record], tokenizer, step_tag: str, max_length: int,
-                   use_chat_template: bool, domains: list[str] | None = None
-                   ) -> tuple[list[Example], EncodeStats]:
+                   use_chat_template: bool, domains: list[str] | None = None,
+                   profile: Profile | None = None) -> tuple[list[Example], EncodeStats]:
     """Encode a dataset; the stats say what was truncated or dropped (print them).
 
     Records are validated first (all problems raised at once). domains: the domain names of
-    the run (pass the same list for every dataset of a run so the indices agree); the table is
+    the run (pass the same list for every dataset of a run so the indices agree); profile: how the
+    question is rendered (None = PROFILES["default"], with use_chat_template); the table is
     domain_table(domains), "<none>" first. None derives it from these records. Example.index
     is dense over the returned examples, so an instance-weight table has len(examples) rows.
     """
@@ -161,7 +208,7 @@ def encode_records(records: list[Record], tokenizer, step_tag: str, max_length: 
                          f"names from every dataset of the run")
 
     # One tokenizer call for all prompts and one for all steps (fast tokenizers batch in Rust).
-    prompts = _prompt_ids([r.question for r in records], tokenizer, use_chat_template) if records else []
+    prompts = _prompt_ids([r.question for r in records], tokenizer, use_chat_template, profile) if records else []
     flat = [s for r in records for s in r.steps]
     flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     st = EncodeStats(n_records=len(records), domains=table, max_length=max_length)

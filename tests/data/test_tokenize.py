@@ -5,6 +5,8 @@ import pytest
 from dreamprm.config import DEFAULT_STEP_TAG as TAG
 from dreamprm.data.record import Record
 from dreamprm.data.tokenize import (
+    PROFILES,
+    Profile,
     check_step_tag,
     domain_table,
     encode_record,
@@ -73,6 +75,22 @@ def test_chat_template_prompt(bpe_tok, word_tok, corpus):
     assert corpus[0] in text and text.endswith("<|im_start|>assistant\n")
     assert prompt_text(corpus[0], bpe_tok, False) == corpus[0] + "\n"
     assert prompt_text(corpus[0], word_tok, True) == corpus[0] + "\n"  # no template: plain form
+
+
+def test_profiles_render_the_question(bpe_tok, corpus):
+    q = corpus[0]
+    assert prompt_text(q, bpe_tok, True, PROFILES["default"]) == prompt_text(q, bpe_tok, True)  # unchanged default
+    assert prompt_text(q, bpe_tok, True, PROFILES["plain"]) == q + "\n"
+    assert prompt_text(q, bpe_tok, True, PROFILES["problem_solution"]) == f"Problem: {q}\nSolution:\n"
+    custom = Profile("custom", chat=True, system="", template="Prove $\\{x\\}$: {question}")
+    text = prompt_text(q, bpe_tok, True, custom)
+    assert "system" not in text and f"<|im_start|>user\nProve $\\{{x\\}}$: {q}<|im_end|>" in text  # braces kept
+    assert prompt_text(q, bpe_tok, False, custom) == f"Prove $\\{{x\\}}$: {q}\n"  # --no-chat_template wins
+    with_sys = prompt_text(q, bpe_tok, True, Profile("s", system="Be brief."))
+    assert with_sys.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    ex_default, _ = encode_records([rec(corpus)], bpe_tok, TAG, 256, True)
+    ex_plain, _ = encode_records([rec(corpus)], bpe_tok, TAG, 256, True, profile=PROFILES["plain"])
+    assert ex_plain[0].input_ids != ex_default[0].input_ids and ex_plain[0].labels == ex_default[0].labels
 
 
 def test_encode_record_matches_encode_records(good_tok, corpus):
