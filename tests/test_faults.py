@@ -7,8 +7,9 @@
 3 a full disk during a checkpoint / at start             -> one message with the last complete
                                                            checkpoint; status failed; no partial
                                                            folder, temp file or empty LOCK left
-4 a silent rank                                         -> the collective timeout ends the job,
-                                                           naming the rank
+4 a silent rank; kill -9 of a rank                     -> the collective timeout (or the closed
+                                                           connection) ends the job, naming the
+                                                           silent rank; status.json says failed
 5 a held LOCK                                           -> found by slurm/preflight.py before any
                                                            model is built; a requeued job takes over
 Rank-count changes on resume are in tests/test_train.py (ZeRO-3, 2 -> 1 and 1 -> 2).
