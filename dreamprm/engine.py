@@ -482,7 +482,7 @@ def save_checkpoint(eng: Engine, root: Path, step: int, shared: dict, per_rank: 
         if eng.rank == 0:
             torch.save({**shared, "step": step, "world": eng.world, "stage": eng.stage}, tmp / ckpt.SHARED_STATE)
 
-    def describe():  # each rank reads a share of the files: hashing costs about 1 s/GB per rank
+    def describe():  # each rank reads a share of the files (cost per GB: bench/checksum.py)
         return ckpt.describe_files(tmp, ckpt.list_files(tmp)[eng.rank::eng.world])
 
     for fn in (prepare, write):
@@ -535,10 +535,11 @@ def universal_copy(path: Path, world: int, rank: int) -> Path | None:
         return None
     out = path.parent / "universal" / path.name
     err = None
-    if rank == 0 and not out.is_dir():
+    if rank == 0:  # always afresh: a leftover may come from an older checkpoint of the same name
         tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            ckpt.remove_tree(tmp)
+        for old in (tmp, out):
+            if old.exists():
+                ckpt.remove_tree(old)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
                "--output_folder", str(tmp), "--num_extract_workers", "2", "--num_merge_workers", "2"]
         if man["stage"] < 3:  # ZeRO-1/2 checkpoints lack the Megatron-style layout info it asks for
