@@ -538,20 +538,20 @@ def universal_copy(path: Path, world: int, rank: int) -> Path | None:
     if rank == 0:  # always afresh: a leftover may come from an older checkpoint of the same name
         tmp = out.with_name(out.name + ".tmp")
         for old in (tmp, out):
-            if old.exists():
-                ckpt.remove_tree(old)
+            err = err or (ckpt.remove_tree(old) if old.exists() else None)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
                "--output_folder", str(tmp), "--num_extract_workers", "2", "--num_merge_workers", "2"]
         if man["stage"] < 3:  # ZeRO-1/2 checkpoints lack the Megatron-style layout info it asks for
             cmd.append("--inject_missing_state")
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            ckpt.remove_tree(tmp)
-            err = (f"could not convert {path} (written by {man['world']} ranks, ZeRO stage {man['stage']}) for "
-                   f"{world} ranks: {' '.join(cmd)} failed:\n{(p.stdout + p.stderr)[-2000:]}\nresume on "
-                   f"{man['world']} ranks instead")
-        else:
-            os.replace(tmp, out)
+        if not err:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode == 0:
+                os.replace(tmp, out)
+            else:
+                err = (f"could not convert {path} (written by {man['world']} ranks, ZeRO stage {man['stage']}) "
+                       f"for {world} ranks: {' '.join(cmd)} failed:\n{(p.stdout + p.stderr)[-2000:]}\nresume on "
+                       f"{man['world']} ranks instead")
+                ckpt.remove_tree(tmp)
     err = broadcast_object(err)
     if err:
         raise CheckpointError(err)
