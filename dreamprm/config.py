@@ -68,6 +68,9 @@ class DataConfig:
                           "longer solutions are cut at a step boundary")
     skip_invalid: bool = opt(False, "drop invalid records (reported by file:line) instead of failing")
     num_workers: int = opt(0, "DataLoader worker processes for batch collation")
+    packing: bool = opt(False, "pack the examples of a micro-batch end to end in rows (less padding; no "
+                        "attention across examples: sdpa/eager get a block-diagonal mask, flash_attention_2 "
+                        "one varlen row); losses, weights and meta passes stay per example")
     mix: str = opt("size", "how training sources are sampled: size = proportional to size; temperature = "
                    "p ~ n^mix_alpha; weights = the sources' weight=; learned = the domain table's learned "
                    "weights (times n^mix_alpha) as sampling probabilities instead of loss weights", MIXES)
@@ -89,7 +92,10 @@ class DataConfig:
 class ModelConfig:
     name_or_path: str = opt("", "local HF causal-LM or PRM folder; empty = a tiny Qwen2 built locally (demo, tests)",
                             alias=("--model_name",))
-    step_tag: str = opt(DEFAULT_STEP_TAG, "step tag token placed after every step (must be one token)")
+    step_tag: str = opt(DEFAULT_STEP_TAG, "step tag token placed after every step (one token of the tokenizer, "
+                        "or added: see add_step_tag)")
+    add_step_tag: bool = opt(True, "a step_tag that is not one token is added as a special token with a new "
+                             "embedding row (mean of the others); off = such a tag is an error")
     mode: str = opt("lora", "what trains: full fine-tune, LoRA, or QLoRA (4-bit base, one GPU)", MODES)
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
@@ -99,6 +105,8 @@ class ModelConfig:
     attn_implementation: str = opt("auto", "attention kernel; auto = flash_attention_2 if installed "
                                    "on a GPU, else sdpa", ATTN_IMPLEMENTATIONS)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    gc_reentrant: bool = opt(False, "reentrant activation checkpointing (torch's older implementation); "
+                             "the default non-reentrant one is faster with LoRA")
     trust_remote_code: bool = opt(False, "allow model code from the checkpoint folder")
     chat_template: bool = opt(True, "wrap the question in the tokenizer's chat template when it has one")
 

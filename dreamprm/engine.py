@@ -212,12 +212,16 @@ def create_engine(cfg: Config, rank: int, world: int, model: tuple | None = None
 
 
 def forward(eng: Engine, batch: dict, meta: bool = False) -> torch.Tensor:
-    """The PRM's step logits. Meta passes call the module itself: the engine's forward hooks
-    its outputs for engine.backward, which forbids the autograd.grad the meta pass uses;
-    ZeRO-3's parameter gathering hooks sit on the submodules and still run."""
-    dev = eng.ds.device
+    """The PRM's step logits [N, K, 2], padded or packed batch (data.packing: position_ids, no mask).
+
+    Meta passes call the module itself: the engine's forward hooks its outputs for engine.backward,
+    which forbids the autograd.grad the meta pass uses; ZeRO-3's parameter gathering hooks sit on
+    the submodules and still run."""
+    b = to_device(batch, eng.ds.device)
     fn = eng.ds.module if meta else eng.ds
-    return fn(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["tag_pos"].to(dev))
+    if b.get("position_ids") is not None:
+        return fn(b["input_ids"], None, b["tag_pos"], b["position_ids"])
+    return fn(b["input_ids"], b["attention_mask"], b["tag_pos"])
 
 
 def to_device(batch: dict, device) -> dict:
@@ -245,7 +249,7 @@ def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int) -> dict:
         loss = (w.to(losses.dtype) * losses).mean()
         eng.ds.backward(loss)
         eng.ds.step()
-        recent.append({"batch": batch, "features": feats, "weights": w.detach()})
+        recent.append({"batch": batch, "features": feats, "weights": w.detach(), "losses": losses.detach()})
         sums += torch.tensor([(w * losses).sum().item(), losses.sum().item(), len(losses),
                               batch["n_tokens"]], dtype=torch.float64)
     all_reduce_(sums)
@@ -360,7 +364,7 @@ def exact_alignments(eng: Engine, recent: list, v: list):
         b = r["batch"]
         a = torch.zeros(len(b["index"]))
         for i in range(len(b["index"])):
-            row = select(b, i)
+            row = select(b, i)  # example i alone, unpadded, from either layout
             li = hypergrad.instance_losses(forward(eng, row, meta=True), row, eng.step_loss)[0]
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
             a[i] = sum((g.float() * x).sum() for g, x in zip(grads, v) if g is not None).item()

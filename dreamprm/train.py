@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,12 +27,14 @@ import torch
 from dreamprm import checkpoint as ckpt
 from dreamprm import engine, runlock
 from dreamprm.config import Config, save_config
-from dreamprm.data.loader import BatchStream, with_workers
+from dreamprm.data.loader import BatchStream, collate, with_workers
 from dreamprm.data.mixing import Curriculum, MixtureStream, Source, mixture_probs, parse_sources
 from dreamprm.data.mixing import read_sources as read_all_sources
+from dreamprm.data.packing import check_attention, collate_packed
 from dreamprm.data.tokenize import domain_table, encode_records, profile_problems, run_profiles
 from dreamprm.errors import CheckpointError, CollectiveError, ConfigError, DataError
 from dreamprm.hypergrad import StepLoss
+from dreamprm.model import resolve_attn
 from dreamprm.train_eval import eval_step_metrics, load_eval_examples
 from dreamprm.weights import DomainTable, InstanceTable, build_weight_module, build_weight_optimizer
 
@@ -195,14 +198,15 @@ def train_stream_for(cfg: Config, data: Data, pad_id: int, rank: int, world: int
     drawn in proportion to their size), else a MixtureStream."""
     d = cfg.data
     if d.mix == "size" and d.curriculum == "none":
-        return with_workers(BatchStream(data.train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed),
-                            d.num_workers)
+        return with_workers(BatchStream(data.train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed,
+                                        collate_fn=collate_fn(cfg)), d.num_workers)
     curriculum = None
     if d.curriculum != "none":
         ramp = (d.curriculum_steps or cfg.train.total_steps) * cfg.train.grad_accum
         curriculum = Curriculum(d.curriculum_start, ramp, d.curriculum_schedule)
     stream = MixtureStream(data.train_ex, data.source_of, cfg.train.batch_size, pad_id,
-                           source_probs(cfg, data, wmod), rank, world, cfg.train.seed, curriculum, data.difficulty)
+                           source_probs(cfg, data, wmod), rank, world, cfg.train.seed, curriculum, data.difficulty,
+                           collate_fn(cfg))
     return with_workers(stream, d.num_workers)
 
 
@@ -214,6 +218,18 @@ def source_probs(cfg: Config, data: Data, wmod=None):
         w = wmod.all_weights()
         dw = [float(w[data.domains.index(s.domain)]) for s in data.train_sources]
     return mixture_probs(sizes, cfg.data.mix, cfg.data.mix_alpha, [s.weight for s in data.train_sources], dw)
+
+
+def collate_fn(cfg: Config):
+    """Padded batches, or with --packing data.packing.collate_packed: rows as long as the batch's longest
+    example for sdpa/eager (block-diagonal mask from the restarting position ids), one unpadded row for
+    flash_attention_2 (its varlen path needs batch size 1). The batch order and the stream state are
+    the same either way, so a packed run resumes like a padded one."""
+    if not cfg.data.packing:
+        return collate
+    attn = resolve_attn(cfg.model.attn_implementation)
+    check_attention(attn)
+    return partial(collate_packed, one_row=attn == "flash_attention_2")
 
 
 # ---------------------------------------------------------------- run directory
@@ -474,8 +490,8 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
     wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
     learned_mix = cfg.data.mix == "learned"
     train_stream = train_stream_for(cfg, data, pad_id, rank, world, wmod)
-    meta_stream = (BatchStream(meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1)
-                   if bilevel else None)
+    meta_stream = (BatchStream(meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1,
+                               collate_fn=collate_fn(cfg)) if bilevel else None)
     n_train = sum(p.numel() if eng.stage != 3 else p.ds_numel for p in eng.params)
     print0(f"ranks {world}, ZeRO stage {eng.stage}, {cfg.train.precision}, mode {cfg.model.mode}: "
            f"{n_train:,} trainable parameters; weights {cfg.meta.weights if bilevel else 'uniform (baseline)'}"

@@ -658,10 +658,17 @@ def summary(records: list[Record], tokenizer=None) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    """The summary as aligned text lines."""
+    """The summary (and data.tokenize.length_report's keys) as aligned text lines."""
     lines = [f"records: {s['records']}",
              f"steps: {s['steps']['total']} (mean {s['steps']['mean']}, max {s['steps']['max']} per record)"]
-    for key in ("labels", "outcomes", "domains", "tokens"):
+    for key in ("labels", "outcomes", "domains", "tokens", "buckets"):
         if key in s:
-            lines.append(f"{key}: " + ", ".join(f"{k} {v}" for k, v in s[key].items()))
+            label = key if "chat_template" not in s or key != "tokens" else \
+                f"tokens (as trained, chat template {'on' if s['chat_template'] else 'off'})"
+            lines.append(f"{label}: " + ", ".join(f"{k} {v}" for k, v in s[key].items()))
+    if "cut" in s:
+        c = s["cut"]
+        lines.append(f"max_length {c['max_length']}: {c['whole']} whole, {c['truncated']} truncated at a step "
+                     f"boundary, {c['dropped']} dropped (first step does not fit); {c['steps_cut']} of "
+                     f"{c['steps_total']} steps cut")
     return "\n".join(lines)
