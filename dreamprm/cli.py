@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -148,6 +149,9 @@ def train(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.train.device == "cpu":  # before torch starts CUDA or DeepSpeed picks its accelerator
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["DS_ACCELERATOR"] = "cpu"
     from dreamprm.train import fit  # the heavy stack (torch, deepspeed) only once the flags are valid
     try:
         return fit(cfg, notes)

@@ -15,6 +15,8 @@ import copy
 import importlib.util
 import json
 import logging
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +26,18 @@ from dreamprm.config import ATTN_IMPLEMENTATIONS, DEFAULT_STEP_TAG, MODES, PRECI
 from dreamprm.errors import ModelError
 
 log = logging.getLogger(__name__)
+
+# bitsandbytes (imported by peft when installed) logs on AVX512-BF16 CPUs that an optional faster
+# 4-bit kernel package is absent; its own CPU kernel is used instead. Known harmless: silenced.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def _peft_wrap(fn, *args, **kwargs):
+    """fn(*args, **kwargs) for peft's model wrappers, which read transformers' deprecated
+    `is_gradient_checkpointing` property (a FutureWarning on every run; harmless)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return fn(*args, **kwargs)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 assert set(DTYPES) == set(PRECISIONS)
@@ -192,12 +206,16 @@ def _load_backbone(path: Path, precision: str, attn: str, trust_remote_code: boo
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[precision],
             bnb_4bit_use_double_quant=True)
         kw["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its load report lists the head/lm_head keys we skip on purpose
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a log file
     try:
         model, info = cls.from_pretrained(str(path), **kw)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
     if info["missing_keys"]:
         raise ModelError(f"{path}: backbone weights missing from the checkpoint: "
                          f"{sorted(info['missing_keys'])}")
@@ -300,7 +318,7 @@ def prepare_for_training(prm: PRM, mcfg) -> PRM:
     if mcfg.mode != "full":
         lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
                           target_modules=_lora_targets(prm.model, mcfg.lora_targets), bias="none")
-        prm.model = get_peft_model(prm.model, lcfg)  # freezes the backbone; adapters fp32
+        prm.model = _peft_wrap(get_peft_model, prm.model, lcfg)  # freezes the backbone; adapters fp32
     prm.score.requires_grad_(True)
     return prm.train()
 
@@ -374,14 +392,38 @@ def save_prm(prm: PRM, out_dir, tokenizer, step_tag: str, merge_lora: bool = Tru
     if cfg.model_type == "qwen2":
         cfg.architectures = [PRM_ARCH]
     cfg.dreamprm_step_tag = step_tag
+    cfg.dreamprm_step_tag_id = tokenizer.convert_tokens_to_ids(step_tag)
     cfg.dtype = base.get_input_embeddings().weight.dtype
     cfg.save_pretrained(out)
     d = json.loads((out / "config.json").read_text())
     d["num_labels"] = 2  # transformers 5 omits it when it equals its default; Qwen's PRM config states it
+    if _write_modeling_file(out, type(base.config), type(base)):
+        d["auto_map"] = {k: f"{REMOTE_MODULE}.{REMOTE_CLASS}"
+                         for k in ("AutoModel", "AutoModelForTokenClassification")}
     (out / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     return out
+
+
+REMOTE_MODULE, REMOTE_CLASS = "modeling_dreamprm", "DreamPRMForProcessReward"
+
+
+def _write_modeling_file(out: Path, config_cls, backbone_cls) -> bool:
+    """Copy dreamprm/hf_modeling.py to out as the trust_remote_code module, importing this backbone's
+    classes; False (with a warning) when transformers does not export them by name."""
+    import transformers
+
+    names = (config_cls.__name__, backbone_cls.__name__)
+    if not all(getattr(transformers, n, None) is c for n, c in zip(names, (config_cls, backbone_cls))):
+        log.warning("%s: no %s.py written (transformers does not export %s by name); the folder loads with "
+                    "dreamprm.model.load_prm and dreamprm.scoring.load_scorer only", out, REMOTE_MODULE, names)
+        return False
+    src = (Path(__file__).parent / "hf_modeling.py").read_text()
+    line = next(ln for ln in src.splitlines() if ln.endswith("# dreamprm: backbone line"))
+    new = f"from transformers import {names[0]} as BackboneConfig, {names[1]} as Backbone  # dreamprm: backbone line"
+    (out / f"{REMOTE_MODULE}.py").write_text(src.replace(line, new))
+    return True
 
 
 def save_adapter(prm: PRM, out_dir, tokenizer=None, step_tag: str = DEFAULT_STEP_TAG) -> Path:
@@ -437,7 +479,7 @@ def load_prm(path, precision: str = "fp32", attn_implementation: str = "auto", b
         has_tok = (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()
         tok = load_tokenizer(p if has_tok else base_dir, step_tag, trust_remote_code)
         grow_embeddings(prm.model, tok, base_dir)  # the rows training added (mean init), before the adapter
-        prm.model = PeftModel.from_pretrained(prm.model, str(p), is_trainable=False)
+        prm.model = _peft_wrap(PeftModel.from_pretrained, prm.model, str(p), is_trainable=False)
     else:
         p = check_model_dir(p)
         step_tag = json.loads((p / "config.json").read_text()).get("dreamprm_step_tag", DEFAULT_STEP_TAG)

@@ -113,3 +113,13 @@ def test_bad_flags_exit_2(capsys):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_check_pretty_printed_object_says_so_once(tmp_path, capsys):
+    f = tmp_path / "records.json"
+    f.write_text(json.dumps({"data": TRL_ROWS * 50}, indent=2))  # ~500 lines
+    assert main(["data", "check", str(f)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1] == "1 problem(s)"
+    assert "is one JSON object spread over several lines" in err[0] and "'data' list of 100" in err[0]
+    assert "invalid JSON" not in err[0]

@@ -184,6 +184,46 @@ def test_matches_plain_qwen2_reading_of_export(lm_dir, tmp_path):
     torch.testing.assert_close(all_logits[0, b[2][0]], ref[0], atol=1e-6, rtol=0)
 
 
+def test_export_loads_in_plain_transformers_with_remote_code(lm_dir, tmp_path):
+    """AutoModel(trust_remote_code=True) on a merged folder is the trained PRM, head included."""
+    from transformers import AutoModel, AutoModelForTokenClassification
+
+    torch.manual_seed(0)
+    prm, tok = build_prm(cfg(lm_dir, mode="lora"), "fp32")
+    perturb_lora(prm)
+    b = batch(tok)
+    ref_logits = scores(prm, b)
+    ref = step_probs(ref_logits)
+    out = save_prm(prm, tmp_path / "out", tok, "<extra_0>")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["Qwen2ForProcessRewardModel"]  # the vLLM layout is kept
+    assert conf["auto_map"]["AutoModel"] == "modeling_dreamprm.DreamPRMForProcessReward"
+    assert (out / "modeling_dreamprm.py").is_file()
+    for auto in (AutoModel, AutoModelForTokenClassification):
+        model = auto.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
+                                     local_files_only=True).eval()
+        assert type(model).__name__ == "DreamPRMForProcessReward"
+        with torch.no_grad():
+            logits = model(input_ids=b[0], attention_mask=b[1]).logits  # [B, S, 2]
+        got = [logits[i, b[2][i]].softmax(-1)[:, 1] for i in range(len(TEXTS))]
+        for i, k in enumerate([3, 1]):  # tags per text
+            torch.testing.assert_close(got[i][:k], ref[i][:k], atol=1e-5, rtol=0)
+        helper = model.step_scores(b[0], b[1])
+        assert [len(h) for h in helper] == [3, 1]
+        torch.testing.assert_close(torch.tensor(helper[0]), ref[0][:3], atol=1e-5, rtol=0)
+    # the folder keeps loading in dreamprm
+    prm2, _, _ = load_prm(out)
+    torch.testing.assert_close(scores(prm2, b), ref_logits, atol=1e-6, rtol=0)
+
+
+def test_lora_build_and_adapter_load_warn_nothing(lm_dir, tmp_path, recwarn):
+    """peft's read of transformers' deprecated is_gradient_checkpointing is silenced where it arises."""
+    prm, tok = build_prm(cfg(lm_dir, mode="lora"), "fp32")
+    load_prm(save_adapter(prm, tmp_path / "ad", tok, "<extra_0>"))
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                and "checkpointing" in str(w.message)]
+
+
 def test_prm_checkpoint_keeps_head_lm_gets_fresh_seeded_head(lm_dir, prm_dir):
     sd = load_file(str(prm_dir / "model.safetensors"))
     prm, _ = build_prm(cfg(prm_dir, mode="lora"), "fp32")
