@@ -21,11 +21,12 @@ Direction and scale are checked independently of these functions in tests/test_d
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dreamprm.config import AGGREGATIONS
+from dreamprm.config import AGGREGATIONS, STEP_LOSSES
 
 
 
@@ -34,16 +35,43 @@ def step_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits[..., 1] - logits[..., 0]
 
 
-def instance_losses(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per-instance inner loss [B]: mean over labelled steps of soft-label cross-entropy.
+@dataclass(frozen=True)
+class StepLoss:
+    """The per-step loss of the inner objective (--step_loss, --hard_labels, --focal_gamma).
 
-    log_softmax over the two logits (not BCE on probabilities) for stability.
+    ce: soft-label cross-entropy; balanced_ce: the same with positive steps weighted 0.5 / pos_fraction
+    and negative ones 0.5 / (1 - pos_fraction), so both classes carry half the loss on the training
+    data; focal: cross-entropy of each class scaled by (1 - p_class)^gamma (Lin et al. 2017), which
+    shrinks the loss of steps already scored right. hard: labels rounded to 0/1 (threshold 0.5) first.
     """
+    kind: str = "ce"
+    hard: bool = False
+    gamma: float = 2.0
+    pos_fraction: float = 0.5
+
+
+def instance_losses(logits: torch.Tensor, batch: dict, spec: StepLoss | None = None) -> torch.Tensor:
+    """Per-instance inner loss [B]: mean over labelled steps of the step loss (StepLoss; default soft CE).
+
+    log_softmax over the two logits (not BCE on probabilities) for stability. The inner update and
+    both alignment methods call this with the same spec, so the hypergradient is that of the loss
+    the PRM minimises.
+    """
+    spec = spec or StepLoss()
     logp = F.log_softmax(logits.float(), dim=-1)
     y = batch["labels"]
-    ce = -(y * logp[..., 1] + (1 - y) * logp[..., 0])
+    if spec.hard:
+        y = (y >= 0.5).float()
+    pos, neg = -y * logp[..., 1], -(1 - y) * logp[..., 0]
+    if spec.kind == "balanced_ce":
+        pos, neg = pos * (0.5 / spec.pos_fraction), neg * (0.5 / (1 - spec.pos_fraction))
+    elif spec.kind == "focal":
+        p1 = logp[..., 1].exp()
+        pos, neg = pos * (1 - p1) ** spec.gamma, neg * p1 ** spec.gamma
+    elif spec.kind != "ce":
+        raise ValueError(f"unknown step loss {spec.kind!r} (choose from {', '.join(STEP_LOSSES)})")
     m = batch["label_mask"].float()
-    return (ce * m).sum(-1) / m.sum(-1).clamp_min(1)
+    return ((pos + neg) * m).sum(-1) / m.sum(-1).clamp_min(1)
 
 
 def aggregate(logits: torch.Tensor, step_mask: torch.Tensor, how: str) -> torch.Tensor:

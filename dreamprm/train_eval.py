@@ -13,7 +13,7 @@ from dreamprm import hypergrad
 from dreamprm import metrics as M
 from dreamprm.data.loader import collate
 from dreamprm.data.readers import load_records
-from dreamprm.data.tokenize import encode_records
+from dreamprm.data.tokenize import encode_records, run_profiles
 from dreamprm.errors import DataError
 from dreamprm.model import step_probs
 
@@ -30,6 +30,7 @@ def load_eval_examples(cfg, tokenizer, domains: list[str]):
                          "training measures step AUROC / F1 / calibration on labelled steps"])
     examples, st = encode_records(recs, tokenizer=tokenizer, step_tag=cfg.model.step_tag, max_length=d.max_length,
                                   use_chat_template=cfg.model.chat_template,
+                                  profile=run_profiles(d.system_prompt, d.prompt_template)[d.profile],
                                   domains=[*domains, *(r.domain for r in recs)])
     if not examples:
         raise DataError([f"--eval_file {d.eval_file}: no example fits in --max_length {d.max_length}"])

@@ -17,7 +17,7 @@ import torch
 from dreamprm import engine
 from dreamprm.config import load_config
 from dreamprm.data.loader import BatchStream
-from dreamprm.train import load_data
+from dreamprm.train import load_mixture, step_loss_spec
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
 KINDS = ("instance_table", "instance_net", "domain_table")
@@ -59,7 +59,9 @@ def main():
     rank, world = engine.init_distributed()
     torch.manual_seed(cfg.train.seed)
     eng = engine.create_engine(cfg, rank, world)
-    train_ex, meta_ex, domains = load_data(cfg, eng.tokenizer, rank, needs_meta=True)
+    data = load_mixture(cfg, eng.tokenizer, rank, needs_meta=True)
+    train_ex, meta_ex, domains = data.train_ex, data.meta_ex, data.domains
+    eng.step_loss = step_loss_spec(cfg, data.pos_fraction)
     pad = eng.tokenizer.pad_token_id
     train = BatchStream(train_ex, cfg.train.batch_size, pad, rank, world, cfg.train.seed)
     meta = BatchStream(meta_ex, cfg.meta.meta_batch_size, pad, rank, world, cfg.train.seed + 1)
@@ -71,7 +73,7 @@ def main():
     result = {"recent": [{"batch": r["batch"], "features": r["features"]} for r in out["recent"]],
               "meta_batch": meta_batch, "grads": {}, "identical": {},
               "train_domains": [ex.domain for ex in train_ex],
-              "n_domains": len(domains)}
+              "n_domains": len(domains), "pos_fraction": data.pos_fraction, "step_loss": eng.step_loss}
     for method in METHODS:
         cfg.meta.hypergrad = method
         for kind in KINDS:

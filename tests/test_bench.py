@@ -82,3 +82,11 @@ def test_gpu_bench_code_paths_on_a_tiny_model(tmp_path):
     for r in res:
         assert r["N"] == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192)  # the tiny Qwen2's linear weights
         assert r["N_lora"] > 0 and all(x["tflops"] > 0 for x in r["rows"])
+
+
+def test_checksum_bench_prints_its_table(tmp_path):
+    p = subprocess.run([sys.executable, "bench/checksum.py", "--mb", "4", "--dir", str(tmp_path), "--repeats", "1"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "torch.save + fsync" in p.stdout and "sha256, page cache warm" in p.stdout
+    assert list(tmp_path.iterdir()) == []  # the file is removed

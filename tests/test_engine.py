@@ -33,6 +33,7 @@ def cosine(a, b):
 
 def reference_grads(out: Path, flags: list[str]) -> dict:
     """Single-process torch.autograd evaluation of the same hypergradient formula, in fp32."""
+    from dreamprm.train import step_loss_spec  # imports deepspeed: only in the tests that run it
     cfg, _ = load_config(flags)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     state = torch.load(out / "prm_state.pt", weights_only=False)
@@ -52,9 +53,11 @@ def reference_grads(out: Path, flags: list[str]) -> dict:
         for acc, g in zip(v, torch.autograd.grad(lm, params)):
             acc += g / len(ranks)
     recent = [x for r in ranks for x in r["recent"]]
+    spec = step_loss_spec(cfg, ranks[0]["pos_fraction"])
+    assert spec == ranks[0]["step_loss"]  # the reference computes the loss the engine trained with
     align = []
     for x in recent:
-        losses = hypergrad.instance_losses(logits(x["batch"]), x["batch"])
+        losses = hypergrad.instance_losses(logits(x["batch"]), x["batch"], spec)
         align.append(torch.stack([sum((g * vv).sum() for g, vv in zip(
             torch.autograd.grad(li, params, retain_graph=True), v)) for li in losses]))
     n = sum(len(a) for a in align)
@@ -79,7 +82,10 @@ CASES = {
     # ZeRO 0-2 cast LoRA adapters to bf16, where a run refuses finite_diff; the worker calls it
     # anyway: dividing by the perturbation that landed keeps the scale (nominal 2 eps: 5-10% off).
     "zero2-bf16": ("ds_configs/zero2.json", "bf16", 1, 0.99, 0.05, 0.03),
+    # class-balanced CE with the positive fraction measured on the data (issue 13): the same checks
+    "zero3-fp32-balanced": ("ds_configs/zero3.json", "fp32", 1, 0.999, 0.05, 0.05),
 }
+EXTRA_FLAGS = {"zero3-fp32-balanced": ["--step_loss", "balanced_ce", "--hard_labels"]}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -87,7 +93,8 @@ def test_hypergradient_matches_autograd_reference(tmp_path, case):
     ds, precision, accum, min_cos, tol_exact, tol_fd = CASES[case]
     flags = ["--deepspeed", ds, "--precision", precision, "--mode", "lora", "--grad_accum", str(accum),
              "--batch_size", "2", "--meta_batch_size", "2", "--lora_dropout", "0.1",
-             "--output_dir", str(tmp_path / "run"), "--fd_radius", "0.01", "--hypergrad", "exact"]
+             "--output_dir", str(tmp_path / "run"), "--fd_radius", "0.01", "--hypergrad", "exact",
+             *EXTRA_FLAGS.get(case, [])]
     run(TORCHRUN + ["tests/engine_worker.py", str(tmp_path)] + flags)
     ref, ranks = reference_grads(tmp_path, flags)
     for r in ranks:  # a meta pass leaves the PRM, its fp32 masters and Adam state bit-identical
@@ -147,8 +154,9 @@ def fp32_params(ckpt_root: Path, tag: str) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
 
 
-def test_resume_continues_exactly_and_refuses_other_world_size(tmp_path):
-    z3 = ["--deepspeed", "ds_configs/zero3.json", "--save_every", "3"]
+def test_resume_continues_exactly_and_on_another_number_of_ranks(tmp_path):
+    # packed batches (--packing): the stream state is the padded one's, so a packed run resumes alike
+    z3 = ["--deepspeed", "ds_configs/zero3.json", "--save_every", "3", "--packing"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(TORCHRUN + TRAIN + z3 + ["--total_steps", "6", "--output_dir", str(straight)])
     run(TORCHRUN + TRAIN + z3 + ["--total_steps", "3", "--output_dir", str(split)])
@@ -165,10 +173,51 @@ def test_resume_continues_exactly_and_refuses_other_world_size(tmp_path):
     assert pa.keys() == pb.keys()
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], atol=1e-6, rtol=0)
-    # one rank cannot take over a 2-rank ZeRO-3 checkpoint: a clear message with the command
-    p = run([sys.executable] + TRAIN + z3 + ["--total_steps", "8", "--output_dir", str(split)], check=False)
-    assert p.returncode != 0
-    assert "written by 2 ranks" in p.stderr and "ds_to_universal" in p.stderr
+    # a requeued job on another number of ranks: one rank takes over the 2-rank ZeRO-3 checkpoint
+    p = run([sys.executable] + TRAIN + z3 + ["--total_steps", "7", "--output_dir", str(split)])
+    assert "written by 2 ranks, this run has 1" in p.stdout and "resumed from" in p.stdout
+    assert [r["step"] for r in metrics(split)] == [1, 2, 3, 4, 5, 6, 7]
+    assert not (split / "checkpoints" / "universal").exists()
+
+
+def universal_state(ckpt: Path, tmp: Path) -> dict:
+    """Every parameter's fp32 weight and Adam moments, and the optimizer's step and hyperparameters,
+    read through DeepSpeed's universal format (independent of the number of ranks)."""
+    run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+         "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+         "--inject_missing_state"])
+    out = {}
+    for f in sorted((tmp / "zero").glob("*/*.pt")):  # fp32, exp_avg, exp_avg_sq (frozen weights: fp32 only)
+        out[f"{f.parent.name}/{f.stem}"] = torch.load(f, weights_only=False)
+    opt = torch.load(tmp / "zero" / "optimizer_state.pt", weights_only=False)
+    if "optimizer_state_dict" in opt:  # ZeRO-3 keeps the step here, ZeRO-1/2 in <param>/step.pt
+        opt = opt["optimizer_state_dict"]
+        out["step"] = opt["state"][0]["step"]
+    out["lr"] = torch.tensor(opt["param_groups"][0]["lr"])
+    return out
+
+
+@pytest.mark.parametrize("zero", ["zero3", pytest.param("zero2", marks=pytest.mark.slow)])
+def test_checkpoint_resumes_on_another_number_of_ranks(tmp_path, zero):
+    """2 -> 1 -> 2 ranks: the loaded parameters, Adam moments, step and weight table equal the saved ones."""
+    z3 = ["--deepspeed", f"ds_configs/{zero}.json"]
+    run(TORCHRUN + TRAIN + z3 + ["--total_steps", "2", "--output_dir", str(tmp_path / "run")])
+    chain = [tmp_path / "run" / "checkpoints" / "step_00000002"]
+    for ranks in (1, 2):  # load on that many ranks the way the trainer does, and save again at once
+        out = tmp_path / f"on{ranks}"
+        launch = TORCHRUN[:-1] + [str(ranks)] if ranks > 1 else [sys.executable]
+        run(launch + ["tests/resume_worker.py", str(chain[-1]), str(out)] + TRAIN[1:] + z3)
+        chain.append(out / "step_00000002")
+        assert json.loads((chain[-1] / "MANIFEST.json").read_text())["world"] == ranks
+    saved, *loaded = [universal_state(c, tmp_path / f"universal{i}") for i, c in enumerate(chain)]
+    assert len(saved) > 3
+    for state in loaded:
+        assert state.keys() == saved.keys()
+        for k in saved:
+            torch.testing.assert_close(state[k], saved[k], atol=0, rtol=0, msg=k)
+    tables = [torch.load(c / "dreamprm_state.pt", weights_only=True)["weights"] for c in chain]
+    for t in tables[1:]:
+        torch.testing.assert_close(t, tables[0], atol=0, rtol=0)
 
 
 def _non_finite_worker(rank: int, port: int, out: str) -> None:

@@ -99,3 +99,34 @@ def test_features_are_detached():
     b = batch_of([[1.0, 0.0, 1.0]] * 2, [[True, True, True], [True, False, False]])
     f = hypergrad.instance_features(logits, b, hypergrad.instance_losses(logits, b))
     assert f.shape == (2, 6) and not f.requires_grad
+
+
+def test_step_loss_variants_match_hand_values():
+    logits = torch.tensor([[[0.0, 2.0], [1.0, 0.0], [0.3, 0.1]]])
+    b = batch_of([[0.8, 0.0, 1.0]], [[True, True, True]])
+    p = torch.softmax(logits, -1)[0, :, 1]
+    y = torch.tensor([0.8, 0.0, 1.0])
+    pos, neg = -y * p.log(), -(1 - y) * (1 - p).log()
+    loss = hypergrad.instance_losses
+    torch.testing.assert_close(loss(logits, b, hypergrad.StepLoss("ce")), (pos + neg).mean().reshape(1))
+    bal = hypergrad.StepLoss("balanced_ce", pos_fraction=0.8)  # positives weighted 0.625, negatives 2.5
+    torch.testing.assert_close(loss(logits, b, bal), (0.625 * pos + 2.5 * neg).mean().reshape(1))
+    focal = hypergrad.StepLoss("focal", gamma=2.0)
+    torch.testing.assert_close(loss(logits, b, focal), ((1 - p) ** 2 * pos + p ** 2 * neg).mean().reshape(1))
+    yh = torch.tensor([1.0, 0.0, 1.0])  # 0.8 rounds to 1
+    hard = -(yh * p.log() + (1 - yh) * (1 - p).log()).mean()
+    torch.testing.assert_close(loss(logits, b, hypergrad.StepLoss("ce", hard=True)), hard.reshape(1))
+    with pytest.raises(ValueError, match="unknown step loss"):
+        loss(logits, b, hypergrad.StepLoss("hinge"))
+
+
+def test_balanced_ce_gives_each_class_half_the_loss_on_data_with_that_positive_fraction():
+    """With pos_fraction = the data's positive share and equal per-step CE, positives and negatives
+    contribute equally (the class balance the option promises)."""
+    y = torch.tensor([[1.0] * 8 + [0.0] * 2])  # 80% positive
+    logits = torch.zeros(1, 10, 2)  # p = 0.5 everywhere: every step's CE is log 2
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    spec = hypergrad.StepLoss("balanced_ce", pos_fraction=0.8)
+    only_pos = hypergrad.instance_losses(logits, batch_of(y.tolist(), (mask & (y > 0.5)).tolist()), spec) * 8
+    only_neg = hypergrad.instance_losses(logits, batch_of(y.tolist(), (mask & (y < 0.5)).tolist()), spec) * 2
+    torch.testing.assert_close(only_pos, only_neg)

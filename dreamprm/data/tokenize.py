@@ -13,13 +13,17 @@ import math
 from dataclasses import dataclass, field
 
 from dreamprm.data.record import Record, record_problems
+from dreamprm.errors import ModelError
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+QUESTION = "{question}"  # where a profile's template puts the question
 NO_DOMAIN = "<none>"  # name of domain index 0: records without a domain
 
 # Text around the tag in check_step_tag: a tag that is one token alone but merges with a
 # neighbour ("x<tag>") would break tag-position lookup on whole-text encodings at inference.
-_PROBES = ("x{}", "{}x", "1.{}", " {} ", "\n{}\n", "a {}b")
+# Real steps end in digits, "$", "\\]", "." and newlines (ProcessBench), and a step follows a tag.
+_PROBES = ("x{}", "{}x", "1.{}", " {} ", "\n{}\n", "a {}b", "12{}", "$x$.{}", "\\]{}", "\n\n{}", "{}Step",
+           "{}{}")
 
 
 @dataclass
@@ -63,21 +67,62 @@ class EncodeStats:
         return s
 
 
+@dataclass(frozen=True)
+class Profile:
+    """How a source's question is rendered before its steps.
+
+    With chat (and a tokenizer that has a chat template, and --chat_template on): a system message
+    (if not empty) and a user message holding the template; otherwise the template alone and a
+    newline. The template holds {question} once; other braces are kept as they are (LaTeX).
+    """
+    name: str
+    chat: bool = True
+    system: str = SYSTEM_PROMPT
+    template: str = QUESTION
+
+    def render(self, question: str) -> str:
+        return self.template.replace(QUESTION, question)
+
+
+# Built-in profiles; "default" is the rendering dreamprm always used. A "custom" one is built from
+# --system_prompt / --prompt_template (train.profiles).
+PROFILES = {
+    "default": Profile("default"),
+    "plain": Profile("plain", chat=False, system="", template=QUESTION),
+    "problem_solution": Profile("problem_solution", chat=False, system="", template="Problem: {question}\nSolution:"),
+}
+
+
+def run_profiles(system_prompt: str, prompt_template: str) -> dict[str, Profile]:
+    """Every profile a run can use: the built-ins and "custom" (--system_prompt, --prompt_template)."""
+    return {**PROFILES, "custom": Profile("custom", chat=True, system=system_prompt, template=prompt_template)}
+
+
+def profile_problems(p: Profile) -> list[str]:
+    return [] if p.template.count(QUESTION) == 1 else [
+        f"profile {p.name!r}: template {p.template!r} must contain {QUESTION} exactly once"]
+
+
 def check_step_tag(tokenizer, tag: str) -> int:
-    """Id of the step tag; ValueError unless the tag is exactly one token in every context."""
-    fix = (f"add it as a special token (tokenizer.add_special_tokens({{'additional_special_tokens': "
-           f"[{tag!r}]}}) and resize the model's embeddings), or choose another --step_tag that is one")
+    """Id of the step tag; ModelError (naming tag, tokenizer and an example) unless the tag is exactly
+    one token alone and in every probe context."""
+    name = f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or 'in memory'})"
+    fix = (f"let dreamprm add it as a special token (--add_step_tag, the default, grows the embeddings), "
+           f"or choose another --step_tag that is one token of {name}")
     ids = tokenizer.encode(tag, add_special_tokens=False)
     tid = tokenizer.convert_tokens_to_ids(tag)
     if len(ids) != 1 or tid is None or tid != ids[0] or tid == tokenizer.unk_token_id:
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise ValueError(f"step tag {tag!r} is not one token of this tokenizer: it encodes to {ids} "
+        raise ModelError(f"step tag {tag!r} is not one token of the tokenizer {name}: it encodes to {ids} "
                          f"{pieces} and convert_tokens_to_ids gives {tid!r}; {fix}")
-    merged = [p.format(tag) for p in _PROBES
-              if tokenizer.encode(p.format(tag), add_special_tokens=False).count(tid) != 1]
-    if merged:
-        raise ValueError(f"step tag {tag!r} (id {tid}) merges with neighbouring text: no tag token in "
-                         f"the encoding of {merged!r}; {fix}")
+    for probe in _PROBES:
+        text = probe.replace("{}", tag)
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        if enc.count(tid) != text.count(tag):
+            raise ModelError(
+                f"step tag {tag!r} (id {tid}) merges with neighbouring text in the tokenizer {name}: {text!r} "
+                f"encodes to {tokenizer.convert_ids_to_tokens(enc)}, with {enc.count(tid)} tag tokens instead "
+                f"of {text.count(tag)}; {fix}")
     return tid
 
 
@@ -86,18 +131,27 @@ def domain_table(names) -> list[str]:
     return [NO_DOMAIN] + sorted({n for n in names if n is not None} - {NO_DOMAIN})
 
 
-def prompt_text(question: str, tokenizer, use_chat_template: bool) -> str:
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+def _uses_chat(tokenizer, use_chat_template: bool, profile: Profile | None) -> bool:
+    return (use_chat_template and (profile is None or profile.chat)
+            and bool(getattr(tokenizer, "chat_template", None)))
+
+
+def prompt_text(question: str, tokenizer, use_chat_template: bool, profile: Profile | None = None) -> str:
+    """The text before the first step; profile None = PROFILES["default"]."""
+    p = profile or PROFILES["default"]
+    if _uses_chat(tokenizer, use_chat_template, p):
+        msgs = ([{"role": "system", "content": p.system}] if p.system else []) + [
+            {"role": "user", "content": p.render(question)}]
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return question + "\n"
+    return p.render(question) + "\n"
 
 
-def _prompt_ids(questions: list[str], tokenizer, use_chat_template: bool) -> list[list[int]]:
-    chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+def _prompt_ids(questions: list[str], tokenizer, use_chat_template: bool,
+                profile: Profile | None = None) -> list[list[int]]:
+    chat = _uses_chat(tokenizer, use_chat_template, profile)
     # A rendered template already holds BOS etc., so it is encoded like apply_chat_template
     # does it (no special tokens added); the plain form gets the tokenizer's BOS if it has one.
-    texts = [prompt_text(q, tokenizer, chat) for q in questions]
+    texts = [prompt_text(q, tokenizer, chat, profile) for q in questions]
     return tokenizer(texts, add_special_tokens=not chat)["input_ids"]
 
 
@@ -127,23 +181,24 @@ def _assemble(rec: Record, prompt: list[int], steps: list[list[int]], tag_id: in
 
 
 def encode_record(rec: Record, tokenizer, tag_id: int, max_length: int, use_chat_template: bool,
-                  index: int, domain: int) -> Example | None:
+                  index: int, domain: int, profile: Profile | None = None) -> Example | None:
     """One record -> Example, keeping the longest prefix of whole steps within max_length.
 
     None when not even the prompt and the first step fit (the caller counts it).
     """
-    (prompt,) = _prompt_ids([rec.question], tokenizer, use_chat_template)
+    (prompt,) = _prompt_ids([rec.question], tokenizer, use_chat_template, profile)
     steps = tokenizer(list(rec.steps), add_special_tokens=False)["input_ids"]
     return _assemble(rec, prompt, steps, tag_id, max_length, index, domain)
 
 
 def encode_records(records: list[Record], tokenizer, step_tag: str, max_length: int,
-                   use_chat_template: bool, domains: list[str] | None = None
-                   ) -> tuple[list[Example], EncodeStats]:
+                   use_chat_template: bool, domains: list[str] | None = None,
+                   profile: Profile | None = None) -> tuple[list[Example], EncodeStats]:
     """Encode a dataset; the stats say what was truncated or dropped (print them).
 
     Records are validated first (all problems raised at once). domains: the domain names of
-    the run (pass the same list for every dataset of a run so the indices agree); the table is
+    the run (pass the same list for every dataset of a run so the indices agree); profile: how the
+    question is rendered (None = PROFILES["default"], with use_chat_template); the table is
     domain_table(domains), "<none>" first. None derives it from these records. Example.index
     is dense over the returned examples, so an instance-weight table has len(examples) rows.
     """
@@ -161,7 +216,7 @@ def encode_records(records: list[Record], tokenizer, step_tag: str, max_length: 
                          f"names from every dataset of the run")
 
     # One tokenizer call for all prompts and one for all steps (fast tokenizers batch in Rust).
-    prompts = _prompt_ids([r.question for r in records], tokenizer, use_chat_template) if records else []
+    prompts = _prompt_ids([r.question for r in records], tokenizer, use_chat_template, profile) if records else []
     flat = [s for r in records for s in r.steps]
     flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     st = EncodeStats(n_records=len(records), domains=table, max_length=max_length)
@@ -187,3 +242,35 @@ def encode_records(records: list[Record], tokenizer, step_tag: str, max_length: 
     if lens:
         st.len_mean, st.len_max = sum(lens) / len(lens), max(lens)
     return examples, st
+
+
+LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def length_report(records: list[Record], tokenizer, step_tag: str, use_chat_template: bool,
+                  max_length: int | None = None) -> dict:
+    """Token lengths of records exactly as training encodes them (encode_records: prompt with or
+    without the chat template, one token per step tag), for `dreamprm data check --tokenizer`.
+
+    tokens: mean, percentiles (observed lengths, numpy "higher") and max; buckets: examples per
+    length range; with max_length, cut: how many examples that limit keeps whole, truncates at a
+    step boundary or drops (not even the first step fits), and the steps it cuts.
+    """
+    import numpy as np
+
+    examples, _ = encode_records(records, tokenizer, step_tag, 10**9, use_chat_template)
+    lengths = np.array([len(e.input_ids) for e in examples])
+    out: dict = {"chat_template": bool(use_chat_template and getattr(tokenizer, "chat_template", None))}
+    if not len(lengths):
+        return out
+    pct = {f"p{p}": int(np.percentile(lengths, p, method="higher")) for p in (10, 25, 50, 75, 90, 95, 99)}
+    out["tokens"] = {"mean": round(float(lengths.mean()), 1), **pct, "max": int(lengths.max())}
+    edges = [0, *LENGTH_BUCKETS]
+    out["buckets"] = {f"{lo + 1}-{hi}": int(((lengths > lo) & (lengths <= hi)).sum())
+                      for lo, hi in zip(edges, edges[1:])}
+    out["buckets"][f">{LENGTH_BUCKETS[-1]}"] = int((lengths > LENGTH_BUCKETS[-1]).sum())
+    if max_length is not None:
+        _, st = encode_records(records, tokenizer, step_tag, max_length, use_chat_template)
+        out["cut"] = {"max_length": max_length, "whole": st.n_kept - st.n_truncated, "truncated": st.n_truncated,
+                      "dropped": st.n_dropped, "steps_cut": st.steps_dropped, "steps_total": st.steps_total}
+    return out

@@ -4,7 +4,10 @@ import pytest
 
 from dreamprm.config import DEFAULT_STEP_TAG as TAG
 from dreamprm.data.record import Record
+from dreamprm.errors import ModelError
 from dreamprm.data.tokenize import (
+    PROFILES,
+    Profile,
     check_step_tag,
     domain_table,
     encode_record,
@@ -32,16 +35,16 @@ def test_check_step_tag_accepts_one_token(good_tok):
 
 
 def test_check_step_tag_rejects_split_tag(split_tag_tok):
-    with pytest.raises(ValueError, match="not one token.*additional_special_tokens.*--step_tag"):
+    with pytest.raises(ModelError, match=r"not one token of the tokenizer \w+\(in memory\).*--add_step_tag"):
         check_step_tag(split_tag_tok, TAG)
 
 
 def test_check_step_tag_rejects_tag_that_merges_with_text(merging_tag_tok, corpus):
     # One token on its own (so a naive check passes) but "x<extra_0>" has no tag token.
     assert len(merging_tag_tok.encode(TAG, add_special_tokens=False)) == 1
-    with pytest.raises(ValueError, match="merges with neighbouring text"):
+    with pytest.raises(ModelError, match=r"merges with neighbouring text.*'x<extra_0>' encodes to"):
         check_step_tag(merging_tag_tok, TAG)
-    with pytest.raises(ValueError, match="merges"):
+    with pytest.raises(ModelError, match="merges"):
         encode_records([rec(corpus)], merging_tag_tok, TAG, 512, False)
 
 
@@ -73,6 +76,22 @@ def test_chat_template_prompt(bpe_tok, word_tok, corpus):
     assert corpus[0] in text and text.endswith("<|im_start|>assistant\n")
     assert prompt_text(corpus[0], bpe_tok, False) == corpus[0] + "\n"
     assert prompt_text(corpus[0], word_tok, True) == corpus[0] + "\n"  # no template: plain form
+
+
+def test_profiles_render_the_question(bpe_tok, corpus):
+    q = corpus[0]
+    assert prompt_text(q, bpe_tok, True, PROFILES["default"]) == prompt_text(q, bpe_tok, True)  # unchanged default
+    assert prompt_text(q, bpe_tok, True, PROFILES["plain"]) == q + "\n"
+    assert prompt_text(q, bpe_tok, True, PROFILES["problem_solution"]) == f"Problem: {q}\nSolution:\n"
+    custom = Profile("custom", chat=True, system="", template="Prove $\\{x\\}$: {question}")
+    text = prompt_text(q, bpe_tok, True, custom)
+    assert "system" not in text and f"<|im_start|>user\nProve $\\{{x\\}}$: {q}<|im_end|>" in text  # braces kept
+    assert prompt_text(q, bpe_tok, False, custom) == f"Prove $\\{{x\\}}$: {q}\n"  # --no-chat_template wins
+    with_sys = prompt_text(q, bpe_tok, True, Profile("s", system="Be brief."))
+    assert with_sys.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    ex_default, _ = encode_records([rec(corpus)], bpe_tok, TAG, 256, True)
+    ex_plain, _ = encode_records([rec(corpus)], bpe_tok, TAG, 256, True, profile=PROFILES["plain"])
+    assert ex_plain[0].input_ids != ex_default[0].input_ids and ex_plain[0].labels == ex_default[0].labels
 
 
 def test_encode_record_matches_encode_records(good_tok, corpus):
