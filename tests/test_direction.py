@@ -63,7 +63,8 @@ def make_batch(gen, index, domain, n_steps, outcome=None):
     label_mask = step_mask & (torch.rand(b, k, generator=gen) < 0.85)
     label_mask[:, 0] = True
     labels = torch.where(label_mask, torch.rand(b, k, generator=gen), 0.0)
-    return {"input_ids": torch.randint(0, VOCAB, (b, t), generator=gen), "attention_mask": torch.ones(b, t, dtype=torch.long),
+    return {"input_ids": torch.randint(0, VOCAB, (b, t), generator=gen),
+            "attention_mask": torch.ones(b, t, dtype=torch.long),
             "tag_pos": tag_pos, "step_mask": step_mask, "label_mask": label_mask, "labels": labels,
             "outcome": torch.tensor(outcome if outcome is not None else [0.0] * b),
             "index": torch.tensor(index), "domain": torch.tensor(domain), "n_tokens": b * t,
