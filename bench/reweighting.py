@@ -1,6 +1,8 @@
 """Does reweighting work? A controlled noisy-label experiment on a checkable PRM task (issue 7).
 
-    python bench/reweighting.py                       # the full experiment: 4 methods x 3 seeds, table + figures
+    python bench/reweighting.py                       # random flips: 5 methods x 3 seeds, table + figures
+    python bench/reweighting.py --domains a,b,c --kinds none,swap_sub,swap_sub --rates 0,1,1 --epochs 6 \
+        --lr 5e-4 --meta_batch_size 16 --out bench/reweighting/swap_sub   # noise that changes the ranking
     python bench/reweighting.py --seeds 0 --methods baseline,instance_table --epochs 1   # a quick look
     python bench/reweighting.py --plot_only           # redo table and figures from the finished runs
 
@@ -20,7 +22,13 @@ corrupted at its own rate and kind (--kinds, --rates):
               later (kept inside the solution);
   blind_sub   a labeller that does not check subtractions: with probability rate, a wrong solution
               whose slip is in a subtraction step gets every step marked correct (noise that
-              depends on the text, unlike the others).
+              depends on the text, unlike the others);
+  swap_sub    a labeller that has subtraction the wrong way round: with probability rate per
+              solution it judges every subtraction step inverted (a correct one wrong, a slip
+              right) and labels 1 before the first step it judges wrong, 0 from it on. It marks
+              correct steps wrong and wrong steps right depending on the text, so where such
+              labels are the majority the label ranking itself changes (steps after a correct
+              subtraction look worse than some wrong steps), not only its noise level.
 A training instance is "corrupted" when at least one of its labels differs from the truth. The
 meta set (clean, outcome labels only), the test set (clean step labels) and the best-of-N groups
 (--bon_n candidates per question, outcome only) come from the same generator, uncorrupted.
@@ -41,7 +49,9 @@ initialisation): clean-test step AUROC, ProcessBench-style F1 (first predicted e
 first error, threshold 0.5), best-of-N accuracy (--bon_aggregation), the AUROC of the learned
 weights at telling clean from corrupted instances (clean = positive, so 1.0 means every corrupted
 instance weighs less than every clean one; 0.5 for uniform weights), and the mean learned weight
-per domain. Output: --out/results.json, --out/results.md and PNG figures; runs go to --work_dir.
+per domain. The weights are those the runs used: dreamprm's tables normalise to mean 1 over the
+training instances. Output: --out/results.json, --out/results.md and PNG figures; runs go to
+--work_dir.
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("baseline", "instance_table", "instance_net", "domain_table", "oracle")
-KINDS = ("none", "flip", "optimistic", "shift", "blind_sub")
+KINDS = ("none", "flip", "optimistic", "shift", "blind_sub", "swap_sub")
 
 
 # ---------------------------------------------------------------- the task
@@ -126,6 +136,12 @@ def corrupt(labels: list[float], kind: str, rate: float, rng: random.Random, ste
         return [1.0 if i < k else 0.0 for i in range(len(y))]
     if kind == "blind_sub":
         return [1.0] * len(y) if wrong and steps[y.index(0.0)].split()[1] == "-" and rng.random() < rate else y
+    if kind == "swap_sub":
+        if rng.random() >= rate:
+            return y
+        judged_ok = [check_step(s) != (s.split()[1] == "-") for s in steps]
+        k = judged_ok.index(False) if False in judged_ok else len(y)
+        return [1.0 if i < k else 0.0 for i in range(len(y))]
     raise ValueError(f"unknown corruption kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
@@ -204,7 +220,8 @@ def run_config(args, method: str, seed: int, files: dict, model_dir: Path, run_d
                  "weights": "instance_table" if method in ("baseline", "oracle") else method,
                  "hypergrad": args.hypergrad, "meta_batch_size": args.meta_batch_size, "meta_lr": meta_lr,
                  "meta_interval": args.meta_interval, "fd_radius": args.fd_radius,
-                 "aggregation": args.aggregation, "net_hidden": 32},
+                 "aggregation": args.aggregation, "net_hidden": 32, "table_optimizer": args.table_optimizer,
+                 "meta_warmup": args.meta_warmup},
         "run": {"output_dir": str(run_dir), "resume_from": "auto", "log_every": args.log_every,
                 "eval_every": args.eval_every,
                 "save_every": args.ckpt_every if method == "domain_table" else steps,
@@ -275,33 +292,32 @@ def evaluate_run(args, run_dir: Path, files: dict) -> dict:
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return {"step_auroc": M.auroc(probs, labels), "pb_f1": pb["f1"], "bon_acc": bo["selection"],
             "bon_random": bo["random"], "bon_oracle": bo["pass_at_n"],
-            "weight_auroc": math.nan if len(set(clean)) < 2 else M.auroc(w, clean) if len(set(w)) > 1 else 0.5,
+            "weight_auroc": M.auroc(w, clean),  # nan without both classes; uniform weights tie: 0.5
             "domain_weight": {d: statistics.fmean(v) for d, v in dom_w.items()},
             "weights_by_kind": kind_w,
             "curves": {k: [(m["step"], m[k]) for m in metrics if m.get(k) is not None]
                        for k in ("meta_loss", "eval_step_auroc", "loss_unweighted")},
-            "domain_over_time": domain_weights_over_time(run_dir, args.domains)}
+            "domain_over_time": domain_weights_over_time(run_dir, args.domains, train)}
 
 
-def domain_weights_over_time(run_dir: Path, domains: list[str]) -> dict:
-    """{domain: [(step, weight)]} from the checkpoints of a domain-table run (empty otherwise).
-
-    Weights as the run used them: softplus(raw) over the mean of the whole table, whose row 0
-    ("<none>", the meta records' domain) is never trained and stays at its initial value."""
+def domain_weights_over_time(run_dir: Path, domains: list[str], train: list[dict]) -> dict:
+    """{domain: [(step, weight)]} from the checkpoints of a domain-table run (empty otherwise),
+    each the weight the run used (dreamprm.weights.WeightTable: mean 1 over training instances)."""
     import torch
-    import torch.nn.functional as F
     from dreamprm.data.tokenize import domain_table
+    from dreamprm.weights import build_weight_module
 
     names = domain_table(domains)
+    table = build_weight_module("domain_table", [names.index(r["domain"]) for r in train], len(names), 1)
     out = {}
     for c in sorted((run_dir / "checkpoints").glob("step_*")):
         st = torch.load(c / "dreamprm_state.pt", weights_only=True)
         raw = st["weights"].get("raw")
         if raw is None or len(raw) != len(names):
             return {}
-        w = F.softplus(raw)
-        for name, wi in zip(names, (w / w.mean()).tolist()):
-            if name != "<none>":
+        table.raw.data.copy_(raw)
+        for name, wi in zip(names, table.row_weights().tolist()):
+            if name in domains:
                 out.setdefault(name, []).append((st["step"], wi))
     return out
 
@@ -344,7 +360,7 @@ def write_report(args, results: dict, table: dict, command: str) -> str:
         t = table[m]
         lines.append(f"| {m} | {fmt(t['step_auroc'])} | {fmt(t['pb_f1'])} | {fmt(t['bon_acc'])} | "
                      f"{fmt(t['weight_auroc'])} |")
-    lines += ["", "Mean learned weight per domain (weights have mean 1 over the table):", "",
+    lines += ["", "Mean learned weight per domain (weights have mean 1 over the training instances):", "",
               "| method | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
     for m in results:
         lines.append(f"| {m} | " + " | ".join(fmt(table[m]["domain_weight"][d], 2) for d in args.domains) + " |")
@@ -496,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--meta_lr_table", type=float, default=0.3, help="meta_lr of the instance table")
     g.add_argument("--meta_lr_net", type=float, default=1e-2, help="meta_lr of the instance net")
     g.add_argument("--meta_lr_domain", type=float, default=0.01, help="meta_lr of the domain table")
+    g.add_argument("--table_optimizer", default="shared_rms", help="how table rows step (see --help of train.py)")
+    g.add_argument("--meta_warmup", type=int, default=0, help="updates with uniform weights before the first meta pass")
     g.add_argument("--aggregation", default="min", help="meta-loss aggregation")
     g.add_argument("--eval_every", type=int, default=25, help="updates between clean-test evaluations")
     g.add_argument("--ckpt_every", type=int, default=25, help="checkpoint interval of domain-table runs")

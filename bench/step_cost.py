@@ -369,8 +369,8 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
     """Time every configuration on this engine (see the module docstring); the figures as a dict."""
     n_train, train_batches, meta_batches = make_batches(a, eng, rank, world)
     stream, meta_stream = Cycle(train_batches), Cycle(meta_batches)
-    wmod = build_weight_module("instance_table", n_train, 1, cfg.meta.net_hidden)
-    wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
+    wmod = build_weight_module("instance_table", [0] * n_train, 1, cfg.meta.net_hidden)
+    wopt = build_weight_optimizer(wmod, cfg.meta)
     prof = MetaProfile(eng)
     module = eng.ds.module
     methods = list(a.methods)

@@ -1,9 +1,10 @@
 """The `dreamprm` command: argument parsing only; the work is done by library functions.
 
-    dreamprm data check FILE [--from FORMAT] [--tokenizer DIR] [--json]
+    dreamprm data check FILE [--from FORMAT] [--tokenizer DIR [--max_length N]] [--json]
     dreamprm data convert --from FORMAT IN OUT
     dreamprm evaluate {steps,processbench,bon} --data FILE (--model PATH | --scores FILE)
     dreamprm export RUN_DIR OUT_DIR [--adapter] [--checkpoint step_N]
+    dreamprm smollm2 [--out DIR] [--gguf FILE]    (a real pretrained model folder, see dreamprm/smollm2.py)
     dreamprm train [options of launch/train.py]
 
 Each subcommand is a parser built by an add_*_parser(subparsers) function plus a plain
@@ -16,15 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from dreamprm.data.readers import FORMATS, format_summary, load_records, summary
 from dreamprm.config import DEFAULT_STEP_TAG
 from dreamprm.data.record import write_jsonl
+from dreamprm.data.tokenize import length_report
 from dreamprm.errors import ConfigError, DataError, DreamPRMError
 from dreamprm.evaluate import add_evaluate_parser
 from dreamprm.export import add_export_parser
+from dreamprm.smollm2 import add_smollm2_parser
 
 
 def _print_problems(problems: list[str], skippable: bool = False) -> None:
@@ -34,21 +38,28 @@ def _print_problems(problems: list[str], skippable: bool = False) -> None:
     print(f"{len(problems)} problem(s){hint}", file=sys.stderr)
 
 
-def _load_tokenizer(path: str):
-    """A local tokenizer directory (never downloads), or an error message naming the flag."""
+def _load_tokenizer(path: str, step_tag: str):
+    """A local tokenizer directory (never downloads) with the step tag as training has it (added
+    as a special token when it is not one token), or an error message naming the flag."""
     if not Path(path).is_dir():
-        return None, f"--tokenizer: {path} is not a directory (pass a local tokenizer folder)"
-    from transformers import AutoTokenizer  # slow import, only when asked for
+        return None, f"--tokenizer: {path} is not a directory (pass a local tokenizer or model folder)"
+    from dreamprm.model import load_tokenizer  # slow import, only when asked for
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True), None
-    except (OSError, ValueError) as e:
-        return None, f"--tokenizer: cannot load a tokenizer from {path}: {e}"
+        return load_tokenizer(path, step_tag), None
+    except (OSError, ValueError, DreamPRMError) as e:
+        return None, f"--tokenizer: cannot use the tokenizer in {path}: {e}"
 
 
 def data_check(args) -> int:
     """Validate a data file and print what is in it; exit 1 listing every problem."""
-    tokenizer, error = _load_tokenizer(args.tokenizer) if args.tokenizer else (None, None)
+    if args.max_length is not None and not args.tokenizer:
+        _print_problems(["--max_length: counts tokens, so it needs --tokenizer DIR"])
+        return 1
+    if args.max_length is not None and args.max_length < 2:
+        _print_problems([f"--max_length: must be >= 2 (got {args.max_length})"])
+        return 1
+    tokenizer, error = _load_tokenizer(args.tokenizer, args.step_tag) if args.tokenizer else (None, None)
     try:
         records = load_records(args.file, args.fmt, args.step_tag, skip_invalid=args.skip_invalid)
     except DataError as e:
@@ -57,7 +68,13 @@ def data_check(args) -> int:
     if error:
         _print_problems([error])
         return 1
-    s = summary(records, tokenizer)
+    s = summary(records)
+    if tokenizer is not None:
+        try:
+            s.update(length_report(records, tokenizer, args.step_tag, args.chat_template, args.max_length))
+        except DreamPRMError as e:
+            _print_problems([f"--tokenizer {args.tokenizer}: {e}"])
+            return 1
     print(json.dumps(s, indent=1) if args.json else format_summary(s))
     return 0
 
@@ -96,7 +113,12 @@ def add_data_parser(subparsers) -> None:
     check = sub.add_parser("check", help="validate a file and summarise it (exit 1 on bad records)")
     check.add_argument("file", help="data file (JSONL, or a JSON array)")
     common(check)
-    check.add_argument("--tokenizer", metavar="DIR", help="local tokenizer folder: also report token lengths")
+    check.add_argument("--tokenizer", metavar="DIR", help="local tokenizer or model folder: also report token "
+                       "lengths as training encodes them (length distribution)")
+    check.add_argument("--max_length", "--max-length", type=int, metavar="N",
+                       help="with --tokenizer: how many examples N tokens keep whole, truncate or drop")
+    check.add_argument("--chat-template", dest="chat_template", action=argparse.BooleanOptionalAction,
+                       default=True, help="count the chat-template prompt as training does (default: on)")
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
     check.set_defaults(handler=data_check)
 
@@ -113,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_export_parser(subparsers)
+    add_smollm2_parser(subparsers)
     subparsers.add_parser("train", add_help=False,
                           help="train a PRM (same options as launch/train.py; `dreamprm train --help`)")
     return parser
@@ -126,6 +149,9 @@ def train(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.train.device == "cpu":  # before torch starts CUDA or DeepSpeed picks its accelerator
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["DS_ACCELERATOR"] = "cpu"
     from dreamprm.train import fit  # the heavy stack (torch, deepspeed) only once the flags are valid
     try:
         return fit(cfg, notes)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_origin, get_type_hints
@@ -28,11 +30,13 @@ PRECISIONS = ("bf16", "fp32", "fp16")
 MODES = ("full", "lora", "qlora")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 WEIGHTS = ("instance_table", "instance_net", "domain_table")
-METHODS = ("finite_diff", "exact", "fused")
+METHODS = ("exact", "finite_diff", "fused")
+TABLE_OPTIMIZERS = ("shared_rms", "row_adam", "sgd")
 AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
 META_LOSSES = ("bce", "mse")
 SCHEDULES = ("constant", "cosine", "linear")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+DEVICES = ("auto", "cuda", "cpu")
 MIXES = ("size", "temperature", "weights", "learned")
 CURRICULA = ("none", "steps", "length", "difficulty")
 CURRICULUM_SCHEDULES = ("linear", "sqrt")
@@ -61,9 +65,13 @@ class DataConfig:
     train_format: str = opt("auto", "format of train_file (see `dreamprm data convert --help`)")
     meta_format: str = opt("auto", "format of meta_file")
     eval_format: str = opt("auto", "format of eval_file")
-    max_length: int = opt(4096, "tokens per example; longer solutions are cut at a step boundary")
+    max_length: int = opt(4096, "tokens per example, capped at the model's max_position_embeddings; "
+                          "longer solutions are cut at a step boundary")
     skip_invalid: bool = opt(False, "drop invalid records (reported by file:line) instead of failing")
     num_workers: int = opt(0, "DataLoader worker processes for batch collation")
+    packing: bool = opt(False, "pack the examples of a micro-batch end to end in rows (less padding; no "
+                        "attention across examples: sdpa/eager get a block-diagonal mask, flash_attention_2 "
+                        "one varlen row); losses, weights and meta passes stay per example")
     mix: str = opt("size", "how training sources are sampled: size = proportional to size; temperature = "
                    "p ~ n^mix_alpha; weights = the sources' weight=; learned = the domain table's learned "
                    "weights (times n^mix_alpha) as sampling probabilities instead of loss weights", MIXES)
@@ -85,7 +93,10 @@ class DataConfig:
 class ModelConfig:
     name_or_path: str = opt("", "local HF causal-LM or PRM folder; empty = a tiny Qwen2 built locally (demo, tests)",
                             alias=("--model_name",))
-    step_tag: str = opt(DEFAULT_STEP_TAG, "step tag token placed after every step (must be one token)")
+    step_tag: str = opt(DEFAULT_STEP_TAG, "step tag token placed after every step (one token of the tokenizer, "
+                        "or added: see add_step_tag)")
+    add_step_tag: bool = opt(True, "a step_tag that is not one token is added as a special token with a new "
+                             "embedding row (mean of the others); off = such a tag is an error")
     mode: str = opt("lora", "what trains: full fine-tune, LoRA, or QLoRA (4-bit base, one GPU)", MODES)
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
@@ -95,6 +106,8 @@ class ModelConfig:
     attn_implementation: str = opt("auto", "attention kernel; auto = flash_attention_2 if installed "
                                    "on a GPU, else sdpa", ATTN_IMPLEMENTATIONS)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    gc_reentrant: bool = opt(False, "reentrant activation checkpointing (torch's older implementation); "
+                             "the default non-reentrant one is faster with LoRA")
     trust_remote_code: bool = opt(False, "allow model code from the checkpoint folder")
     chat_template: bool = opt(True, "wrap the question in the tokenizer's chat template when it has one")
 
@@ -112,6 +125,8 @@ class TrainConfig:
     precision: str = opt("bf16", "bf16 or fp32 (fp16 is not supported: its loss scaling breaks "
                          "meta gradients)", PRECISIONS)
     seed: int = opt(42, "random seed")
+    device: str = opt("auto", "auto = the GPU(s) when visible, else the CPU; cuda = fail unless a GPU is "
+                      "visible; cpu = train on the CPU even where GPUs are (hides them from torch)", DEVICES)
     step_loss: str = opt("ce", "per-step loss: ce (soft-label cross-entropy), balanced_ce (classes weighted to "
                          "half the loss each), focal", STEP_LOSSES)
     hard_labels: bool = opt(False, "round soft step labels to 0/1 (threshold 0.5) before the loss")
@@ -125,12 +140,16 @@ class TrainConfig:
 class MetaConfig:
     baseline: bool = opt(False, "uniform weights, no meta pass (ablation)")
     weights: str = opt("instance_table", "what the weight module weights", WEIGHTS)
-    hypergrad: str = opt("finite_diff", "alignment method: finite differences (DreamPRM), exact "
-                         "<grad l_i, v> after the update, or fused: <grad l_i, v> before the update, taken "
-                         "inside the update's own backward", METHODS)
+    hypergrad: str = opt("exact", "alignment method: exact <grad l_i, v> after the update (per-sample hooks), "
+                         "finite differences (DreamPRM; refused unless the perturbed parameters are fp32), or "
+                         "fused: <grad l_i, v> before the update, taken inside the update's own backward", METHODS)
     meta_batch_size: int = opt(1, "meta examples per rank per meta pass")
-    meta_lr: float = opt(0.1, "weight-module learning rate (Adam)")
+    meta_lr: float = opt(0.1, "weight-module learning rate")
+    table_optimizer: str = opt("shared_rms", "how table rows step: shared_rms = in proportion to their "
+                               "alignment over one shared RMS; row_adam = lazy Adam per row (about meta_lr "
+                               "* sign); sgd = meta_lr * gradient", TABLE_OPTIMIZERS)
     meta_interval: int = opt(1, "PRM updates between meta passes")
+    meta_warmup: int = opt(0, "PRM updates with uniform weights (no meta pass) before the first meta pass")
     fd_radius: float = opt(0.01, "finite differences: eps = fd_radius / ||v||")
     aggregation: str = opt("mean_logodds", "step scores -> solution score for the meta loss", AGGREGATIONS)
     meta_loss: str = opt("bce", "meta loss on the solution score", META_LOSSES)
@@ -144,7 +163,10 @@ class RunConfig:
     resume_from: str = opt("auto", "checkpoint folder to resume from; auto = output_dir's latest if "
                            "any; none = start fresh (fails if output_dir has checkpoints)")
     save_every: int = opt(500, "updates between checkpoints (a final one is always written)")
-    keep_last: int = opt(3, "checkpoints kept")
+    keep_last: int = opt(3, "checkpoints kept (the newest of the run's lineage; the one resumed from is never "
+                         "deleted)")
+    collective_timeout: int = opt(600, "seconds a collective waits for a silent rank before the job stops, "
+                                  "naming it (torch's default is 1800)")
     log_every: int = opt(10, "updates between metrics.jsonl lines")
     eval_every: int = opt(0, "updates between evaluations on eval_file (0 = off)")
     project_name: str = opt("dreamprm", "wandb project")
@@ -262,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML recipe (see recipes/)")
     p.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
+    p.add_argument("--resume_step", type=int, metavar="N",
+                   help="resume from checkpoint step N of --output_dir (the MiniF2F script's flag; dreamprm "
+                        "reads the step from the checkpoint, so --resume_from auto alone resumes the latest)")
     defaults = Config()
     for sec, cls in _section_types().items():
         g = p.add_argument_group(sec)
@@ -282,16 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(argv=None) -> tuple[Config, list[str]]:
+def load_config(argv=None, check_machine: bool = True) -> tuple[Config, list[str]]:
     """Parse flags (and --config) into a validated Config.
 
     Returns the config and notes to print (e.g. that the demo recipe was used). Raises
-    ConfigError listing every problem.
+    ConfigError listing every problem. check_machine: also what this machine lacks for the
+    config (machine_problems: a GPU and bitsandbytes for QLoRA, a GPU for --device cuda).
     """
     args = vars(build_parser().parse_args(argv))
     cfg, problems, notes = Config(), [], []
     recipe = args.pop("config", None)
     args.pop("local_rank", None)
+    resume_step = args.pop("resume_step", None)
     if recipe is None and "data.train_file" not in args:
         recipe = str(DEMO_RECIPE)
         notes.append(f"no --config and no --train_file: running the built-in demo ({DEMO_RECIPE.name})")
@@ -305,7 +332,9 @@ def load_config(argv=None) -> tuple[Config, list[str]]:
         if isinstance(value, list) and dest in ("data.train_file", "data.meta_file") and len(value) == 1:
             value = value[0]  # one source: a plain string, as before
         setattr(getattr(cfg, sec), name, value)
-    problems += validate(cfg)
+    if resume_step is not None:
+        problems += apply_resume_step(cfg, resume_step)
+    problems = (machine_problems(cfg) if check_machine else []) + problems + validate(cfg)
     if problems and cfg.data.train_file:  # the data's problems too, so that one run reports everything
         from dreamprm.data.mixing import data_problems
         d = cfg.data
@@ -313,7 +342,89 @@ def load_config(argv=None) -> tuple[Config, list[str]]:
                                   cfg.model.step_tag, d.skip_invalid)
     if problems:
         raise ConfigError(problems)
+    capped = effective_max_length(cfg)
+    if capped:
+        notes.append(capped)
     return cfg, notes
+
+
+LENGTH_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def model_length_limit(hf_config: dict) -> int | None:
+    """The longest input a model takes, from its config.json fields; None if it names none."""
+    return next((int(hf_config[k]) for k in LENGTH_LIMIT_KEYS if isinstance(hf_config.get(k), int)), None)
+
+
+def effective_max_length(cfg: Config) -> str | None:
+    """The one length rule: max_length = min(--max_length, the model's limit). Applied to the
+    config here, before anything uses it, so training, --eval_file, the saved config, the
+    checkpoint and the export all carry the same value; returns the note to print, if capped."""
+    path = cfg.model.name_or_path
+    if path:
+        try:
+            limit = model_length_limit(json.loads((Path(path) / "config.json").read_text()))
+        except (OSError, ValueError):
+            return None  # a missing or broken model folder is reported when it is loaded
+        where = f"{Path(path) / 'config.json'}"
+    else:
+        from dreamprm.tiny import TINY_MAX_POSITIONS
+
+        limit, where = TINY_MAX_POSITIONS, "the built-in tiny model"
+    if limit is None or cfg.data.max_length <= limit:
+        return None
+    note = (f"max_length: --max_length {cfg.data.max_length} is more than the model takes "
+            f"({limit} positions, {where}); using {limit} for training, evaluation and export")
+    cfg.data.max_length = limit
+    return note
+
+
+def apply_resume_step(cfg: Config, n: int) -> list[str]:
+    """--resume_step N: with --resume_from auto, resume from output_dir's checkpoint of step N;
+    with a --resume_from folder, check that it is that step."""
+    r = cfg.run
+    root = Path(r.output_dir) / "checkpoints"
+
+    def step_of(name: str):
+        m = re.fullmatch(r"step_(\d+)", name)
+        return int(m.group(1)) if m else None
+
+    if r.resume_from == "none":
+        return [f"--resume_step {n}: contradicts --resume_from none (drop one of them)"]
+    if r.resume_from != "auto":
+        if step_of(Path(r.resume_from).name) != n:
+            return [f"--resume_step {n}: --resume_from {r.resume_from} is not the checkpoint of step {n}; "
+                    "pass one of the two"]
+        return []
+    found = sorted(p for p in root.glob("step_*") if p.is_dir() and step_of(p.name) is not None)
+    match = [p for p in found if step_of(p.name) == n]
+    if not match:
+        have = ", ".join(str(step_of(p.name)) for p in found) or "none"
+        return [f"--resume_step {n}: {root} has no checkpoint of step {n} (steps there: {have})"]
+    r.resume_from = str(match[0])
+    return []
+
+
+def machine_problems(cfg: Config) -> list[str]:
+    """What this machine lacks for the config: QLoRA needs bitsandbytes and a CUDA GPU,
+    --device cuda a GPU. torch is imported only to answer those questions."""
+    m, t, p = cfg.model, cfg.train, []
+    gpu = None
+    if t.device == "cuda" or (m.mode == "qlora" and t.device == "auto"):
+        import torch
+
+        gpu = torch.cuda.is_available()
+    if t.device == "cuda" and not gpu:
+        p.append("--device cuda: no CUDA GPU is visible to torch here; use --device auto or cpu")
+    if m.mode == "qlora":
+        lacks = (["bitsandbytes is not installed"] if importlib.util.find_spec("bitsandbytes") is None else []) + \
+                (["no CUDA GPU is visible"] if t.device == "auto" and gpu is False else [])
+        if lacks:
+            p.append("--mode qlora needs a CUDA GPU and bitsandbytes (pip install 'dreamprm[qlora]'); here "
+                     + " and ".join(lacks) + ". Use --mode lora (the same adapters on a full-precision base)"
+                     + (", or --device cpu to run bitsandbytes' CPU kernels anyway (slow; meant for tests)"
+                        if gpu is False else ""))
+    return p
 
 
 def validate(cfg: Config) -> list[str]:
@@ -328,9 +439,11 @@ def validate(cfg: Config) -> list[str]:
     positive = {"--max_length": d.max_length, "--total_steps": t.total_steps, "--batch_size": t.batch_size,
                 "--grad_accum": t.grad_accum, "--meta_batch_size": meta.meta_batch_size,
                 "--meta_interval": meta.meta_interval, "--lora_r": m.lora_r, "--save_every": r.save_every,
-                "--keep_last": r.keep_last, "--log_every": r.log_every, "--net_hidden": meta.net_hidden}
+                "--keep_last": r.keep_last, "--log_every": r.log_every, "--net_hidden": meta.net_hidden,
+                "--collective_timeout": r.collective_timeout}
     p += [f"{k}: must be >= 1 (got {v})" for k, v in positive.items() if v < 1]
-    nonneg = {"--num_workers": d.num_workers, "--warmup_steps": t.warmup_steps, "--grad_clip": t.grad_clip,
+    nonneg = {"--num_workers": d.num_workers, "--warmup_steps": t.warmup_steps, "--meta_warmup": meta.meta_warmup,
+              "--grad_clip": t.grad_clip,
               "--weight_decay": t.weight_decay, "--eval_every": r.eval_every}
     p += [f"{k}: must be >= 0 (got {v})" for k, v in nonneg.items() if v < 0]
     for k, v in {"--lr": t.lr, "--meta_lr": meta.meta_lr, "--fd_radius": meta.fd_radius,
@@ -452,7 +565,8 @@ def check_ds_json(cfg: Config, path: Path) -> list[str]:
 
 def save_config(cfg: Config, path: Path) -> None:
     """The resolved config as YAML: loadable again with --config."""
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from dreamprm.checkpoint import write_text_atomic
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def markdown_reference() -> str:

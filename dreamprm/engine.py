@@ -26,24 +26,35 @@ import json
 import logging
 import math
 import os
-import shutil
+import re
 import socket
+import subprocess
+import sys
+import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
-import deepspeed
 import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's own pick here, without its "no GPU detected" warning
+import deepspeed
 import torch.distributed as dist
 
+from dreamprm import checkpoint as ckpt
 from dreamprm import hypergrad, persample
 from dreamprm.config import Config
 from dreamprm.data.packing import select
-from dreamprm.errors import CheckpointError, ModelError, NonFiniteError
+from dreamprm.errors import CheckpointError, ConfigError, ModelError, NonFiniteError
 from dreamprm.model import build_prm
 
+# DeepSpeed's ZeRO collectives call the torch.distributed names that torch 2.13 deprecated in
+# favour of *_single; they still work, and the warning repeats on every rank and update.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                        "is deprecated", category=FutureWarning)
+
 log = logging.getLogger(__name__)
-MANIFEST = "MANIFEST.json"
-SHARED_STATE = "dreamprm_state.pt"
 
 
 # ---------------------------------------------------------------- process group
@@ -55,8 +66,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join (or, for a plain `python` run, create) the process group; returns rank, world."""
+_monitor = None  # a gloo group for monitored_barrier (gloo only), which names the silent ranks
+
+
+def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
+    """Join (or, for a plain `python` run, create) the process group; returns rank, world.
+
+    timeout_s: how long a collective waits for the other ranks (torch's default, 30 min, is
+    long for a lost node)."""
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -64,7 +81,10 @@ def init_distributed() -> tuple[int, int]:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+                                   verbose=False, timeout=timedelta(seconds=timeout_s))
+    global _monitor
+    if dist.get_world_size() > 1 and _monitor is None:
+        _monitor = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
@@ -80,6 +100,30 @@ def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         else:
             dist.all_reduce(t, op=op)
     return t
+
+
+def collective_failed(e: BaseException) -> bool:
+    """Whether e is a collective that timed out or lost its peer (gloo and NCCL wording)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+                            "NCCL communicator was aborted", "Watchdog caught collective operation timeout"))
+
+
+def silent_ranks(wait_s: float) -> list[int] | None:
+    """After a failed collective: the ranks that do not reach a barrier within wait_s. Known on
+    rank 0 (monitored_barrier); None on other ranks, without a group of more than one, or when
+    the barrier fails in another way."""
+    if _monitor is None:
+        return None
+    try:
+        dist.monitored_barrier(group=_monitor, timeout=timedelta(seconds=wait_s), wait_all_ranks=True)
+        return []
+    except RuntimeError as e:
+        m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+        return [int(x) for x in m.group(1).split(",")] if m and dist.get_rank() == 0 else None
 
 
 def barrier() -> None:
@@ -150,10 +194,14 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def create_engine(cfg: Config, rank: int, world: int, model: tuple | None = None) -> Engine:
+def create_engine(cfg: Config, rank: int, world: int, model: tuple | None = None,
+                  load_universal: bool = False) -> Engine:
     """The DeepSpeed engine around the PRM. model: (prm, tokenizer) built elsewhere (bench/gpu.py's random
-    7B, via model.prepare_for_training); default: build_prm(cfg.model)."""
+    7B, via model.prepare_for_training); default: build_prm(cfg.model). load_universal: the run resumes
+    from a DeepSpeed universal checkpoint (one of another world size, see universal_copy)."""
     dsc = ds_config(cfg, world)
+    if load_universal:
+        dsc["checkpoint"] = {**dsc.get("checkpoint", {}), "load_universal": True}
     stage = dsc["zero_optimization"].get("stage", 0)
     hf_ds = None
     if stage == 3:
@@ -166,17 +214,37 @@ def create_engine(cfg: Config, rank: int, world: int, model: tuple | None = None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ds, _, _, _ = deepspeed.initialize(model=prm, optimizer=opt, lr_scheduler=sched, config=dsc,
                                        model_parameters=params)
-    return Engine(ds=ds, stage=stage, rank=rank, world=world, tokenizer=tokenizer,
-                  params=[p for p in ds.module.parameters() if p.requires_grad], hf_ds_config=hf_ds)
+    eng = Engine(ds=ds, stage=stage, rank=rank, world=world, tokenizer=tokenizer,
+                 params=[p for p in ds.module.parameters() if p.requires_grad], hf_ds_config=hf_ds)
+    if cfg.meta.hypergrad == "finite_diff" and not cfg.meta.baseline:
+        check_finite_diff_dtype(eng, cfg)
+    return eng
+
+
+def check_finite_diff_dtype(eng: Engine, cfg: Config) -> None:
+    """finite_diff perturbs the parameters the forward reads; DeepSpeed decides their dtype
+    (ZeRO 0-2 in bf16 cast LoRA adapters to bf16 too). In bf16 most of a perturbation of
+    fd_radius / ||v|| per element rounds away, so refuse it rather than return noise."""
+    dtypes = {str((p.ds_tensor if eng.stage == 3 else p).dtype).replace("torch.", "") for p in eng.params}
+    low = sorted(dtypes - {"float32", "float64"})
+    if low:
+        raise ConfigError([f"--hypergrad finite_diff: after DeepSpeed set up the engine (ZeRO stage {eng.stage}, "
+                           f"--precision {cfg.train.precision}, --mode {cfg.model.mode}) the parameters it would "
+                           f"perturb are {', '.join(low)}, which round most of the perturbation away; use "
+                           "--hypergrad exact, or --precision fp32"])
 
 
 def forward(eng: Engine, batch: dict, meta: bool = False) -> torch.Tensor:
-    """The PRM's step logits. Meta passes call the module itself: the engine's forward hooks
-    its outputs for engine.backward, which forbids the autograd.grad the meta pass uses;
-    ZeRO-3's parameter gathering hooks sit on the submodules and still run."""
-    dev = eng.ds.device
+    """The PRM's step logits [N, K, 2], padded or packed batch (data.packing: position_ids, no mask).
+
+    Meta passes call the module itself: the engine's forward hooks its outputs for engine.backward,
+    which forbids the autograd.grad the meta pass uses; ZeRO-3's parameter gathering hooks sit on
+    the submodules and still run."""
+    b = to_device(batch, eng.ds.device)
     fn = eng.ds.module if meta else eng.ds
-    return fn(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["tag_pos"].to(dev))
+    if b.get("position_ids") is not None:
+        return fn(b["input_ids"], None, b["tag_pos"], b["position_ids"])
+    return fn(b["input_ids"], b["attention_mask"], b["tag_pos"])
 
 
 def to_device(batch: dict, device) -> dict:
@@ -210,7 +278,7 @@ def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int, v=None) -
                 w = torch.ones_like(losses) if baseline else wmod(batch["index"], batch["domain"], feats)
             loss = (w.to(losses.dtype) * losses).mean()
             eng.ds.backward(loss)
-            r = {"batch": batch, "features": feats, "weights": w.detach()}
+            r = {"batch": batch, "features": feats, "weights": w.detach(), "losses": losses.detach()}
             if tap is not None:  # the engine scales the loss by 1/gas: gradient = w_i / (B * gas) * grad l_i
                 r["align"] = tap.result(w.detach().double() / (len(losses) * gas)).cpu() + slow[k]
             eng.ds.step()
@@ -346,25 +414,31 @@ def _params_changed(eng: Engine) -> None:
 
 
 def fd_alignments(eng: Engine, recent: list, v: MetaGradient, radius: float):
-    """a_i by central differences along v, parameters restored bit-exactly from a clone."""
+    """a_i by central differences along v, parameters restored bit-exactly from a clone.
+
+    Divides by the perturbation that landed (its component along v), not the nominal 2 eps."""
     vnorm = v.norm()
     eps = hypergrad.fd_epsilon(radius, vnorm)
     if eps == 0.0:
         return [torch.zeros(len(r["batch"]["index"])) for r in recent], vnorm
     local = [_local(eng, p, v) for p in eng.params]
     saved = [t.clone() for t, _ in local]
-    losses = {}
+    losses, landed = {}, torch.zeros(1, dtype=torch.float64, device=eng.ds.device)
     with torch.no_grad():
         for sign in (1.0, -1.0):
             for (t, d), s in zip(local, saved):
                 t.copy_(s.float().add(d, alpha=sign * eps).to(t.dtype))
+                landed += sign * ((t.double() - s.double()) * d.double()).sum()
             _params_changed(eng)
             losses[sign] = [hypergrad.instance_losses(forward(eng, r["batch"], meta=True), r["batch"], eng.step_loss)
                             for r in recent]
         for (t, _), s in zip(local, saved):
             t.copy_(s)
         _params_changed(eng)
-    return [hypergrad.fd_alignments(lp, lm, eps).cpu() for lp, lm in zip(losses[1.0], losses[-1.0])], vnorm
+    if eng.stage == 3:  # each rank holds a shard of theta and of v
+        all_reduce_(landed)
+    span = landed.item() / vnorm ** 2
+    return [hypergrad.fd_alignments(lp, lm, span).cpu() for lp, lm in zip(losses[1.0], losses[-1.0])], vnorm
 
 
 def _alignments(eng: Engine, v: MetaGradient) -> persample.Alignments:
@@ -436,7 +510,7 @@ def exact_alignments_loop(eng: Engine, recent: list, v: MetaGradient):
         b = r["batch"]
         a = torch.zeros(len(b["index"]))
         for i in range(len(b["index"])):
-            row = select(b, i)
+            row = select(b, i)  # example i alone, unpadded, from either layout
             li = hypergrad.instance_losses(forward(eng, row, meta=True), row, eng.step_loss)[0]
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
             a[i] = sum((g.float() * v[p]).sum() for g, p in zip(grads, eng.params) if g is not None).item()
@@ -496,20 +570,18 @@ def _weight_step(eng: Engine, recent: list, align: list, meta_batch: dict, lmeta
         if p.grad is not None:
             all_reduce_(p.grad)
     wopt.step()
-    if hasattr(wmod, "observe"):  # instance net: running level from the global batch mean
-        with torch.no_grad():
-            w = torch.cat([wmod.positive(r["batch"]["domain"].cpu(), r["features"].cpu()) for r in recent])
-            mean = all_reduce_(torch.tensor([w.sum().item(), float(len(w))]))
-        wmod.observe(mean[0] / mean[1])
+    with torch.no_grad():  # the instance net's running level: the global batch mean
+        w = torch.cat([wmod.positive(r["batch"]["index"].cpu(), r["batch"]["domain"].cpu(), r["features"].cpu())
+                       for r in recent])
+        mean = all_reduce_(torch.tensor([w.sum().item(), float(len(w))]))
+    wmod.observe(mean[0] / mean[1])
     return {"meta_loss": lmeta, "v_norm": vnorm,
             "align_mean": all_reduce_(torch.tensor([a_all.sum().item()])).item() / max(1, n_global)}
 
 
 # ---------------------------------------------------------------- checkpoints
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"step_{step:08d}"
+# File names, the manifest, verification and pruning live in checkpoint.py (no deepspeed);
+# here: writing and loading through the engine, every rank agreeing on the outcome.
 
 
 def _rng_state() -> dict:
@@ -525,103 +597,170 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def save_checkpoint(eng: Engine, root: Path, step: int, shared: dict, per_rank: dict, keep_last: int) -> Path:
-    """Write a checkpoint atomically: into <tag>.tmp, manifest last, rename, then `latest`.
+def gather_object(obj) -> list:
+    """obj of every rank, in rank order (a list of one without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _on_every_rank(fn, folder: Path):
+    """Run fn here; returns (its result, the failures of all ranks) so that every rank raises
+    together instead of leaving the others waiting in the next collective."""
+    result, err = None, None
+    try:
+        result = fn()
+    except (OSError, RuntimeError) as e:  # torch's C++ file writer raises RuntimeError
+        err = f"rank {dist.get_rank() if dist.is_initialized() else 0}: {ckpt.write_problem(e, folder)}"
+    return result, [e for e in gather_object(err) if e]
+
+
+def save_checkpoint(eng: Engine, root: Path, step: int, shared: dict, per_rank: dict, keep_last: int,
+                    parent: str | None = None, keep=()) -> tuple[Path, list[str]]:
+    """Write a checkpoint atomically: into <tag>.tmp, manifest (sizes and SHA-256) last,
+    rename, then `latest`, then prune the lineage (checkpoint.prune; keep: never deleted).
 
     shared (rank 0's copy is written) holds the weight module, its optimizer, the config;
-    per_rank holds the data positions; the RNG state is added here.
+    per_rank holds the data positions; the RNG state is added here. parent: the checkpoint
+    this one continues from. Returns the folder and messages about old checkpoints that
+    could not be deleted. A failed write (disk full, read-only, no permission) on any rank
+    removes the partial folder and raises CheckpointError on every rank naming the cause and
+    the last complete checkpoint.
     """
-    tag = checkpoint_tag(step)
-    final, tmp = root / tag, root / f"{tag}.tmp"
-    if eng.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    eng.ds.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    torch.save({**per_rank, "rng": _rng_state()}, tmp / f"dreamprm_rank{eng.rank:05d}.pt")
-    if eng.rank == 0:
-        torch.save({**shared, "step": step, "world": eng.world, "stage": eng.stage}, tmp / SHARED_STATE)
-    barrier()
-    if eng.rank == 0:
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "world": eng.world, "stage": eng.stage,
-                                                  "files": files}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
+    name = ckpt.tag(step)
+    final, tmp = root / name, root / f"{name}.tmp"
+
+    def fail(errors):  # errors: "rank R: cause" of every rank that failed
+        if eng.rank == 0 and tmp.exists():
+            ckpt.remove_tree(tmp)
+        last = ckpt.latest(root) if (root / ckpt.LATEST).is_file() else None
+        ranks = ", ".join(e.split(":", 1)[0].removeprefix("rank ") for e in errors)
+        raise CheckpointError(f"{errors[0].split(': ', 1)[1]} while writing checkpoint {name} in {root} "
+                              f"(rank {ranks}); the partial folder was removed; the last complete checkpoint "
+                              f"is {last.name if last else 'none (nothing to resume from)'}")
+
+    def prepare():
+        if eng.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                err = ckpt.remove_tree(tmp)
+                if err:
+                    raise OSError(err)
+
+    def write():
+        eng.ds.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+        torch.save({**per_rank, "rng": _rng_state()}, tmp / ckpt.rank_file(eng.rank))
+        if eng.rank == 0:
+            torch.save({**shared, "step": step, "world": eng.world, "stage": eng.stage}, tmp / ckpt.SHARED_STATE)
+
+    def describe():  # each rank reads a share of the files (cost per GB: bench/checksum.py)
+        return ckpt.describe_files(tmp, ckpt.list_files(tmp)[eng.rank::eng.world])
+
+    for fn in (prepare, write):
+        _, errors = _on_every_rank(fn, root)
+        if errors:
+            fail(errors)
+    mine, errors = _on_every_rank(describe, root)
+    if errors:
+        fail(errors)
+    files = {k: v for part in gather_object(mine) for k, v in part.items()}
+
+    def publish():
+        if eng.rank != 0:
+            return []
+        ckpt.write_manifest(tmp, step, eng.world, eng.stage, parent, files)
+        if final.exists():  # the same step of an earlier (rolled back) history
+            err = ckpt.remove_tree(final)
+            if err:
+                raise OSError(err)
         os.replace(tmp, final)
-        _write_atomic(root / "latest", tag + "\n")
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
+        ckpt.fsync_dir(root)
+        ckpt.write_latest(root, name)
+        return ckpt.prune(root, final, keep_last, keep)
+    notes, errors = _on_every_rank(publish, root)
+    if errors:
+        fail(errors)
+    return final, notes or []
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    ptr = root / "latest"
-    if not ptr.is_file():
-        return None
-    return root / ptr.read_text().strip()
-
-
-def verify_checkpoint(ckpt: Path, world: int | None) -> dict:
-    """The manifest of a complete checkpoint; raises CheckpointError saying what is wrong.
-
-    world: the ranks of the run that will resume from it (None: any, e.g. for export)."""
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint {ckpt} does not exist")
-    man_path = ckpt / MANIFEST
-    if not man_path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {MANIFEST}: the save was interrupted); "
-                              f"resume from an earlier one with --resume_from, or delete it")
+def verify_on_every_rank(path: Path) -> tuple[dict | None, list[str]]:
+    """Check a checkpoint with every rank reading a share of the checksums; returns (manifest,
+    problems), the same on every rank. Problems are empty for an intact checkpoint."""
     try:
-        man = json.loads(man_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is corrupt ({e})") from e
-    bad = [f"{f} (missing)" if not (ckpt / f).is_file() else f"{f} ({(ckpt / f).stat().st_size} bytes, "
-           f"expected {n})" for f, n in man["files"].items()
-           if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != n]
-    if bad:
-        raise CheckpointError(f"checkpoint {ckpt} is damaged: " + ", ".join(bad[:10]))
-    if world is not None and man["world"] != world:
-        raise CheckpointError(
-            f"checkpoint {ckpt} was written by {man['world']} ranks and this run has {world}. "
-            f"Run again with {man['world']} ranks; changing the world size needs a DeepSpeed universal "
-            f"checkpoint (python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt} "
-            f"--output_folder {ckpt}_universal), which dreamprm does not load yet.")
-    return man
+        man = ckpt.read_manifest(path)
+    except CheckpointError as e:
+        return None, [str(e)]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    bad = sorted({b for part in gather_object(ckpt.file_problems(path, man, rank, world)) for b in part})
+    return man, ([str(ckpt.damaged_error(path, bad))] if bad else [])
 
 
-def load_checkpoint(eng: Engine, ckpt: Path) -> tuple[dict, dict]:
-    verify_checkpoint(ckpt, eng.world)
-    path, _ = eng.ds.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt}")
-    shared = torch.load(ckpt / SHARED_STATE, weights_only=True)
-    per_rank = torch.load(ckpt / f"dreamprm_rank{eng.rank:05d}.pt", weights_only=True)
+def universal_copy(path: Path, world: int, rank: int) -> Path | None:
+    """For a checkpoint of another world size, its DeepSpeed universal form (per-parameter
+    fp32 weights and Adam moments, independent of the rank count), written by rank 0 next to
+    the checkpoints as universal/<tag> and loaded through the engine (create_engine with
+    load_universal). None when the checkpoint loads as it is: same world, or ZeRO stage 0,
+    whose model states file holds the whole optimizer. The other ranks wait meanwhile."""
+    man = ckpt.read_manifest(path)
+    if man["world"] == world or man["stage"] == 0:
+        return None
+    out = path.parent / "universal" / path.name
+    err = None
+    if rank == 0:  # always afresh: a leftover may come from an older checkpoint of the same name
+        tmp = out.with_name(out.name + ".tmp")
+        for old in (tmp, out):
+            err = err or (ckpt.remove_tree(old) if old.exists() else None)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+               "--output_folder", str(tmp), "--num_extract_workers", "2", "--num_merge_workers", "2"]
+        if man["stage"] < 3:  # ZeRO-1/2 checkpoints lack the Megatron-style layout info it asks for
+            cmd.append("--inject_missing_state")
+        if not err:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode == 0:
+                os.replace(tmp, out)
+            else:
+                err = (f"could not convert {path} (written by {man['world']} ranks, ZeRO stage {man['stage']}) "
+                       f"for {world} ranks: {' '.join(cmd)} failed:\n{(p.stdout + p.stderr)[-2000:]}\nresume on "
+                       f"{man['world']} ranks instead")
+                ckpt.remove_tree(tmp)
+    err = broadcast_object(err)
+    if err:
+        raise CheckpointError(err)
+    return out
+
+
+def load_checkpoint(eng: Engine, path: Path, universal: Path | None = None) -> tuple[dict, dict, int]:
+    """Load a checkpoint that verify_on_every_rank passed into the engine (from its universal
+    form when given); returns the shared state, this rank's data positions and the world size
+    that wrote it. The RNG state is restored here; a rank the checkpoint did not have takes
+    that of rank (rank mod old world)."""
+    man = ckpt.read_manifest(path)
+    if man["world"] != eng.world and man["stage"] > 0 and universal is None:
+        raise CheckpointError(f"{path} was written by {man['world']} ranks, this run has {eng.world}: load it "
+                              "through universal_copy")
+    src = universal or path
+    loaded, _ = eng.ds.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed could not load {src}")
+    shared = ckpt.shared_state(path)
+    per_rank = torch.load(path / ckpt.rank_file(eng.rank % man["world"]), weights_only=True)
     _set_rng_state(per_rank["rng"])
-    return shared, per_rank
+    return shared, per_rank, man["world"]
 
 
-def consolidated_state_dict(ckpt: Path) -> dict:
+def consolidated_state_dict(path: Path) -> dict:
     """The full fp32 state dict of the PRM module in a checkpoint, for any ZeRO stage.
 
     Keys are the training module's (peft names under LoRA). Verifies completeness first.
     """
-    man = verify_checkpoint(ckpt, world=None)
+    man = ckpt.verify(path)
     if man["stage"] >= 2:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    states = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
     return {k: v.float() for k, v in states["module"].items()}
 
 

@@ -49,6 +49,10 @@ class RunLockError(DreamPRMError):
     """The run directory is held by another job (or its LOCK cannot be read)."""
 
 
+class CollectiveError(DreamPRMError):
+    """A rank or node went silent (a collective timed out) or died; names the rank when it can."""
+
+
 class NonFiniteError(DreamPRMError):
     """A non-finite loss or alignment; names the records of every rank."""
 

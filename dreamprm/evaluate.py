@@ -6,7 +6,7 @@ probability per step), so a run can be repeated without the model or compared wi
 
   dreamprm evaluate processbench --data realdata/processbench/*.json --from processbench \\
       --scores scores.jsonl --out report.json --plot plots/
-  dreamprm evaluate steps --data val.jsonl --model runs/prm/final --threshold 0.5
+  dreamprm evaluate steps --data val.jsonl --model runs/prm --save-scores s.jsonl  # run dir or export
   dreamprm evaluate bon --data example_model_solutions.jsonl --from gsm8k_candidates --scores s.jsonl
 """
 
@@ -60,10 +60,21 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                        help="step tag (default: the one recorded with --model, else <extra_0>); it must not occur "
                             "inside step text")
         src = t.add_mutually_exclusive_group(required=True)
-        src.add_argument("--model", metavar="PATH", help="PRM checkpoint to score the data with")
+        src.add_argument("--model", metavar="PATH",
+                         help="PRM to score the data with: a run directory (its latest complete checkpoint), "
+                              "a checkpoint folder (RUN/checkpoints/step_N) or a `dreamprm export` folder")
         src.add_argument("--scores", metavar="FILE",
                          help='JSONL of saved scores, one {"id": ..., "scores": [p1, ...]} per solution')
         t.add_argument("--batch-size", type=int, default=8, help="scoring batch size with --model")
+        t.add_argument("--save-scores", "--save_scores", metavar="FILE",
+                       help="with --model: also write the scores as the JSONL that --scores reads")
+        t.add_argument("--max-length", "--max_length", type=int, metavar="N",
+                       help="with --model: longest solution in tokens (default: the max_length the model was "
+                            "trained with; never more than the model's max_position_embeddings)")
+        t.add_argument("--too-long", "--too_long", choices=("error", "cut", "skip"), default="error",
+                       help="with --model, a solution longer than max_length: error (default) lists them; cut "
+                            "scores the steps that fit (as training cuts) and evaluates that prefix; skip leaves "
+                            "it out. Cut and skipped solutions are counted and listed")
         if name in ("steps", "processbench"):
             t.add_argument("--threshold", type=float, default=0.5,
                            help="a step is predicted wrong when its score is strictly below this")
@@ -101,7 +112,15 @@ def evaluate(args) -> dict:
         scores = read_scores(args.scores, records)
     else:
         from dreamprm.scoring import load_scorer  # needs torch and a model; not for --scores
-        raw = load_scorer(args.model, step_tag=args.model_step_tag).score_records(records, args.batch_size)
+        scorer = load_scorer(args.model, step_tag=args.model_step_tag, max_length=args.max_length)
+        print(f"max_length {scorer.max_length} (model limit {scorer.model_limit})")
+        if args.too_long != "error":
+            files, too_long = fit_files(scorer, files, args.too_long)
+            records = [r for _, recs in files for r in recs]
+        raw = scorer.score_records(records, args.batch_size)
+        if args.save_scores:
+            write_scores(raw, args.save_scores)
+            print(f"scores: {args.save_scores} ({len(raw)} solutions)")
         entries = [(f"model {args.model}", rid, s) for rid, s in raw.items()]
         scores, problems = check_scores(entries, records, f"model {args.model}")
         if problems:
@@ -113,6 +132,10 @@ def evaluate(args) -> dict:
                          "records": {str(p): len(recs) for p, recs in files},
                          "scores": args.scores, "model": args.model},
               "threshold": getattr(args, "threshold", None), "metrics": metrics}
+    if args.model:
+        report["inputs"]["max_length"] = scorer.max_length
+        if args.too_long != "error":
+            report["inputs"]["too_long"] = too_long
     if getattr(args, "aggregations", None):
         report["aggregations"] = list(args.aggregations)
     if args.plot:
@@ -141,10 +164,40 @@ def _check_args(args) -> None:
         problems.append(f"--scores {args.scores}: no such file")
     if args.model and not Path(args.model).exists():
         problems.append(f"--model {args.model}: no such file or directory")
+    if args.max_length is not None and args.max_length < 1:
+        problems.append(f"--max-length {args.max_length}: must be >= 1")
+    for flag, given in (("--max-length", args.max_length is not None), ("--too-long", args.too_long != "error")):
+        if given and not args.model:
+            problems.append(f"{flag}: is for --model (saved --scores are used as they are)")
+    if args.save_scores and not args.model:
+        problems.append("--save-scores: is for --model (with --scores the scores are in a file already)")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         problems.append("--plot needs matplotlib: pip install 'dreamprm[plot]'")
     if problems:
         raise EvalError(_listing(problems, "in the arguments"))
+
+
+def fit_files(scorer, files, how: str) -> tuple[list[tuple[str, list]], dict]:
+    """The --data records cut or skipped to the scorer's max_length (Scorer.fit_to_length),
+    with the counts and ids printed and returned for the report."""
+    out, cut, skipped = [], {}, []
+    for path, recs in files:
+        kept, c, s = scorer.fit_to_length(recs, how)
+        out.append((path, kept))
+        cut.update(c)
+        skipped += s
+    n = sum(len(recs) for _, recs in files)
+    print(f"too long for max_length {scorer.max_length}: {len(cut)} of {n} solutions cut at a step boundary, "
+          f"{len(skipped)} skipped")
+    if cut:
+        print("  cut (steps kept/steps): " + ", ".join(f"{i} ({k}/{t})" for i, (k, t) in list(cut.items())[:20])
+              + (f" and {len(cut) - 20} more (--out writes them all)" if len(cut) > 20 else ""))
+    if skipped:
+        print("  skipped: " + ", ".join(skipped[:20])
+              + (f" and {len(skipped) - 20} more (--out writes them all)" if len(skipped) > 20 else ""))
+    if not any(recs for _, recs in out):
+        raise EvalError(f"no solution fits in max_length {scorer.max_length}")
+    return out, {"how": how, "cut": {i: list(kt) for i, kt in cut.items()}, "skipped": skipped}
 
 
 def load_data(paths, fmt: str, step_tag: str, skip_invalid: bool = False) -> list[tuple[str, list]]:
@@ -165,6 +218,16 @@ def load_data(paths, fmt: str, step_tag: str, skip_invalid: bool = False) -> lis
     if problems:
         raise EvalError(_listing(problems, "in the data"))
     return files
+
+
+def write_scores(scores: dict[str, list[float]], path) -> None:
+    """The JSONL read_scores reads, one {"id", "scores"} line per solution; written whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps({"id": rid, "scores": s}) + "\n" for rid, s in scores.items()),
+                   encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_scores(path, records) -> dict[str, list[float]]:

@@ -6,9 +6,10 @@
 
 Merged (default): the Qwen2ForProcessRewardModel layout written by model.save_prm (config.json with
 that architecture for Qwen2 backbones and the step tag, model.safetensors with model.* and score.0/2,
-tokenizer files), LoRA merged and 4-bit weights dequantized. --adapter: model.save_adapter (PEFT
-adapter_config.json / adapter_model.safetensors on the base folder named in it, head in
-score.safetensors). Both come from the checkpoint's consolidated fp32 state dict
+tokenizer files), LoRA merged and 4-bit weights dequantized; modeling_dreamprm.py and the config's
+auto_map let AutoModel.from_pretrained(OUT, trust_remote_code=True) load it with its head.
+--adapter: model.save_adapter (PEFT adapter_config.json / adapter_model.safetensors on the base
+folder named in it, head in score.safetensors). Both come from the checkpoint's consolidated fp32 state dict
 (engine.consolidated_state_dict), so ZeRO-3 runs export whole tensors, never the empty shards of
 peft #453 / trl #4416. dreamprm.json records where the export came from and how to tokenize for it
 (step tag, chat template, prompt profiles); dreamprm.scoring.load_scorer reads it.
@@ -31,11 +32,9 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
     Raises scoring.ScoringError naming what is missing for an incomplete run or a partial checkpoint,
     and before any loading for an out_dir that is not empty or an --adapter export of a full fine-tune.
     """
-    import torch
-
+    from dreamprm.checkpoint import shared_state, write_json_atomic
     from dreamprm.model import save_adapter, save_prm
-    from dreamprm.scoring import (EXPORT_INFO, SHARED_STATE, ScoringError, load_checkpoint_prm, path_kind,
-                                  resolve_checkpoint)
+    from dreamprm.scoring import EXPORT_INFO, ScoringError, load_checkpoint_prm, path_kind, resolve_checkpoint
 
     src, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
     if path_kind(src) == "model":
@@ -44,7 +43,7 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ScoringError(f"OUT_DIR {out} exists and is not empty; remove it or choose another")
     ckpt = resolve_checkpoint(src, checkpoint)
-    state = torch.load(ckpt / SHARED_STATE, weights_only=True, map_location="cpu")
+    state = shared_state(ckpt)
     cfg = state["config"]
     mode = cfg["model"]["mode"]
     if adapter and mode == "full":
@@ -66,7 +65,7 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
                 "mode": mode, "precision": precision if mode != "qlora" else cfg["train"]["precision"],
                 "checkpoint": str(ckpt.resolve()), "step": state["step"], "config": cfg,
                 "profile": cfg.get("data", {}).get("profile", "default"), "profiles": state.get("profiles")}
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+        write_json_atomic(tmp / EXPORT_INFO, info)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

@@ -11,13 +11,17 @@ DreamPRM / Betty's darts), evaluated at the current parameters:
 over the B instances of the last PRM update (all ranks). The inner learning rate is not
 folded in: meta_lr absorbs it. The alignment methods compute the same a_i:
   exact:       <grad l_i, v> from per-sample hooks in one backward (persample.py);
-  finite_diff: (l_i(theta + eps v) - l_i(theta - eps v)) / (2 eps), eps = R / ||v||;
+  finite_diff: (l_i(theta + eps v) - l_i(theta - eps v)) / (2 eps), eps = R / ||v||, with 2 eps
+               measured from the perturbation that landed (fd_alignments); sound only where
+               the perturbed parameters are fp32 (the engine refuses it otherwise);
   fused:       the same hooks inside the PRM update's own backward.
 Evaluation points: exact and finite_diff take v and grad l_i at theta_{t+1}, after the update
 (DreamPRM / Betty's darts); fused takes both at theta_t, before it (v from a meta forward and
 backward just before the update, grad l_i in train mode with the update's own dropout mask).
 The one-step unrolled hypergradient pairs grad l_i(theta_t) with v(theta_{t+1}); each choice
 differs from it by O(lr * ||Hessian||) terms, so all are first-order approximations of it.
+Direction and scale are checked independently of these functions in tests/test_direction.py
+(one-step unrolled hypergradient, lr -> 0).
 """
 
 from __future__ import annotations
@@ -143,8 +147,13 @@ def weight_objective(weights: torch.Tensor, alignments: torch.Tensor, n_global: 
     return -(weights * alignments.detach()).sum() / n_global
 
 
-def fd_alignments(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
-    return (loss_plus.double() - loss_minus.double()).float() / (2 * eps)
+def fd_alignments(loss_plus: torch.Tensor, loss_minus: torch.Tensor, span: float) -> torch.Tensor:
+    """(l_i(theta+) - l_i(theta-)) / span, span = <theta+ - theta-, v> / ||v||^2.
+
+    span is the length, in units of v, of the perturbation that actually landed in the
+    parameters (2 eps if nothing was rounded away), so rounding of theta +- eps v to the
+    parameters' dtype shrinks the numerator and the denominator alike."""
+    return ((loss_plus.double() - loss_minus.double()) / span).float()
 
 
 def fd_epsilon(radius: float, v_norm: float) -> float:

@@ -15,6 +15,8 @@ import copy
 import importlib.util
 import json
 import logging
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +26,18 @@ from dreamprm.config import ATTN_IMPLEMENTATIONS, DEFAULT_STEP_TAG, MODES, PRECI
 from dreamprm.errors import ModelError
 
 log = logging.getLogger(__name__)
+
+# bitsandbytes (imported by peft when installed) logs on AVX512-BF16 CPUs that an optional faster
+# 4-bit kernel package is absent; its own CPU kernel is used instead. Known harmless: silenced.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def _peft_wrap(fn, *args, **kwargs):
+    """fn(*args, **kwargs) for peft's model wrappers, which read transformers' deprecated
+    `is_gradient_checkpointing` property (a FutureWarning on every run; harmless)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return fn(*args, **kwargs)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 assert set(DTYPES) == set(PRECISIONS)
@@ -85,6 +99,7 @@ def check_model_dir(path) -> Path:
             "empty for the built-in tiny model")
     if not p.is_dir():
         raise ModelError(f"model folder {str(path)!r} does not exist ({p.resolve()}); {want}")
+    ggufs = sorted(f.name for f in p.glob("*.gguf"))
     missing = []
     if not (p / "config.json").is_file():
         missing.append("config.json")
@@ -92,25 +107,66 @@ def check_model_dir(path) -> Path:
         missing.append("weights (*.safetensors)")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         missing.append("tokenizer files (tokenizer.json, tokenizer_config.json)")
+    if missing and ggufs:
+        raise ModelError(
+            f"model folder {p} holds only GGUF weights ({', '.join(ggufs)}), which dreamprm does not train "
+            f"from (it lacks {', '.join(missing)}). Convert it once into a Hugging Face folder: for SmolLM2 "
+            f"run `dreamprm smollm2 --gguf {p / ggufs[0]}`; for another GGUF, "
+            f"`pip install gguf` and save AutoModelForCausalLM.from_pretrained(DIR, gguf_file=NAME) and "
+            f"AutoTokenizer.from_pretrained(DIR, gguf_file=NAME) with save_pretrained (see dreamprm/smollm2.py)")
     if missing:
         raise ModelError(f"model folder {p} lacks {', '.join(missing)}; {want}")
     return p.resolve()
 
 
-def load_tokenizer(path, step_tag: str, trust_remote_code: bool = False):
-    """AutoTokenizer from a local folder; the step tag must be exactly one token of it."""
-    from transformers import AutoTokenizer
+def load_tokenizer(path, step_tag: str, trust_remote_code: bool = False, add_tag: bool = True):
+    """AutoTokenizer from a local folder, with the step tag as exactly one token of it.
+
+    data.tokenize.check_step_tag must pass: one token alone and in every probe context. When it does
+    not and add_tag, the tag is added as a special token (split out before the tokenizer's own model
+    runs, so it can no longer merge; a new id gets an embedding row from grow_embeddings) and checked
+    again. ModelError, naming the tag, the tokenizer and an example, when it still fails.
+    """
+    from transformers import AddedToken, AutoTokenizer
+
+    from dreamprm.data.tokenize import check_step_tag
 
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
-    ids = tok.encode(step_tag, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ModelError(
-            f"model.step_tag {step_tag!r} is {len(ids)} tokens {ids} for the tokenizer in {path}; it must be "
-            "exactly one token or step positions are lost. Use a tag the tokenizer already has as one token "
-            "(Qwen2.5 tokenizers: '<extra_0>'), or add it as a special token: "
-            "tok.add_special_tokens({'additional_special_tokens': [TAG]}), tok.save_pretrained(DIR), and "
-            "resize the model's embeddings (model.resize_token_embeddings(len(tok))) before saving it to DIR")
+    try:
+        check_step_tag(tok, step_tag)
+    except ModelError:
+        if not add_tag:
+            raise
+        tok.add_tokens([AddedToken(step_tag, special=True, normalized=False, lstrip=False, rstrip=False,
+                                   single_word=False)], special_tokens=True)
+        check_step_tag(tok, step_tag)
+        log.info("step tag %r added to the tokenizer of %s as special token id %d", step_tag, path,
+                 tok.convert_tokens_to_ids(step_tag))
     return tok
+
+
+def grow_embeddings(backbone, tok, path) -> int:
+    """Give every token of tok an input-embedding row; returns the number of rows added.
+
+    New rows (tokens past the checkpoint's vocabulary, e.g. an added step tag) start as the mean
+    of the checkpoint's rows: deterministic, so a LoRA run (embeddings frozen) and every rebuild of
+    it from the base folder (checkpoint scoring, adapter export) get the same row, and close to what
+    the model has seen, unlike the random rows of a fresh init. Rows the checkpoint already has are
+    never changed. Under ZeRO-3, transformers' resize gathers the old matrix and leaves a whole
+    (unpartitioned) new one, which DeepSpeed partitions when the engine starts.
+    """
+    emb = backbone.get_input_embeddings()
+    n_old = emb.weight.ds_shape[0] if hasattr(emb.weight, "ds_shape") else emb.num_embeddings
+    if len(tok) <= n_old:
+        return 0
+    backbone.resize_token_embeddings(len(tok), mean_resizing=False)
+    w = backbone.get_input_embeddings().weight
+    if hasattr(w, "ds_id") or w.shape[0] != len(tok):
+        raise ModelError(f"growing the embeddings of {path} to {len(tok)} rows left a {tuple(w.shape)} "
+                         "(partitioned) matrix; this transformers/DeepSpeed pair resizes differently")
+    with torch.no_grad():
+        w[n_old:] = w[:n_old].float().mean(0).to(w.dtype)
+    return len(tok) - n_old
 
 
 def _read_head(path: Path) -> dict | None:
@@ -150,12 +206,16 @@ def _load_backbone(path: Path, precision: str, attn: str, trust_remote_code: boo
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[precision],
             bnb_4bit_use_double_quant=True)
         kw["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its load report lists the head/lm_head keys we skip on purpose
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a log file
     try:
         model, info = cls.from_pretrained(str(path), **kw)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
     if info["missing_keys"]:
         raise ModelError(f"{path}: backbone weights missing from the checkpoint: "
                          f"{sorted(info['missing_keys'])}")
@@ -215,14 +275,13 @@ def _lora_targets(model, wanted: list[str]) -> list[str]:
     return found
 
 
-def build_prm(mcfg, precision: str = "fp32", *, gc_reentrant: bool = False):
+def build_prm(mcfg, precision: str = "fp32"):
     """PRM and tokenizer for training, from a local causal-LM or PRM folder (mcfg: config.ModelConfig).
 
     A PRM folder (architectures has Qwen2ForProcessRewardModel, or the weights have score.0.weight) keeps
-    its head; a causal-LM folder gets a fresh head from the global RNG (seed before calling).
-    gc_reentrant: reentrant activation checkpointing. Non-reentrant (the default) is faster with LoRA, but
-    ZeRO-3 + LoRA can fail at recompute with CheckpointError (frozen weights still partitioned); pass True
-    there.
+    its head; a causal-LM folder gets a fresh head from the global RNG (seed before calling). A step tag
+    the tokenizer lacks is added with a new embedding row (load_tokenizer, grow_embeddings).
+    mcfg.gc_reentrant: reentrant activation checkpointing instead of the default non-reentrant one.
     """
     problems = []
     if mcfg.mode not in MODES:
@@ -239,30 +298,27 @@ def build_prm(mcfg, precision: str = "fp32", *, gc_reentrant: bool = False):
         from dreamprm.tiny import default_tiny_dir
 
         path = check_model_dir(default_tiny_dir())
-    tok = load_tokenizer(path, mcfg.step_tag, mcfg.trust_remote_code)
+    tok = load_tokenizer(path, mcfg.step_tag, mcfg.trust_remote_code, mcfg.add_step_tag)
     prm, _ = _load(path, precision, mcfg.attn_implementation, mcfg.trust_remote_code, mcfg.mode == "qlora")
-    tag_id = tok.convert_tokens_to_ids(mcfg.step_tag)
-    if tag_id >= prm.model.get_input_embeddings().num_embeddings:
-        raise ModelError(f"step tag {mcfg.step_tag!r} has id {tag_id} but the model in {path} has only "
-                         f"{prm.model.get_input_embeddings().num_embeddings} embeddings: resize them")
-    return prepare_for_training(prm, mcfg, gc_reentrant), tok
+    grow_embeddings(prm.model, tok, path)
+    return prepare_for_training(prm, mcfg), tok
 
 
-def prepare_for_training(prm: PRM, mcfg, gc_reentrant: bool = False) -> PRM:
-    """What build_prm does once the weights are loaded: activation checkpointing, LoRA (QLoRA: k-bit
-    preparation first) and a trainable head. Public so that a PRM around another backbone (bench/gpu.py's
-    random 7B) trains exactly like a loaded one."""
+def prepare_for_training(prm: PRM, mcfg) -> PRM:
+    """What build_prm does once the weights are loaded: activation checkpointing (mcfg.gc_reentrant picks
+    the reentrant kind), LoRA (QLoRA: k-bit preparation first) and a trainable head. Public so that a PRM
+    around another backbone (bench/gpu.py's random 7B) trains exactly like a loaded one."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if mcfg.mode == "qlora":
         prepare_model_for_kbit_training(prm.model, use_gradient_checkpointing=mcfg.gradient_checkpointing,
-                                        gradient_checkpointing_kwargs={"use_reentrant": gc_reentrant})
+                                        gradient_checkpointing_kwargs={"use_reentrant": mcfg.gc_reentrant})
     elif mcfg.gradient_checkpointing:
-        _enable_checkpointing(prm.model, gc_reentrant)
+        _enable_checkpointing(prm.model, mcfg.gc_reentrant)
     if mcfg.mode != "full":
         lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
                           target_modules=_lora_targets(prm.model, mcfg.lora_targets), bias="none")
-        prm.model = get_peft_model(prm.model, lcfg)  # freezes the backbone; adapters fp32
+        prm.model = _peft_wrap(get_peft_model, prm.model, lcfg)  # freezes the backbone; adapters fp32
     prm.score.requires_grad_(True)
     return prm.train()
 
@@ -336,14 +392,38 @@ def save_prm(prm: PRM, out_dir, tokenizer, step_tag: str, merge_lora: bool = Tru
     if cfg.model_type == "qwen2":
         cfg.architectures = [PRM_ARCH]
     cfg.dreamprm_step_tag = step_tag
+    cfg.dreamprm_step_tag_id = tokenizer.convert_tokens_to_ids(step_tag)
     cfg.dtype = base.get_input_embeddings().weight.dtype
     cfg.save_pretrained(out)
     d = json.loads((out / "config.json").read_text())
     d["num_labels"] = 2  # transformers 5 omits it when it equals its default; Qwen's PRM config states it
+    if _write_modeling_file(out, type(base.config), type(base)):
+        d["auto_map"] = {k: f"{REMOTE_MODULE}.{REMOTE_CLASS}"
+                         for k in ("AutoModel", "AutoModelForTokenClassification")}
     (out / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     return out
+
+
+REMOTE_MODULE, REMOTE_CLASS = "modeling_dreamprm", "DreamPRMForProcessReward"
+
+
+def _write_modeling_file(out: Path, config_cls, backbone_cls) -> bool:
+    """Copy dreamprm/hf_modeling.py to out as the trust_remote_code module, importing this backbone's
+    classes; False (with a warning) when transformers does not export them by name."""
+    import transformers
+
+    names = (config_cls.__name__, backbone_cls.__name__)
+    if not all(getattr(transformers, n, None) is c for n, c in zip(names, (config_cls, backbone_cls))):
+        log.warning("%s: no %s.py written (transformers does not export %s by name); the folder loads with "
+                    "dreamprm.model.load_prm and dreamprm.scoring.load_scorer only", out, REMOTE_MODULE, names)
+        return False
+    src = (Path(__file__).parent / "hf_modeling.py").read_text()
+    line = next(ln for ln in src.splitlines() if ln.endswith("# dreamprm: backbone line"))
+    new = f"from transformers import {names[0]} as BackboneConfig, {names[1]} as Backbone  # dreamprm: backbone line"
+    (out / f"{REMOTE_MODULE}.py").write_text(src.replace(line, new))
+    return True
 
 
 def save_adapter(prm: PRM, out_dir, tokenizer=None, step_tag: str = DEFAULT_STEP_TAG) -> Path:
@@ -396,9 +476,10 @@ def load_prm(path, precision: str = "fp32", attn_implementation: str = "auto", b
         prm, _ = _load(base_dir, precision, attn_implementation, trust_remote_code, meta.get("qlora") == "1",
                        want_head=False)
         prm.score.load_state_dict(load_file(str(p / HEAD_FILE), device=str(prm.score[0].weight.device)))
-        prm.model = PeftModel.from_pretrained(prm.model, str(p), is_trainable=False)
         has_tok = (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()
         tok = load_tokenizer(p if has_tok else base_dir, step_tag, trust_remote_code)
+        grow_embeddings(prm.model, tok, base_dir)  # the rows training added (mean init), before the adapter
+        prm.model = _peft_wrap(PeftModel.from_pretrained, prm.model, str(p), is_trainable=False)
     else:
         p = check_model_dir(p)
         step_tag = json.loads((p / "config.json").read_text()).get("dreamprm_step_tag", DEFAULT_STEP_TAG)

@@ -6,7 +6,7 @@
     scorer = load_scorer("exported/prm")                   # `dreamprm export` folder (merged or adapter)
     scorer.score(question, steps)                          # [P(step 1 correct), ...]
     scorer.score_solution(question, steps, "min")          # one of metrics.AGGREGATIONS
-    scorer.score_records(records, batch_size=8)            # {record id: [p1, ...]}
+    scorer.score_records(records, batch_size=8)            # {record id: [p1, ...]}; Records or dicts
 
 Text is tokenized exactly as in training (data.tokenize.encode_records, with the step tag and
 chat-template setting the model was trained with), and nothing is truncated: a solution that
@@ -27,19 +27,17 @@ from pathlib import Path
 
 import torch
 
+from dreamprm import checkpoint as ckpt_io
+from dreamprm.checkpoint import MANIFEST, SHARED_STATE
 from dreamprm import metrics as M
+from dreamprm.config import DEFAULT_STEP_TAG, model_length_limit
 from dreamprm.data.loader import collate
-from dreamprm.data.record import Record
+from dreamprm.data.record import Record, record_from_json, record_problems
 from dreamprm.data.tokenize import Profile, encode_records
-from dreamprm.config import DEFAULT_STEP_TAG
 from dreamprm.errors import CheckpointError, ModelError, ScoringError
 from dreamprm.model import HEAD_FILE, step_probs
 
 EXPORT_INFO = "dreamprm.json"  # written by `dreamprm export` next to the weights
-# engine's file names, repeated so that exported folders load without importing deepspeed
-# (tests/test_scoring.py checks that they agree)
-SHARED_STATE = "dreamprm_state.pt"
-MANIFEST = "MANIFEST.json"
 
 
 # ---------------------------------------------------------------- scoring
@@ -56,7 +54,9 @@ class Scorer:
         self.chat_template = chat_template
         self.profile = profile  # how questions are rendered (None: PROFILES["default"])
         base = getattr(prm.model, "config", None)
-        self.max_length = max_length or getattr(base, "max_position_embeddings", None) or 10**9
+        # the one length rule (config.effective_max_length): min(asked for, the model's limit)
+        self.model_limit = model_length_limit(base.to_dict()) if base is not None else None
+        self.max_length = min(x for x in (max_length, self.model_limit, 10**9) if x)
         self.source = source
         if device is not None and not _is_quantized(prm):  # 4-bit weights cannot be moved with .to
             self.prm.to(device)
@@ -79,10 +79,14 @@ class Scorer:
         out = self.score_records(records, batch_size)
         return [out[r.id] for r in records]
 
-    def score_records(self, records: list[Record], batch_size: int = 8) -> dict[str, list[float]]:
-        """{record id: step scores} (the interface `dreamprm evaluate --model` uses)."""
+    def score_records(self, records: list, batch_size: int = 8) -> dict[str, list[float]]:
+        """{record id: step scores} (the interface `dreamprm evaluate --model` uses).
+
+        records: dreamprm Records, or plain dicts with "id", "question" and "steps" (the
+        internal JSONL form; labels are not needed to score)."""
         if batch_size < 1:
             raise ScoringError(f"batch_size must be >= 1, got {batch_size}")
+        records = [_as_record(r, i) for i, r in enumerate(records)]
         ids = [r.id for r in records]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -98,9 +102,11 @@ class Scorer:
             too_long = [repr(i) + " (not even its first step fits)" for i in st.dropped_ids] + too_long
             raise ScoringError(
                 f"{len(too_long)} solution(s) do not fit in max_length {self.max_length} tokens (the longest is "
-                f"{st.full_len_max}); scores of a cut solution would be missing steps. Not scored: "
+                f"{st.full_len_max}; the model takes {self.model_limit}); scores of a cut solution would be "
+                "missing steps. Not scored: "
                 + ", ".join(too_long[:10]) + (f" and {len(too_long) - 10} more" if len(too_long) > 10 else "")
-                + ". Leave them out, or pass a larger max_length if the model supports it")
+                + ". Leave them out or cut them (Scorer.fit_to_length; `dreamprm evaluate --too-long cut` or "
+                "`skip`), or pass a larger max_length up to the model's limit")
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
         out = {}
         with torch.no_grad():
@@ -111,9 +117,57 @@ class Scorer:
                     out[ex.id] = p[:ex.n_kept].tolist()
         return {i: out[i] for i in ids}
 
+    def fit_to_length(self, records: list, how: str) -> tuple[list[Record], dict[str, tuple[int, int]], list[str]]:
+        """(records that fit, {id: (steps kept, steps) of those cut}, ids skipped) at max_length.
+
+        how = "cut": a solution too long is cut at the last step boundary that fits (as in
+        training; its later steps get no score) and one whose first step does not fit is
+        skipped; how = "skip": every solution too long is skipped."""
+        if how not in ("cut", "skip"):
+            raise ScoringError(f"how must be 'cut' or 'skip', got {how!r}")
+        records = [_as_record(r, i) for i, r in enumerate(records)]
+        try:
+            examples, st = encode_records(records, self.tokenizer, self.step_tag, self.max_length,
+                                          self.chat_template, profile=self.profile)
+        except ValueError as e:
+            raise ScoringError(str(e)) from e
+        kept = {ex.id: ex.n_kept for ex in examples}
+        cut = {r.id: (kept[r.id], len(r.steps)) for r in records if r.id in kept and kept[r.id] < len(r.steps)}
+        skipped = [r.id for r in records if r.id not in kept or (how == "skip" and r.id in cut)]
+        out = []
+        for r in records:
+            if r.id in skipped:
+                continue
+            if r.id in cut:
+                k = kept[r.id]
+                meta = dict(r.meta)
+                if isinstance(meta.get("first_error"), int) and meta["first_error"] >= k:
+                    meta["first_error"] = -1  # the error lies in the part cut off
+                r = dataclasses.replace(r, steps=r.steps[:k], labels=r.labels[:k], meta=meta)
+            out.append(r)
+        return out, ({} if how == "skip" else cut), skipped
+
     def _forward(self, batch: dict) -> torch.Tensor:
         return self.prm(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                         batch["tag_pos"].to(self.device))
+
+
+def _as_record(r, i: int) -> Record:
+    if isinstance(r, Record):
+        return r
+    if not isinstance(r, dict):
+        raise ScoringError(f"records[{i}]: expected a dreamprm Record or a dict with id, question and steps, "
+                           f"got {type(r).__name__}")
+    try:
+        rec = record_from_json(r)
+    except KeyError as e:
+        raise ScoringError(f"records[{i}]: missing {e.args[0]} (a dict needs id, question and steps)") from None
+    except ValueError as e:
+        raise ScoringError(f"records[{i}]: {e}") from None
+    bad = [p for p in record_problems(rec, "") if not p.startswith("labels")]
+    if bad:
+        raise ScoringError(f"records[{i}] (id {rec.id!r}): " + "; ".join(bad))
+    return dataclasses.replace(rec, labels=[None] * len(rec.steps))
 
 
 def _is_quantized(prm) -> bool:
@@ -132,8 +186,9 @@ def load_scorer(path, *, checkpoint: str | None = None, step_tag: str | None = N
     step_tag: only for a model folder that does not record its tag (e.g. the released Qwen2.5-Math-PRM:
       '<extra_0>'); a tag that differs from the recorded one is an error.
     device: default cuda when available, else cpu. max_length: longest solution in tokens (default the
-    model's max_position_embeddings). chat_template: override the recorded setting (default: as trained,
-    True for folders that do not record it). profile: which of the prompt profiles the run recorded renders
+    one the model was trained with, as its checkpoint or export records it; never more than the model's
+    max_position_embeddings). chat_template: override the recorded setting (default: as trained, True for
+    folders that do not record it). profile: which of the prompt profiles the run recorded renders
     the questions (default: the run's --profile); folders that record none render as PROFILES["default"].
     """
     if device is None:
@@ -144,18 +199,20 @@ def load_scorer(path, *, checkpoint: str | None = None, step_tag: str | None = N
         if checkpoint is not None:
             raise ScoringError(f"{p} is an exported model folder; checkpoint= is for run directories")
         prm, tok, tag, info = load_exported(p, precision, step_tag)
-        chat = info.get("chat_template", True)
+        chat, trained = info.get("chat_template", True), info.get("max_length")
         prof = pick_profile(info.get("profiles"), info.get("profile"), profile, p)
     else:
         ckpt = resolve_checkpoint(p, checkpoint)
         prm, tok, cfg = load_checkpoint_prm(ckpt, precision)
         tag, chat = cfg["model"]["step_tag"], cfg["model"]["chat_template"]
+        trained = cfg["data"]["max_length"]
         recorded = torch.load(ckpt / SHARED_STATE, weights_only=True, map_location="cpu").get("profiles")
         prof = pick_profile(recorded, cfg.get("data", {}).get("profile"), profile, ckpt)
         if step_tag is not None and step_tag != tag:
             raise ScoringError(f"{ckpt} was trained with step tag {tag!r}, not {step_tag!r}")
         p = ckpt
-    return Scorer(prm, tok, tag, chat if chat_template is None else chat_template, max_length, device, str(p), prof)
+    return Scorer(prm, tok, tag, chat if chat_template is None else chat_template, max_length or trained, device,
+                  str(p), prof)
 
 
 def pick_profile(recorded: dict | None, default: str | None, wanted: str | None, where) -> Profile | None:
@@ -193,8 +250,6 @@ def resolve_checkpoint(p: Path, checkpoint: str | None = None) -> Path:
 
     Refuses runs without a complete checkpoint and partial or damaged checkpoints, saying what is missing.
     """
-    from dreamprm import engine  # imports deepspeed; not needed for exported folders
-
     if path_kind(p) == "checkpoint":
         if checkpoint is not None:
             raise ScoringError(f"{p} is a checkpoint folder already; checkpoint= is for run directories")
@@ -207,20 +262,20 @@ def resolve_checkpoint(p: Path, checkpoint: str | None = None) -> Path:
         if checkpoint is not None:
             name = checkpoint.strip()
             if re.fullmatch(r"(step_)?\d+", name):
-                name = engine.checkpoint_tag(int(name.removeprefix("step_")))
+                name = ckpt_io.tag(int(name.removeprefix("step_")))
             ckpt = root / name
             if not ckpt.is_dir():
                 raise ScoringError(f"{p}: no checkpoint {checkpoint!r} ({ckpt} does not exist); checkpoints "
                                    f"there: {listing}")
         else:
-            ckpt = engine.latest_checkpoint(root)
+            ckpt = ckpt_io.latest(root)
             if ckpt is None:
                 raise ScoringError(
                     f"{p} has no complete checkpoint: {root / 'latest'} is missing (checkpoint folders: "
                     f"{listing}). A run writes one every --save_every updates, at the end, and on SIGTERM; "
                     "wait for one, or stop the run with SIGTERM")
     try:
-        engine.verify_checkpoint(ckpt, world=None)
+        ckpt_io.verify(ckpt)
     except CheckpointError as e:
         raise ScoringError(str(e)) from e
     if not (ckpt / SHARED_STATE).is_file():  # a manifest written by something else

@@ -13,8 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from dreamprm.config import DEFAULT_STEP_TAG
 
 PAD, IM_START, IM_END, STEP_TAG = "<|endoftext|>", "<|im_start|>", "<|im_end|>", DEFAULT_STEP_TAG
@@ -23,6 +21,7 @@ VOCAB_SIZE = 640
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 TINY_VERSION = 1  # bump when the files written below change, so caches are rebuilt
+TINY_MAX_POSITIONS = 1024  # the tiny model's max_position_embeddings (config.py reads it without torch)
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -86,6 +85,7 @@ def make_tiny_checkpoint(out_dir, hidden=64, layers=2, heads=4, kv_heads=2, inte
     (keys model.*, score.0.*, score.2.*; architectures ["Qwen2ForProcessRewardModel"]), written directly
     so that loading it does not depend on dreamprm.model's own writer.
     """
+    import torch
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
@@ -95,7 +95,7 @@ def make_tiny_checkpoint(out_dir, hidden=64, layers=2, heads=4, kv_heads=2, inte
     vocab = -(-len(tok) // 64) * 64  # padded like Qwen's vocab, so the model covers every id
     cfg = Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=1024,
+        num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=TINY_MAX_POSITIONS,
         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         bos_token_id=None,
     )

@@ -20,20 +20,24 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from dreamprm import checkpoint as ckpt
 from dreamprm import engine, runlock
 from dreamprm.config import Config, save_config
-from dreamprm.data.loader import BatchStream, with_workers
+from dreamprm.data.loader import BatchStream, collate, with_workers
 from dreamprm.data.mixing import Curriculum, MixtureStream, Source, mixture_probs, parse_sources
 from dreamprm.data.mixing import read_sources as read_all_sources
+from dreamprm.data.packing import check_attention, collate_packed
 from dreamprm.data.tokenize import domain_table, encode_records, profile_problems, run_profiles
-from dreamprm.errors import ConfigError, DataError
+from dreamprm.errors import CheckpointError, CollectiveError, ConfigError, DataError
 from dreamprm.hypergrad import StepLoss
+from dreamprm.model import resolve_attn
 from dreamprm.train_eval import eval_step_metrics, load_eval_examples
-from dreamprm.weights import DomainTable, InstanceTable, build_weight_module, build_weight_optimizer
+from dreamprm.weights import build_weight_module, build_weight_optimizer
 
 DEMO_DIR = Path(__file__).parent / "demo"
 # Fields that must agree between a checkpoint and the run resuming it.
@@ -195,14 +199,15 @@ def train_stream_for(cfg: Config, data: Data, pad_id: int, rank: int, world: int
     drawn in proportion to their size), else a MixtureStream."""
     d = cfg.data
     if d.mix == "size" and d.curriculum == "none":
-        return with_workers(BatchStream(data.train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed),
-                            d.num_workers)
+        return with_workers(BatchStream(data.train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed,
+                                        collate_fn=collate_fn(cfg)), d.num_workers)
     curriculum = None
     if d.curriculum != "none":
         ramp = (d.curriculum_steps or cfg.train.total_steps) * cfg.train.grad_accum
         curriculum = Curriculum(d.curriculum_start, ramp, d.curriculum_schedule)
     stream = MixtureStream(data.train_ex, data.source_of, cfg.train.batch_size, pad_id,
-                           source_probs(cfg, data, wmod), rank, world, cfg.train.seed, curriculum, data.difficulty)
+                           source_probs(cfg, data, wmod), rank, world, cfg.train.seed, curriculum, data.difficulty,
+                           collate_fn(cfg))
     return with_workers(stream, d.num_workers)
 
 
@@ -211,25 +216,58 @@ def source_probs(cfg: Config, data: Data, wmod=None):
     sizes = [data.source_of.count(k) for k in range(len(data.train_sources))]
     dw = None
     if cfg.data.mix == "learned" and wmod is not None:
-        w = wmod.all_weights()
+        w = wmod.row_weights()
         dw = [float(w[data.domains.index(s.domain)]) for s in data.train_sources]
     return mixture_probs(sizes, cfg.data.mix, cfg.data.mix_alpha, [s.weight for s in data.train_sources], dw)
+
+
+def collate_fn(cfg: Config):
+    """Padded batches, or with --packing data.packing.collate_packed: rows as long as the batch's longest
+    example for sdpa/eager (block-diagonal mask from the restarting position ids), one unpadded row for
+    flash_attention_2 (its varlen path needs batch size 1). The batch order and the stream state are
+    the same either way, so a packed run resumes like a padded one."""
+    if not cfg.data.packing:
+        return collate
+    attn = resolve_attn(cfg.model.attn_implementation)
+    check_attention(attn)
+    return partial(collate_packed, one_row=attn == "flash_attention_2")
 
 
 # ---------------------------------------------------------------- run directory
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def truncate_metrics(path: Path, step: int) -> str | None:
+    """After a resume, drop metric lines past the checkpoint: they are logged again.
+
+    A torn last line (the writer was killed mid-line) is dropped with a note; a line that is
+    not JSON anywhere else is a DataError naming it."""
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    keep, note = [], None
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                note = f"{path}:{i}: dropped a torn last line (the writer was stopped while writing it)"
+                continue
+            raise DataError([f"{path}:{i}: not JSON ({e}); delete that line to resume"]) from e
+        if row["step"] <= step:
+            keep.append(ln)
+    ckpt.write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+    return note
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop metric lines past the checkpoint: they are logged again."""
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+def write_status(run_dir: Path, status: dict) -> None:
+    """status.json; a failure to write it (disk full, read-only) is reported, not raised, so
+    that it never hides the error that ended the run."""
+    try:
+        ckpt.write_json_atomic(run_dir / "status.json", {**status, "updated": time.time()})
+    except OSError as e:
+        print(f"dreamprm: could not record state {status.get('state')!r} in status.json: {e}", file=sys.stderr)
 
 
 def start_wandb(cfg: Config, run_dir: Path, rank: int):
@@ -244,11 +282,8 @@ def start_wandb(cfg: Config, run_dir: Path, rank: int):
 
 
 def weight_stats(wmod, baseline: bool) -> dict:
-    if baseline:
-        return {}
-    if hasattr(wmod, "all_weights"):
-        w = wmod.all_weights()
-    else:
+    w = None if baseline else wmod.instance_weights()
+    if w is None:  # uniform, or the instance net (its weights depend on features)
         return {}
     return {"w_mean": w.mean().item(), "w_std": w.std().item() if w.numel() > 1 else 0.0,
             "w_min": w.min().item(), "w_max": w.max().item()}
@@ -267,16 +302,76 @@ def log_row(step, window, meta, eng, wmod, wopt, cfg, seconds) -> dict:
     return row
 
 
-def resolve_resume(cfg: Config, ckpt_root: Path) -> Path | None:
+def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from and notes about the ones passed over.
+
+    --resume_from auto: `latest`, else the newest intact checkpoint of its lineage, saying why
+    (checkpoint.resume_candidates); a named checkpoint is used as it is or refused.
+    problems_of(path) -> list of problems (default: checkpoint.verify reading every checksum);
+    the trainer passes engine.verify_on_every_rank, which shares the reading among the ranks."""
+    if problems_of is None:
+        def problems_of(path):
+            try:
+                ckpt.verify(path)
+                return []
+            except CheckpointError as e:
+                return [str(e)]
     r = cfg.run.resume_from
     if r == "none":
-        if engine.latest_checkpoint(ckpt_root) is not None:
-            raise engine.CheckpointError(f"--resume_from none but {ckpt_root} holds checkpoints; pick another "
-                                         "--output_dir, delete them, or resume with --resume_from auto")
+        if ckpt.latest(ckpt_root) is not None or ckpt.complete(ckpt_root):
+            raise CheckpointError(f"--resume_from none but {ckpt_root} holds checkpoints; pick another "
+                                  "--output_dir, delete them, or resume with --resume_from auto")
+        return None, []
+    if r != "auto":
+        problems = problems_of(Path(r))
+        if problems:
+            raise CheckpointError(problems[0])
+        return Path(r), []
+    notes = []
+    for cand in ckpt.resume_candidates(ckpt_root):
+        problems = problems_of(cand)
+        if not problems:
+            return cand, notes
+        notes.append(f"{problems[0]}; trying the previous checkpoint of this run")
+    if notes:
+        raise CheckpointError("no intact checkpoint to resume from:\n  " + "\n  ".join(notes)
+                              + f"\nstart a new run (another --output_dir, or --resume_from none after "
+                              f"moving {ckpt_root} away)")
+    return None, []
+
+
+def finished_note(cfg: Config, ckpt_root: Path) -> str | None:
+    """What to say when the checkpoint to resume from is already at --total_steps, else None.
+    Read from its manifest, before anything is built; an unreadable one is left to the resume."""
+    if cfg.run.resume_from == "none":
         return None
-    if r == "auto":
-        return engine.latest_checkpoint(ckpt_root)
-    return Path(r)
+    try:
+        path = ckpt.latest(ckpt_root) if cfg.run.resume_from == "auto" else Path(cfg.run.resume_from)
+        step = json.loads((path / ckpt.MANIFEST).read_text())["step"]
+    except (TypeError, OSError, ValueError, KeyError, CheckpointError):
+        return None
+    total = cfg.train.total_steps
+    if step < total:
+        return None
+    return (f"{cfg.run.output_dir} is finished: checkpoint {path.name} is at update {step} and --total_steps is "
+            f"{total}, so there is nothing to train; nothing was changed. To train further, run the same command "
+            f"with a larger --total_steps (e.g. --total_steps {2 * step}); it resumes from update {step}. To start "
+            "over, use another --output_dir.")
+
+
+def progress_line(row: dict, total: int, done: int, seconds: float) -> str:
+    """The plain progress line printed every log_every updates when stderr is not a terminal
+    (Slurm logs, redirected output), where tqdm's bar stays off. done/seconds: updates and
+    wall time of this process so far, for the ETA."""
+    eta = seconds / max(done, 1) * (total - row["step"])
+    meta = f"{row['meta_loss']:.4f}" if "meta_loss" in row else "-"
+    return (f"update {row['step']}/{total}  loss {row['loss']:.4f}  meta loss {meta}  "
+            f"tokens/s {row['tokens_per_s']:,.0f}  ETA {_hms(eta)}")
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def check_resume_config(cfg: Config, saved: dict) -> None:
@@ -288,8 +383,8 @@ def check_resume_config(cfg: Config, saved: dict) -> None:
     diff = [f"--{k}: checkpoint has {was(s, k)!r}, this run {getattr(getattr(cfg, s), k)!r}"
             for s, k in RESUME_MUST_MATCH if was(s, k) != getattr(getattr(cfg, s), k)]
     if diff:
-        raise engine.CheckpointError("cannot resume: the run config differs from the checkpoint's:\n  "
-                                     + "\n  ".join(diff) + "\nuse the same settings or a new --output_dir")
+        raise CheckpointError("cannot resume: the run config differs from the checkpoint's:\n  "
+                              + "\n  ".join(diff) + "\nuse the same settings or a new --output_dir")
 
 
 # ---------------------------------------------------------------- periodic evaluation
@@ -320,7 +415,7 @@ class _StopFlag:
 
 
 def fit(cfg: Config, notes=()) -> int:
-    rank, world = engine.init_distributed()
+    rank, world = engine.init_distributed(cfg.run.collective_timeout)
     for n in notes:
         print0(n, rank=rank)
     run_dir = Path(cfg.run.output_dir)
@@ -346,7 +441,13 @@ def fit(cfg: Config, notes=()) -> int:
         if note:
             print0(note, rank=rank)
     try:
-        return _fit(cfg, rank, world, run_dir, ckpt_root, bilevel, stop)
+        done = None if cfg.run.dry_run else finished_note(cfg, ckpt_root)
+        if done:  # nothing to train: status.json, metrics and wandb are left as they are
+            print0(done, rank=rank)
+            return 0
+        resume = None if cfg.run.dry_run else find_resume(cfg, ckpt_root, rank)
+        universal = engine.universal_copy(resume, world, rank) if resume is not None else None
+        return _fit(cfg, rank, world, run_dir, ckpt_root, bilevel, stop, resume, universal)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -354,9 +455,27 @@ def fit(cfg: Config, notes=()) -> int:
             runlock.release(lock)
 
 
-def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bilevel: bool, stop) -> int:
+def find_resume(cfg: Config, ckpt_root: Path, rank: int) -> Path | None:
+    """Before the model is built: partial saves removed, the checkpoint to resume from chosen
+    and verified (every rank reads a share of the checksums), its config checked."""
+    if rank == 0 and ckpt_root.is_dir():
+        for n in ckpt.remove_partial(ckpt_root):
+            print0(n, rank=rank)
+    engine.barrier()
+    resume, notes = resolve_resume(cfg, ckpt_root, lambda p: engine.verify_on_every_rank(p)[1])
+    for n in notes:
+        print0(n, rank=rank)
+    if resume is not None:
+        check_resume_config(cfg, ckpt.shared_state(resume)["config"])
+        if notes:
+            print0(f"falling back to {resume}, the newest intact checkpoint of this run", rank=rank)
+    return resume
+
+
+def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bilevel: bool, stop,
+         resume: Path | None, universal: Path | None = None) -> int:
     records = read_sources(cfg, needs_meta=bilevel)  # every source's problems, before any model is built
-    eng = engine.create_engine(cfg, rank, world)
+    eng = engine.create_engine(cfg, rank, world, load_universal=universal is not None)
     pad_id = eng.tokenizer.pad_token_id
     data = load_mixture(cfg, eng.tokenizer, rank, needs_meta=bilevel, world=world, records=records)
     train_ex, meta_ex, domains = data.train_ex, data.meta_ex, data.domains
@@ -365,12 +484,12 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
     if cfg.run.eval_every:
         eval_ex, se = load_eval_examples(cfg, eng.tokenizer, domains)
         print0(f"eval  {cfg.data.eval_file}: {se}", rank=rank)
-    wmod = build_weight_module(cfg.meta.weights, len(train_ex), len(domains), cfg.meta.net_hidden)
-    wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
+    wmod = build_weight_module(cfg.meta.weights, [ex.domain for ex in train_ex], len(domains), cfg.meta.net_hidden)
+    wopt = build_weight_optimizer(wmod, cfg.meta)
     learned_mix = cfg.data.mix == "learned"
     train_stream = train_stream_for(cfg, data, pad_id, rank, world, wmod)
-    meta_stream = (BatchStream(meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1)
-                   if bilevel else None)
+    meta_stream = (BatchStream(meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1,
+                               collate_fn=collate_fn(cfg)) if bilevel else None)
     n_train = sum(p.numel() if eng.stage != 3 else p.ds_numel for p in eng.params)
     print0(f"ranks {world}, ZeRO stage {eng.stage}, {cfg.train.precision}, mode {cfg.model.mode}: "
            f"{n_train:,} trainable parameters; weights {cfg.meta.weights if bilevel else 'uniform (baseline)'}"
@@ -384,42 +503,59 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
     source_of = torch.tensor(data.source_of, dtype=torch.long)
     src_base = torch.zeros(len(names), 3, dtype=torch.float64)  # totals before this process: n, loss, weight
     src_total = torch.zeros_like(src_base)  # this process, this rank
-    resume = resolve_resume(cfg, ckpt_root)
     if resume is not None:
-        shared, per_rank = engine.load_checkpoint(eng, resume)
-        check_resume_config(cfg, shared["config"])
+        shared, per_rank, saved_world = engine.load_checkpoint(eng, resume, universal)
         wmod.load_state_dict(shared["weights"])
         wopt.load_state_dict(shared["weights_opt"])
-        train_stream.load_state_dict(per_rank["train_stream"])
+        moved = saved_world != world  # data: the same fraction of the epoch, split anew (BatchStream)
+        train_stream.load_state_dict(per_rank["train_stream"], allow_world_change=moved)
         if meta_stream is not None:
-            meta_stream.load_state_dict(per_rank["meta_stream"])
+            meta_stream.load_state_dict(per_rank["meta_stream"], allow_world_change=moved)
         start = shared["step"]
         src_base = torch.tensor(shared.get("source_totals", src_base.tolist()), dtype=torch.float64)
         print0(f"resumed from {resume} at update {start}", rank=rank)
+        if moved:
+            print0(f"the checkpoint was written by {saved_world} ranks, this run has {world}: parameters and "
+                   f"optimizer state {'via ' + str(universal) if universal else 'loaded whole (ZeRO stage 0)'}; "
+                   "the data continues at the same fraction of the epoch, split over the new ranks (within this "
+                   "epoch some examples are seen twice or not at all; later epochs are as a run on "
+                   f"{world} ranks)", rank=rank)
+        if universal is not None:
+            engine.barrier()
+            if rank == 0:  # derived from the checkpoint, needed no more
+                err = ckpt.remove_tree(universal.parent)
+                if err:
+                    print(f"dreamprm: warning: {err}", file=sys.stderr, flush=True)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        truncate_metrics(run_dir / "metrics.jsonl", start)
+        note = truncate_metrics(run_dir / "metrics.jsonl", start)
+        if note:
+            print0(note, rank=rank)
     engine.barrier()
 
     if engine.all_reduce_(torch.tensor([float(stop.signum)])).item() > 0:
         if rank == 0:
-            write_json_atomic(run_dir / "status.json", {"state": "stopped", "step": start, "updated": time.time()})
+            write_status(run_dir, {"state": "stopped", "step": start})
         print0(f"stopped by signal during startup at update {start}", rank=rank)
         return 128 + (stop.signum or signal.SIGTERM)
     wb = start_wandb(cfg, run_dir, rank)
-    status = {"state": "running", "step": start, "total_steps": cfg.train.total_steps, "last_checkpoint": None}
+    status = {"state": "running", "step": start, "total_steps": cfg.train.total_steps,
+              "last_checkpoint": str(resume) if resume is not None else None}
 
     def checkpoint(step):
         totals = src_base + engine.all_reduce_(src_total.clone())
-        path = engine.save_checkpoint(
+        path, notes = engine.save_checkpoint(
             eng, ckpt_root, step,
             shared={"config": cfg.to_dict(), "weights": wmod.state_dict(), "weights_opt": wopt.state_dict(),
                     "profiles": {n: dataclasses.asdict(p) for n, p in data.profiles.items()},
                     "source_totals": totals.tolist()},
             per_rank={"train_stream": train_stream.state_dict(),
                       "meta_stream": meta_stream.state_dict() if meta_stream else {}},
-            keep_last=cfg.run.keep_last)
+            keep_last=cfg.run.keep_last, parent=Path(status["last_checkpoint"] or "").name or None,
+            keep=[resume] if resume is not None else [])
+        for n in notes:  # old checkpoints that could not be deleted: the run goes on, the disk fills
+            print(f"dreamprm: warning: {n}", file=sys.stderr, flush=True)
         status["last_checkpoint"] = str(path)
         return path
 
@@ -430,12 +566,13 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                    disable=not sys.stderr.isatty())
     log_every = 1 if cfg.run.debug else cfg.run.log_every
     t_last, step, meta = time.perf_counter(), start, {}
+    t_start, tokens_total = t_last, 0
     last_w = torch.full((len(train_ex),), -1.0)  # weight each instance got when last trained on
     window = {"n": 0, "tokens": 0, "loss": 0.0, "loss_unweighted": 0.0, "meta_n": 0, "meta_loss": 0.0}
     src_window = torch.zeros_like(src_total)
     try:
         for step in range(start + 1, cfg.train.total_steps + 1):
-            meta_step = bilevel and step % cfg.meta.meta_interval == 0
+            meta_step = bilevel and step > cfg.meta.meta_warmup and step % cfg.meta.meta_interval == 0
             fused = meta_step and cfg.meta.hypergrad == "fused"
             pre = engine.fused_meta_gradient(eng, next(meta_stream), cfg) if fused else None  # v before the update
             # --mix learned: the domain weights sample the batches, so the loss weights are 1
@@ -449,6 +586,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                 src_total.index_add_(0, source_of[r["batch"]["index"].cpu()], vals)
             window["n"] += 1
             window["tokens"] += out["tokens"]
+            tokens_total += out["tokens"]
             window["loss"] += out["loss"]
             window["loss_unweighted"] += out["loss_unweighted"]
             if meta_step:
@@ -472,8 +610,11 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                         f.write(json.dumps(row) + "\n")
                     if wb is not None:
                         wb.log(row, step=step)
+                    if bar is not None and bar.disable:
+                        print0(progress_line(row, cfg.train.total_steps, step - start,
+                                             time.perf_counter() - t_start))
                     status.update(step=step, loss=row["loss"], meta_loss=row.get("meta_loss"))
-                    write_json_atomic(run_dir / "status.json", {**status, "updated": time.time()})
+                    write_status(run_dir, status)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", meta=f"{meta.get('meta_loss', math.nan):.4f}")
@@ -486,7 +627,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                 status["state"] = "stopped"
                 return 128 + (stop.signum or signal.SIGTERM)
         status["state"] = "finished"
-        dump_instance_weights(wmod, train_ex, last_w, run_dir, rank, cfg.meta.baseline)
+        dump_instance_weights(wmod, train_ex, last_w, run_dir, rank, cfg.meta.baseline, domains)
         summary = source_row(names, src_base + engine.all_reduce_(src_total.clone()), train_stream)
         status["sources"] = summary
         if wb is not None:
@@ -494,8 +635,21 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
         print0("per source over the run: " + ", ".join(
             f"{n}: {summary[f'src/{n}/n']:.0f} instances, loss {summary.get(f'src/{n}/loss', math.nan):.4f}, "
             f"weight {summary.get(f'src/{n}/w', math.nan):.3f}" for n in names), rank=rank)
+        seconds = time.perf_counter() - t_start
+        meta_loss = status.get("meta_loss")
+        print0(f"finished: {step - start} updates in {_hms(seconds)} (update {step} of {cfg.train.total_steps}), "
+               f"{tokens_total / max(seconds, 1e-9):,.0f} tokens/s over all ranks; "
+               f"last logged loss {status.get('loss', math.nan):.4f}"
+               + (f", meta loss {meta_loss:.4f}" if meta_loss is not None else "")
+               + f"; checkpoint {status['last_checkpoint']}; instance weights {run_dir / 'instance_weights.jsonl'}",
+               rank=rank)
         return 0
     except BaseException as e:
+        if engine.collective_failed(e):  # a lost node or a hung rank: name it, then stop
+            err = CollectiveError(collective_message(e, engine.silent_ranks(min(60, cfg.run.collective_timeout)),
+                                                     cfg.run.collective_timeout, step, status["last_checkpoint"]))
+            status.update(state="failed", error=str(err))
+            raise err from e
         status.update(state="failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
@@ -503,9 +657,23 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
             bar.close()
         if rank == 0 and run_dir.is_dir():
             status["step"] = step
-            write_json_atomic(run_dir / "status.json", {**status, "updated": time.time()})
+            write_status(run_dir, status)
         if wb is not None:
             wb.finish()
+
+
+def collective_message(e: BaseException, silent: list[int] | None, timeout_s: int, step: int,
+                       last_checkpoint: str | None) -> str:
+    """silent: the ranks a monitored barrier found missing (engine.silent_ranks), None if unknown."""
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if silent:
+        who = f"rank {', '.join(map(str, silent))} went silent"
+    elif "timed out" in text.lower():
+        who = "a rank or node went silent"
+    else:
+        who = "a rank died or a node was lost (a peer closed its connection)"
+    return (f"{who}: a collective at update {step} failed ({text}; --collective_timeout {timeout_s} s). The job "
+            f"stops here; run it again (resubmit) to resume from {last_checkpoint or 'the start (no checkpoint yet)'}")
 
 
 def source_row(names: list[str], sums: torch.Tensor, stream) -> dict:
@@ -524,8 +692,10 @@ def source_row(names: list[str], sums: torch.Tensor, stream) -> dict:
     return row
 
 
-def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, rank: int, baseline: bool):
-    """instance_weights.jsonl: the learned weight of every training record, by id.
+def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, rank: int, baseline: bool,
+                          domains: list[str]):
+    """instance_weights.jsonl: the learned weight of every training record, by id, with its
+    domain by name (null for a record without one).
 
     Tables give every row's current weight; the instance net's weight depends on features
     seen in training, so it is the weight it gave the record when last trained on (null if
@@ -534,15 +704,9 @@ def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, r
     last_w = engine.all_reduce_(last_w.clone(), op=torch.distributed.ReduceOp.MAX)
     if rank != 0:
         return
-    if baseline:
-        w = torch.ones(len(train_ex))
-    elif isinstance(wmod, InstanceTable):
-        w = wmod.all_weights()
-    elif isinstance(wmod, DomainTable):
-        w = wmod.all_weights()[torch.tensor([ex.domain for ex in train_ex])]
-    else:
+    w = torch.ones(len(train_ex)) if baseline else wmod.instance_weights()
+    if w is None:  # the instance net: the weight each record was last trained with
         w = torch.where(last_w >= 0, last_w, torch.full_like(last_w, math.nan))
-    with open(run_dir / "instance_weights.jsonl", "w") as f:
-        for ex, wi in zip(train_ex, w.tolist()):
-            wi = None if math.isnan(wi) else wi
-            f.write(json.dumps({"id": ex.id, "index": ex.index, "domain": ex.domain, "weight": wi}) + "\n")
+    rows = [{"id": ex.id, "index": ex.index, "domain": domains[ex.domain] if ex.domain else None,  # 0: none
+             "weight": None if math.isnan(wi) else wi} for ex, wi in zip(train_ex, w.tolist())]
+    ckpt.write_text_atomic(run_dir / "instance_weights.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,9 +1,17 @@
 """Weight modules: give each training instance a non-negative weight, mean 1.
 
 They are small, replicated on every rank, and live outside the DeepSpeed engine. The
-weight is softplus(raw) divided by a DETACHED reference level (the table mean, or a
-running mean for the net), so the loss scale stays put while the hypergradient reaches
-only the rows or inputs of the current batch. Raw values start where softplus gives 1.
+weight is softplus(raw) divided by a DETACHED reference level, so the loss scale stays put
+while the hypergradient reaches only the rows or inputs of the current batch. Raw values
+start where softplus gives 1.
+
+Every weight module offers the same four calls, used by the engine and the loop:
+  module(index, domain, features) -> [B] weights of a batch (differentiable in the module);
+  module.positive(index, domain, features) -> [B] softplus values before the level;
+  module.observe(global_mean) after each meta step, with the mean of positive() over the
+      global batch (the net keeps its level as a running mean of it; tables ignore it);
+  module.instance_weights() -> the current weight of every training instance, or None
+      when a weight depends on features seen in training (the net).
 """
 
 from __future__ import annotations
@@ -14,47 +22,56 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dreamprm.config import TABLE_OPTIMIZERS
+
 RAW_ONE = math.log(math.e - 1.0)  # softplus(RAW_ONE) == 1: "neutral" weight
 N_FEATURES = 6  # see hypergrad.instance_features
 
 
-class InstanceTable(nn.Module):
-    """One weight per training instance (DreamPRM-1.5)."""
+class WeightTable(nn.Module):
+    """One learned weight per row; instance i reads row rows_of[i].
 
-    def __init__(self, n_instances: int):
+    Instance table (DreamPRM-1.5): rows_of = 0..n-1, a row per instance, read by `index`.
+    Domain table (DreamPRM): rows_of = the instances' domain ids, read by `domain`.
+    The level is the mean weight over the TRAINING INSTANCES (rows weighted by how many
+    instances read them), so the weights average 1 over the training set and a row no
+    training instance reads (the meta records' domain) does not count.
+    """
+
+    def __init__(self, rows_of: torch.Tensor, n_rows: int, by: str):
         super().__init__()
-        self.raw = nn.Parameter(torch.full((n_instances,), RAW_ONE))
+        if by not in ("index", "domain"):
+            raise ValueError(f"a weight table is read by 'index' or 'domain', not {by!r}")
+        self.by = by
+        self.raw = nn.Parameter(torch.full((n_rows,), RAW_ONE))
+        self.register_buffer("rows_of", rows_of.long(), persistent=False)
+        self.register_buffer("count", torch.bincount(self.rows_of, minlength=n_rows).float(), persistent=False)
+
+    def _level(self) -> torch.Tensor:
+        return (F.softplus(self.raw.detach()) * self.count).sum() / self.count.sum()
+
+    def positive(self, index, domain, features):
+        return F.softplus(self.raw[index if self.by == "index" else domain])
 
     def forward(self, index, domain, features):
-        level = F.softplus(self.raw.detach()).mean()
-        return F.softplus(self.raw[index]) / level
+        return self.positive(index, domain, features) / self._level()
 
-    def all_weights(self) -> torch.Tensor:
-        w = F.softplus(self.raw.detach())
-        return w / w.mean()
+    def observe(self, global_mean: torch.Tensor) -> None:
+        """Nothing to do: a table's level is its own mean."""
 
+    def instance_weights(self) -> torch.Tensor:
+        return (F.softplus(self.raw.detach()) / self._level())[self.rows_of]
 
-class DomainTable(nn.Module):
-    """One weight per domain (DreamPRM): all instances of a domain share it."""
-
-    def __init__(self, n_domains: int):
-        super().__init__()
-        self.raw = nn.Parameter(torch.full((n_domains,), RAW_ONE))
-
-    def forward(self, index, domain, features):
-        level = F.softplus(self.raw.detach()).mean()
-        return F.softplus(self.raw[domain]) / level
-
-    def all_weights(self) -> torch.Tensor:
-        w = F.softplus(self.raw.detach())
-        return w / w.mean()
+    def row_weights(self) -> torch.Tensor:
+        """The weight of every row (for the domain table: per domain), same level."""
+        return F.softplus(self.raw.detach()) / self._level()
 
 
 class InstanceNet(nn.Module):
     """A small MLP over detached per-instance features and a domain embedding.
 
     The reference level is a running mean of the net's raw output over global batches; the
-    loop feeds it the all-reduced batch mean via observe() so every rank holds the same.
+    engine feeds it the all-reduced batch mean via observe() so every rank holds the same.
     """
 
     def __init__(self, n_domains: int, hidden: int = 32, momentum: float = 0.9):
@@ -66,62 +83,89 @@ class InstanceNet(nn.Module):
         self.momentum = momentum
         self.register_buffer("level", torch.ones(()))
 
-    def positive(self, domain, features):
+    def positive(self, index, domain, features):
         x = torch.cat([features, self.domain_emb(domain)], dim=-1)
         return F.softplus(self.mlp(x).squeeze(-1))
 
     def forward(self, index, domain, features):
-        return self.positive(domain, features) / self.level
+        return self.positive(index, domain, features) / self.level
 
     @torch.no_grad()
     def observe(self, global_mean: torch.Tensor) -> None:
         self.level.mul_(self.momentum).add_((1 - self.momentum) * global_mean)
 
+    def instance_weights(self) -> None:
+        return None  # depends on features: the loop records the weight each instance was trained with
 
-def build_weight_module(kind: str, n_instances: int, n_domains: int, hidden: int) -> nn.Module:
+
+def build_weight_module(kind: str, train_domains, n_domains: int, hidden: int) -> nn.Module:
+    """train_domains: the domain id of every training instance, in index order."""
+    domains = torch.as_tensor(list(train_domains), dtype=torch.long)
     if kind == "instance_table":
-        return InstanceTable(n_instances)
+        return WeightTable(torch.arange(len(domains)), len(domains), by="index")
     if kind == "domain_table":
-        return DomainTable(n_domains)
+        return WeightTable(domains, n_domains, by="domain")
     if kind == "instance_net":
         return InstanceNet(n_domains, hidden)
     raise ValueError(f"unknown weight module {kind!r}")
 
 
-class RowAdam(torch.optim.Optimizer):
-    """Adam that updates only the entries whose gradient is non-zero (lazy, like SparseAdam).
+class RowOptimizer(torch.optim.Optimizer):
+    """Updates only the table rows whose gradient is non-zero (the rows of the meta batch).
 
-    For weight tables: a meta step touches the rows of one batch; plain Adam's momentum (and
-    AdamW's decay) would keep moving every other row, dragging unseen weights around.
+    Plain Adam's momentum (and AdamW's decay toward 0) would keep moving every other row.
+      shared_rms: step = lr * g_row / sqrt(v), v one running mean of g^2 over all updated
+                  rows (bias-corrected), so a row moves in proportion to its alignment and
+                  the scale of the hypergradient does not matter;
+      row_adam:   lazy Adam per row (SparseAdam-like): a row's first step is lr * sign(g)
+                  whatever the size of its alignment, later ones about that size;
+      sgd:        step = lr * g (proportional, but lr must match the hypergradient's scale).
     """
 
-    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+    def __init__(self, params, lr: float, how: str = "shared_rms", betas=(0.9, 0.999), eps=1e-8):
+        if how not in TABLE_OPTIMIZERS:
+            raise ValueError(f"unknown table optimizer {how!r} (choose from {', '.join(TABLE_OPTIMIZERS)})")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "how": how})
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             b1, b2 = group["betas"]
+            lr, how = group["lr"], group["how"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g = p.grad
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros_like(p)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
                 hit = g != 0
-                st["step"][hit] += 1
-                st["exp_avg"][hit] = b1 * st["exp_avg"][hit] + (1 - b1) * g[hit]
-                st["exp_avg_sq"][hit] = b2 * st["exp_avg_sq"][hit] + (1 - b2) * g[hit] ** 2
-                t = st["step"][hit]
-                m_hat = st["exp_avg"][hit] / (1 - b1 ** t)
-                v_hat = st["exp_avg_sq"][hit] / (1 - b2 ** t)
-                p[hit] -= group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
+                if not hit.any():
+                    continue
+                st = self.state[p]
+                if how == "sgd":
+                    p[hit] -= lr * g[hit]
+                elif how == "shared_rms":
+                    if not st:
+                        st["step"] = torch.zeros(())
+                        st["sq"] = torch.zeros(())
+                    st["step"] += 1
+                    st["sq"].mul_(b2).add_((1 - b2) * (g[hit] ** 2).mean())
+                    v_hat = st["sq"] / (1 - b2 ** st["step"])
+                    p[hit] -= lr * g[hit] / (v_hat.sqrt() + group["eps"])
+                else:  # row_adam
+                    if not st:
+                        st["step"] = torch.zeros_like(p)
+                        st["exp_avg"] = torch.zeros_like(p)
+                        st["exp_avg_sq"] = torch.zeros_like(p)
+                    st["step"][hit] += 1
+                    st["exp_avg"][hit] = b1 * st["exp_avg"][hit] + (1 - b1) * g[hit]
+                    st["exp_avg_sq"][hit] = b2 * st["exp_avg_sq"][hit] + (1 - b2) * g[hit] ** 2
+                    t = st["step"][hit]
+                    m_hat = st["exp_avg"][hit] / (1 - b1 ** t)
+                    v_hat = st["exp_avg_sq"][hit] / (1 - b2 ** t)
+                    p[hit] -= lr * m_hat / (v_hat.sqrt() + group["eps"])
 
 
-def build_weight_optimizer(module: nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_weight_optimizer(module: nn.Module, meta) -> torch.optim.Optimizer:
+    """meta: the run's MetaConfig. Adam for the net; a RowOptimizer for the tables."""
     if isinstance(module, InstanceNet):
-        return torch.optim.Adam(module.parameters(), lr=lr)
-    return RowAdam(module.parameters(), lr=lr)
+        return torch.optim.Adam(module.parameters(), lr=meta.meta_lr)
+    return RowOptimizer(module.parameters(), lr=meta.meta_lr, how=meta.table_optimizer)

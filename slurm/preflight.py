@@ -8,9 +8,11 @@ own config validation and data reading, then adds what a multi-node job needs:
 
 - every rank gets at least one training example and one meta example (the data is split
   across ranks, BatchStream), so the node count must not exceed what the data can divide;
-- the checkpoint the job will resume from is complete and was written by the same number of
-  ranks with the same structural settings (a requeued job, or a resubmission with another
-  --nodes, would otherwise fail only after every rank has loaded the model);
+- the run directory is not locked by a live job (a stale lock of this job, requeued, is fine);
+- the checkpoint the job will resume from is complete, its checksums match (a damaged one is
+  passed over for the newest intact one, saying so), and it has the same structural settings
+  (another number of ranks is fine: it says that the checkpoint will be converted); a requeued
+  job would otherwise fail only after every rank has loaded the model;
 - the DeepSpeed JSON's batch fields against this world size (WORLD_SIZE is set for the
   trainer's validation);
 - that this Python can import dreamprm at all.
@@ -44,15 +46,15 @@ def main(argv: list[str]) -> int:
               "the setup block of slurm/minif2f.sbatch, or set PYTHON", file=sys.stderr)
         return 1
     try:
-        cfg, _notes = load_config(train_argv)
+        # the machine check (GPU, bitsandbytes) is left to the ranks: this step may not see the job's GPUs
+        cfg, _notes = load_config(train_argv, check_machine=False)
     except ConfigError as e:
         print(f"preflight: error: {e}", file=sys.stderr)
         return 2
 
-    import torch
-
-    from dreamprm import engine, model
+    from dreamprm import checkpoint, model, runlock
     from dreamprm.data.readers import DataError
+    from dreamprm.errors import CheckpointError
     from dreamprm.tiny import default_tiny_dir
     from dreamprm.train import check_resume_config, data_paths, load_data, resolve_resume
 
@@ -79,21 +81,26 @@ def main(argv: list[str]) -> int:
                     + "fewer GPUS_PER_NODE, or more data.")
 
     run_dir = Path(cfg.run.output_dir)
-    try:
-        ckpt = resolve_resume(cfg, run_dir / "checkpoints")
+    try:  # first: a run directory held by a live job makes everything else moot
+        note = runlock.check(run_dir)
+        if note:
+            print(f"preflight: {note}", flush=True)
+    except runlock.RunLockError as e:
+        problems.append(str(e))
+    try:  # reads every checksum: a damaged checkpoint is found here, not after the model is built
+        ckpt, notes = resolve_resume(cfg, run_dir / "checkpoints")
+        for n in notes:
+            print(f"preflight: {n}", flush=True)
         if ckpt is not None:
-            man = engine.verify_checkpoint(ckpt, world=None)
+            man = checkpoint.read_manifest(ckpt)
+            check_resume_config(cfg, checkpoint.shared_state(ckpt)["config"])
             if man["world"] != world:
-                hint = (f"resubmit with --nodes={man['world'] // per_node}"
-                        if man["world"] % per_node == 0 else f"resubmit with {man['world']} ranks in all")
-                problems.append(
-                    f"{ckpt} was written by {man['world']} ranks and this job has {job}; resuming needs the "
-                    f"same number of ranks: {hint}, or start a new run with another OUTPUT_DIR.")
-            else:
-                saved = torch.load(ckpt / engine.SHARED_STATE, weights_only=True)
-                check_resume_config(cfg, saved["config"])
+                print(f"preflight: {ckpt} was written by {man['world']} ranks and this job has {job}: "
+                      + ("rank 0 converts it to a DeepSpeed universal checkpoint first (minutes for large models); "
+                         if man["stage"] > 0 else "")
+                      + "the data continues at the same fraction of the epoch", flush=True)
             print(f"preflight: will resume from {ckpt} (update {man['step']})", flush=True)
-    except engine.CheckpointError as e:
+    except CheckpointError as e:
         problems.append(str(e))
 
     if problems:

@@ -66,12 +66,13 @@ def main():
     train = BatchStream(train_ex, cfg.train.batch_size, pad, rank, world, cfg.train.seed)
     meta = BatchStream(meta_ex, cfg.meta.meta_batch_size, pad, rank, world, cfg.train.seed + 1)
     torch.manual_seed(1)
-    w0 = build_weight_module("instance_table", len(train_ex), len(domains), cfg.meta.net_hidden)
+    w0 = build_weight_module("instance_table", [ex.domain for ex in train_ex], len(domains), cfg.meta.net_hidden)
     out = engine.inner_update(eng, train, w0, False, 1)
     meta_batch = next(meta)
     state = engine.gathered_state_dict(eng, lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()})
     result = {"recent": [{"batch": r["batch"], "features": r["features"]} for r in out["recent"]],
-              "meta_batch": meta_batch, "grads": {}, "identical": {}, "n_train": len(train_ex),
+              "meta_batch": meta_batch, "grads": {}, "identical": {},
+              "train_domains": [ex.domain for ex in train_ex],
               "n_domains": len(domains), "pos_fraction": data.pos_fraction, "step_loss": eng.step_loss}
     # hook alignments vs the per-instance loop, on this rank's micro-batches, same v
     with persample.dropout_off(eng.ds.module):
@@ -85,8 +86,8 @@ def main():
         cfg.meta.hypergrad = method
         for kind in KINDS:
             torch.manual_seed(123)
-            wmod = build_weight_module(kind, len(train_ex), len(domains), cfg.meta.net_hidden)
-            wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
+            wmod = build_weight_module(kind, [ex.domain for ex in train_ex], len(domains), cfg.meta.net_hidden)
+            wopt = build_weight_optimizer(wmod, cfg.meta)
             before = snapshot(eng)
             engine.meta_update(eng, meta_batch, out["recent"], wmod, wopt, cfg, 1)
             after = snapshot(eng)

@@ -104,6 +104,14 @@ def test_gpu_bench_code_paths_on_a_tiny_model(tmp_path):
         assert r["N_lora"] > 0 and all(x["tflops"] > 0 for x in r["rows"])
 
 
+def test_checksum_bench_prints_its_table(tmp_path):
+    p = subprocess.run([sys.executable, "bench/checksum.py", "--mb", "4", "--dir", str(tmp_path), "--repeats", "1"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "torch.save + fsync" in p.stdout and "sha256, page cache warm" in p.stdout
+    assert list(tmp_path.iterdir()) == []  # the file is removed
+
+
 def test_scaling_formulas():
     sc = _module("scaling")
     c = sc.counts(sc.SHAPES["7B"], 16)

@@ -53,11 +53,26 @@ def test_check_with_tokenizer(tmp_path, capsys):
     words = ["[UNK]", "<extra_0>", "1+1?", "1+1=2", "so", "2", "2+2?", "2+2=5"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    t.add_special_tokens({"additional_special_tokens": ["<extra_0>"]})
+    t.save_pretrained(tmp_path / "tok")
     f = write(tmp_path / "t.jsonl", TRL_ROWS)
     assert main(["data", "check", str(f), "--tokenizer", str(tmp_path / "tok"), "--json"]) == 0
     # a: 1 + (1+1) + (2+1) = 6 tokens, b: 1 + (1+1) = 3
-    assert json.loads(capsys.readouterr().out)["tokens"] == {"mean": 4.5, "p50": 6, "p95": 6, "max": 6}
+    s = json.loads(capsys.readouterr().out)
+    assert s["tokens"] == {"mean": 4.5, "p10": 6, "p25": 6, "p50": 6, "p75": 6, "p90": 6, "p95": 6, "p99": 6,
+                           "max": 6}
+    assert s["buckets"]["1-128"] == 2 and "cut" not in s
+    # max_length 4: b whole, a cut after its first step (1 + 2 = 3 tokens); 3: a and b keep one step; 2: both dropped
+    for n, cut in ((4, (1, 1, 0, 1)), (3, (1, 1, 0, 1)), (2, (0, 0, 2, 3))):
+        assert main(["data", "check", str(f), "--tokenizer", str(tmp_path / "tok"), "--max_length", str(n),
+                     "--json"]) == 0
+        c = json.loads(capsys.readouterr().out)["cut"]
+        assert (c["whole"], c["truncated"], c["dropped"], c["steps_cut"]) == cut, n
+    assert main(["data", "check", str(f), "--tokenizer", str(tmp_path / "tok"), "--max_length", "4"]) == 0
+    assert "max_length 4: 1 whole, 1 truncated at a step boundary, 0 dropped" in capsys.readouterr().out
+    assert main(["data", "check", str(f), "--max_length", "4"]) == 1
+    assert "--max_length: counts tokens, so it needs --tokenizer" in capsys.readouterr().err
 
     assert main(["data", "check", str(f), "--tokenizer", str(tmp_path / "nope")]) == 1
     assert "--tokenizer: " in capsys.readouterr().err
@@ -98,3 +113,13 @@ def test_bad_flags_exit_2(capsys):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_check_pretty_printed_object_says_so_once(tmp_path, capsys):
+    f = tmp_path / "records.json"
+    f.write_text(json.dumps({"data": TRL_ROWS * 50}, indent=2))  # ~500 lines
+    assert main(["data", "check", str(f)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1] == "1 problem(s)"
+    assert "is one JSON object spread over several lines" in err[0] and "'data' list of 100" in err[0]
+    assert "invalid JSON" not in err[0]

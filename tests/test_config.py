@@ -124,8 +124,9 @@ def test_shipped_recipes_parse(recipe):
     cfg, problems = Config(), []
     apply_yaml(cfg, recipe, problems)
     assert problems == []
-    # only the paths a user must supply may be invalid
-    left = [p for p in validate(cfg) if not p.startswith(("--train_file", "--meta_file", "--model_name"))]
+    # only the paths a user must supply (or ../shared/realdata) may be invalid
+    left = [p for p in validate(cfg)
+            if not p.startswith(("--train_file", "--meta_file", "--eval_file", "--model_name"))]
     assert left == []
 
 
@@ -138,3 +139,63 @@ def test_shipped_ds_configs_agree_with_default_batch_settings():
 
 def test_readme_config_reference_matches_the_code():
     assert markdown_reference() in (ROOT / "README.md").read_text()
+
+
+def test_seed_script_resume_step_picks_that_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    for n in (4, 8):
+        (out / "checkpoints" / f"step_{n:08d}").mkdir(parents=True)
+    cfg, _ = load_config(["--output_dir", str(out), "--resume_step", "4"])
+    assert cfg.run.resume_from == str(out / "checkpoints" / "step_00000004")
+    ckpt8 = str(out / "checkpoints" / "step_00000008")
+    cfg, _ = load_config(["--output_dir", str(out), "--resume_from", ckpt8, "--resume_step", "8"])
+    assert cfg.run.resume_from == ckpt8
+    for argv, want in ((["--resume_step", "5"], "has no checkpoint of step 5 (steps there: 4, 8)"),
+                       (["--resume_from", ckpt8, "--resume_step", "4"], "is not the checkpoint of step 4"),
+                       (["--resume_from", "none", "--resume_step", "4"], "contradicts --resume_from none")):
+        with pytest.raises(ConfigError, match=r"--resume_step"):
+            load_config(["--output_dir", str(out), *argv])
+        try:
+            load_config(["--output_dir", str(out), *argv])
+        except ConfigError as e:
+            assert want in str(e)
+
+
+def test_device_and_qlora_needs_are_checked_up_front(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes"
+                        else real_find_spec(name, *a))
+    with pytest.raises(ConfigError) as e:
+        load_config(["--mode", "qlora", "--precision", "bf16"])
+    assert len(e.value.problems) == 1
+    msg = e.value.problems[0]
+    assert msg.startswith("--mode qlora needs a CUDA GPU and bitsandbytes (pip install 'dreamprm[qlora]')")
+    assert "bitsandbytes is not installed and no CUDA GPU is visible" in msg and "--device cpu" in msg
+    with pytest.raises(ConfigError, match="--device cuda: no CUDA GPU is visible"):
+        load_config(["--device", "cuda"])
+    with pytest.raises(ConfigError, match="bitsandbytes is not installed. Use --mode lora"):
+        load_config(["--mode", "qlora", "--precision", "bf16", "--device", "cpu"])
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    cfg, _ = load_config(["--mode", "qlora", "--precision", "bf16", "--device", "cpu"])  # asked for: allowed
+    assert cfg.train.device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_config(["--mode", "qlora", "--precision", "bf16"])[0].model.mode == "qlora"
+
+
+def test_max_length_is_capped_at_the_model_limit_with_one_note(tmp_path):
+    cfg, notes = load_config(["--max_length", "4096"])  # the demo's tiny model takes 1024 positions
+    assert cfg.data.max_length == 1024 and sum("is more than the model takes" in n for n in notes) == 1
+    cfg, notes = load_config(["--max_length", "300"])
+    assert cfg.data.max_length == 300 and not any("model takes" in n for n in notes)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 256}))
+    cfg, notes = load_config(["--model_name", str(model), "--max_length", "4096"])
+    assert cfg.data.max_length == 256
+    assert notes[-1:] == [f"max_length: --max_length 4096 is more than the model takes (256 positions, "
+                     f"{model / 'config.json'}); using 256 for training, evaluation and export"]

@@ -165,12 +165,14 @@ def test_model_branch_uses_scoring_module(tmp_path, monkeypatch, capsys):
     calls = []
 
     class Scorer:
+        max_length, model_limit = 1024, 1024
+
         def score_records(self, records, batch_size):
             calls.append(([r.id for r in records], batch_size))
             return returned
 
     fake = types.ModuleType("dreamprm.scoring")
-    fake.load_scorer = lambda path, step_tag=None: Scorer()
+    fake.load_scorer = lambda path, step_tag=None, max_length=None: Scorer()
     monkeypatch.setitem(sys.modules, "dreamprm.scoring", fake)
     args = ("processbench", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--model", tmp_path,
             "--batch-size", "3", "--out", tmp_path / "r.json")
@@ -223,3 +225,23 @@ def test_real_processbench_all_splits_cli(tmp_path, capsys):
     assert m["average_f1"] == 1.0
     assert {k: v["n_correct"] for k, v in m["splits"].items()} == {
         "gsm8k": 193, "math": 406, "olympiadbench": 339, "omnimath": 241}
+
+
+def test_help_names_real_paths_and_save_scores_needs_model(tmp_path, capsys):
+    from dreamprm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    assert "runs/prm/final" not in text and "--model runs/prm " in text  # a run dir is what --model takes
+    with pytest.raises(SystemExit):
+        main(["evaluate", "steps", "--help"])
+    text = capsys.readouterr().out
+    assert "--save-scores" in text and "a run directory" in text
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "q", "steps": ["s"], "labels": [1]}) + "\n")
+    scores = tmp_path / "s.jsonl"
+    scores.write_text(json.dumps({"id": "a", "scores": [0.9]}) + "\n")
+    rc = main(["evaluate", "steps", "--data", str(data), "--scores", str(scores), "--save-scores",
+               str(tmp_path / "x.jsonl")])
+    assert rc == 1 and "--save-scores: is for --model" in capsys.readouterr().err

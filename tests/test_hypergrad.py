@@ -56,9 +56,35 @@ def test_finite_difference_alignment_matches_exact_on_a_small_function():
     exact = torch.stack([torch.autograd.grad(loss_i(theta)[i], theta)[0] @ v for i in range(3)])
     eps = hypergrad.fd_epsilon(1e-3, v.norm().item())
     with torch.no_grad():
-        fd = hypergrad.fd_alignments(loss_i(theta + eps * v), loss_i(theta - eps * v), eps)
+        fd = hypergrad.fd_alignments(loss_i(theta + eps * v), loss_i(theta - eps * v), 2 * eps)
     torch.testing.assert_close(fd.double(), exact, atol=1e-5, rtol=1e-4)
     assert hypergrad.fd_epsilon(0.01, 0.0) == 0.0
+
+
+def test_dividing_by_the_perturbation_that_landed_undoes_bf16_shrinkage():
+    """Parameters stored in bf16: theta +- eps v rounds back to theta wherever eps v_j is under
+    half an ulp, so the step that lands is shorter than 2 eps along v. Losses whose gradient is
+    along v see exactly that component: dividing by it (not by 2 eps) gives the alignment."""
+    torch.manual_seed(0)
+    n = 4000
+    theta = (0.1 * torch.randn(n, dtype=torch.float64)).bfloat16()
+    v = torch.randn(n, dtype=torch.float64) * 1e-3
+    u = v / v.norm()
+    scale = torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64)
+
+    def loss_i(th):
+        return torch.nn.functional.softplus(scale * (u @ th.double()))
+
+    th = theta.double().requires_grad_(True)
+    exact = torch.stack([torch.autograd.grad(loss_i(th)[i], th)[0] @ v for i in range(3)])
+    eps = hypergrad.fd_epsilon(0.01, v.norm().item())
+    plus, minus = (theta.double() + eps * v).bfloat16(), (theta.double() - eps * v).bfloat16()
+    span = ((plus.double() - minus.double()) @ v).item() / v.norm().item() ** 2
+    assert span / (2 * eps) < 0.9  # rounding really shortened the step
+    nominal = hypergrad.fd_alignments(loss_i(plus), loss_i(minus), 2 * eps).double()
+    landed = hypergrad.fd_alignments(loss_i(plus), loss_i(minus), span).double()
+    torch.testing.assert_close(landed, exact, rtol=1e-3, atol=0)
+    assert ((nominal - exact).abs() / exact.abs()).min() > 0.1
 
 
 def test_weight_objective_gradient_is_minus_alignment_over_n():

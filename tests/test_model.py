@@ -15,6 +15,7 @@ from dreamprm.model import (
     PRM,
     build_prm,
     load_prm,
+    load_tokenizer,
     resolve_attn,
     save_adapter,
     save_prm,
@@ -52,9 +53,9 @@ def cfg(path, **kw):
     return ModelConfig(name_or_path=str(path), **kw)
 
 
-def batch(tok, texts=TEXTS):
+def batch(tok, texts=TEXTS, tag_text="<extra_0>"):
     """Right-padded batch with tag positions, as the collate contract lays it out."""
-    tag = tok.convert_tokens_to_ids("<extra_0>")
+    tag = tok.convert_tokens_to_ids(tag_text)
     ids = [tok.encode(t, add_special_tokens=False) for t in texts]
     S, K = max(map(len, ids)), max(i.count(tag) for i in ids)
     input_ids = torch.full((len(ids), S), tok.pad_token_id)
@@ -183,6 +184,46 @@ def test_matches_plain_qwen2_reading_of_export(lm_dir, tmp_path):
     torch.testing.assert_close(all_logits[0, b[2][0]], ref[0], atol=1e-6, rtol=0)
 
 
+def test_export_loads_in_plain_transformers_with_remote_code(lm_dir, tmp_path):
+    """AutoModel(trust_remote_code=True) on a merged folder is the trained PRM, head included."""
+    from transformers import AutoModel, AutoModelForTokenClassification
+
+    torch.manual_seed(0)
+    prm, tok = build_prm(cfg(lm_dir, mode="lora"), "fp32")
+    perturb_lora(prm)
+    b = batch(tok)
+    ref_logits = scores(prm, b)
+    ref = step_probs(ref_logits)
+    out = save_prm(prm, tmp_path / "out", tok, "<extra_0>")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["Qwen2ForProcessRewardModel"]  # the vLLM layout is kept
+    assert conf["auto_map"]["AutoModel"] == "modeling_dreamprm.DreamPRMForProcessReward"
+    assert (out / "modeling_dreamprm.py").is_file()
+    for auto in (AutoModel, AutoModelForTokenClassification):
+        model = auto.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
+                                     local_files_only=True).eval()
+        assert type(model).__name__ == "DreamPRMForProcessReward"
+        with torch.no_grad():
+            logits = model(input_ids=b[0], attention_mask=b[1]).logits  # [B, S, 2]
+        got = [logits[i, b[2][i]].softmax(-1)[:, 1] for i in range(len(TEXTS))]
+        for i, k in enumerate([3, 1]):  # tags per text
+            torch.testing.assert_close(got[i][:k], ref[i][:k], atol=1e-5, rtol=0)
+        helper = model.step_scores(b[0], b[1])
+        assert [len(h) for h in helper] == [3, 1]
+        torch.testing.assert_close(torch.tensor(helper[0]), ref[0][:3], atol=1e-5, rtol=0)
+    # the folder keeps loading in dreamprm
+    prm2, _, _ = load_prm(out)
+    torch.testing.assert_close(scores(prm2, b), ref_logits, atol=1e-6, rtol=0)
+
+
+def test_lora_build_and_adapter_load_warn_nothing(lm_dir, tmp_path, recwarn):
+    """peft's read of transformers' deprecated is_gradient_checkpointing is silenced where it arises."""
+    prm, tok = build_prm(cfg(lm_dir, mode="lora"), "fp32")
+    load_prm(save_adapter(prm, tmp_path / "ad", tok, "<extra_0>"))
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                and "checkpointing" in str(w.message)]
+
+
 def test_prm_checkpoint_keeps_head_lm_gets_fresh_seeded_head(lm_dir, prm_dir):
     sd = load_file(str(prm_dir / "model.safetensors"))
     prm, _ = build_prm(cfg(prm_dir, mode="lora"), "fp32")
@@ -202,8 +243,8 @@ def test_gradient_checkpointing_same_loss_and_grads(lm_dir, reentrant):
     res = []
     for gc in (False, True):
         torch.manual_seed(0)
-        mcfg = cfg(lm_dir, mode="lora", gradient_checkpointing=gc)
-        prm, tok = build_prm(mcfg, "fp32", gc_reentrant=reentrant)
+        mcfg = cfg(lm_dir, mode="lora", gradient_checkpointing=gc, gc_reentrant=reentrant)
+        prm, tok = build_prm(mcfg, "fp32")
         perturb_lora(prm)
         base = prm.model.get_base_model()
         assert getattr(base, "is_activation_checkpointing", None) in (gc, None)
@@ -252,9 +293,85 @@ def test_missing_or_incomplete_folder(tmp_path):
         build_prm(cfg(tmp_path / "empty"), "fp32")
 
 
-def test_tag_not_single_token(lm_dir):
-    with pytest.raises(ModelError, match=r"'<step>'.*" + str(lm_dir) + r".*add it as a special token"):
-        build_prm(cfg(lm_dir, step_tag="<step>"), "fp32")
+def test_gguf_only_or_tokenizerless_folder_says_what_to_do(lm_dir, tmp_path):
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "m.Q4_1.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelError, match=r"only GGUF weights \(m\.Q4_1\.gguf\).*dreamprm smollm2 --gguf"):
+        build_prm(cfg(tmp_path / "g"), "fp32")
+    (tmp_path / "nt").mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / "nt" / f).write_bytes((lm_dir / f).read_bytes())
+    with pytest.raises(ModelError, match=r"lacks tokenizer files.*huggingface-cli download"):
+        build_prm(cfg(tmp_path / "nt"), "fp32")
+
+
+def test_tag_not_single_token_without_add_step_tag(lm_dir):
+    with pytest.raises(ModelError, match=r"'<step>'.*" + str(lm_dir) + r".*--add_step_tag"):
+        build_prm(cfg(lm_dir, step_tag="<step>", add_step_tag=False), "fp32")
+
+
+def test_tag_that_merges_with_text_is_made_special_or_refused(tmp_path, merging_tag_tok):
+    """A tag that is one word of the vocabulary but merges with its neighbours ("x<extra_0>" is one
+    unknown word): registered as a special token it keeps its id (no new embedding row) and stops
+    merging; with add_tag off (--no-add_step_tag) it is a ModelError naming tag, tokenizer and text."""
+    merging_tag_tok.save_pretrained(tmp_path / "wl")
+    tid = merging_tag_tok.convert_tokens_to_ids("<extra_0>")
+    with pytest.raises(ModelError, match=r"'<extra_0>'.*merges with neighbouring text in the tokenizer "
+                                         r"\w+\(.*wl\): 'x<extra_0>' encodes to"):
+        load_tokenizer(tmp_path / "wl", "<extra_0>", add_tag=False)
+    tok = load_tokenizer(tmp_path / "wl", "<extra_0>")
+    assert tok.convert_tokens_to_ids("<extra_0>") == tid and len(tok) == len(merging_tag_tok)
+    assert tok.encode("x<extra_0>", add_special_tokens=False).count(tid) == 1
+
+
+@pytest.fixture(scope="module")
+def full_vocab_dir(lm_dir, tmp_path_factory):
+    """The tiny LM with exactly one embedding row per token: an added tag must grow the matrix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("fullvocab")
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    m = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    m.resize_token_embeddings(len(tok), mean_resizing=False)
+    m.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tag_batch(tok, tag):
+    """TEXTS with <extra_0> replaced by tag, and the tag positions."""
+    return batch(tok, [t.replace("<extra_0>", tag) for t in TEXTS], tag)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_added_step_tag_grows_embeddings_and_survives_export(full_vocab_dir, tmp_path, mode):
+    """A tag the tokenizer lacks: added as a special token, one new embedding row = mean of the
+    others, the same scores after a merged export and (LoRA / QLoRA) an adapter export."""
+    if mode == "qlora" and not _has_bnb():
+        pytest.skip("bitsandbytes does not import")
+    tag = "<step>"
+    torch.manual_seed(0)
+    prm, tok = build_prm(cfg(full_vocab_dir, mode=mode, step_tag=tag), "fp32")
+    n_old = json.loads((full_vocab_dir / "config.json").read_text())["vocab_size"]
+    tid = tok.convert_tokens_to_ids(tag)
+    assert tid == n_old == len(tok) - 1 and tok.encode("x" + tag + "y", add_special_tokens=False).count(tid) == 1
+    emb = prm.model.get_input_embeddings().weight
+    assert emb.shape[0] == n_old + 1
+    torch.testing.assert_close(emb[tid].float(), emb[:n_old].float().mean(0), atol=1e-6, rtol=0)
+    perturb_lora(prm)
+    if mode == "full":  # the new row trains in a full fine-tune: the export must carry it
+        with torch.no_grad():
+            emb[tid] += 0.5
+    b = tag_batch(tok, tag)
+    ref = scores(prm, b)
+    save_prm(prm, tmp_path / "merged", tok, tag)
+    prm2, tok2, tag2 = load_prm(tmp_path / "merged")
+    assert tag2 == tag and tok2.convert_tokens_to_ids(tag) == tid
+    torch.testing.assert_close(scores(prm2, b), ref, atol=1e-6, rtol=0)
+    if mode != "full":
+        out = save_prm(prm, tmp_path / "adapter", tok, tag, merge_lora=False)
+        prm3, _, _ = load_prm(out)
+        torch.testing.assert_close(scores(prm3, b), ref, atol=1e-6, rtol=0)
 
 
 def test_bad_choices_and_targets_reported(lm_dir):

@@ -161,8 +161,8 @@ def test_scaled_backward_with_parameter_gradients():
 def test_gradient_checkpointing_same_alignments(reentrant):
     torch.manual_seed(0)
     cfg = ModelConfig(name_or_path=str(default_tiny_dir()), mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                      attn_implementation="sdpa", gradient_checkpointing=True)
-    prm, tok = build_prm(cfg, "fp32", gc_reentrant=reentrant)
+                      attn_implementation="sdpa", gradient_checkpointing=True, gc_reentrant=reentrant)
+    prm, tok = build_prm(cfg, "fp32")
     prm.train()  # transformers checkpoints only in train mode
     batch = collate(examples(3), tok.pad_token_id)
     params = {n: p for n, p in prm.named_parameters() if p.requires_grad}

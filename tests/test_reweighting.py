@@ -139,3 +139,21 @@ def test_blind_sub_corrupts_only_subtraction_slips(tmp_path):
     hit = [r for r in sub if r["meta"]["corrupted"]]
     assert all(r["labels"] == [1.0] * len(r["steps"]) for r in hit)
     assert abs(len(hit) / len(sub) - 0.5) < 0.08
+
+
+def test_swap_sub_judges_subtractions_inverted_and_changes_the_label_ranking(tmp_path):
+    a = args_for("--domains", "x", "--kinds", "swap_sub", "--rates", "1", "--n_train", "400")
+    rows = R.read_jsonl(R.generate(a, 5, tmp_path)["train"])
+    correct_marked_wrong = wrong_marked_right = 0
+    for r in rows:
+        judged_ok = [R.check_step(s) != (s.split()[1] == "-") for s in r["steps"]]
+        k = judged_ok.index(False) if False in judged_ok else len(r["steps"])
+        assert r["labels"] == prefix_labels(k if k < len(r["steps"]) else -1, len(r["steps"]))
+        assert r["meta"]["corrupted"] == (r["labels"] != r["meta"]["true_labels"])
+        for y, t in zip(r["labels"], r["meta"]["true_labels"]):
+            correct_marked_wrong += t == 1.0 and y == 0.0
+            wrong_marked_right += t == 0.0 and y == 1.0
+    # both directions: some correct steps look worse than some wrong ones
+    assert correct_marked_wrong > 100 and wrong_marked_right > 20
+    additions_only = [r for r in rows if all(s.split()[1] == "+" for s in r["steps"])]
+    assert additions_only and not any(r["meta"]["corrupted"] for r in additions_only)

@@ -7,7 +7,6 @@ The scores of a real 2-rank ZeRO-3 run, its export and its in-training evaluatio
 import pytest
 import torch
 
-from dreamprm import engine
 from dreamprm import metrics as M
 from dreamprm.config import ModelConfig
 from dreamprm.data.record import Record
@@ -93,11 +92,6 @@ def test_bad_records_are_errors(scorer):
         scorer.score_records(records(2) + records(1))
     with pytest.raises(ScoringError, match="batch_size"):
         scorer.score_records(records(2), batch_size=0)
-
-
-def test_file_names_agree_with_the_engine():
-    from dreamprm import scoring
-    assert (scoring.SHARED_STATE, scoring.MANIFEST) == (engine.SHARED_STATE, engine.MANIFEST)
 
 
 def test_paths_that_are_not_models(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamprm import engine, runlock
+from dreamprm import checkpoint, engine, runlock
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -78,7 +78,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "stopped"
     stopped_at = status["step"]
-    assert engine.latest_checkpoint(out / "checkpoints").name == f"step_{stopped_at:08d}"
+    assert checkpoint.latest(out / "checkpoints").name == f"step_{stopped_at:08d}"
     p = train("--total_steps", stopped_at + 2, "--save_every", 1000, "--output_dir", out, *FAST)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'}" in p.stdout
@@ -108,13 +108,13 @@ def test_partial_and_corrupt_checkpoints_are_refused(tmp_path):
 def test_resume_with_a_different_structural_setting_is_refused(tmp_path):
     out = tmp_path / "run"
     assert train("--total_steps", 1, "--output_dir", out, *FAST).returncode == 0
-    p = train("--total_steps", 2, "--output_dir", out, *FAST[:-1], "--disable_wandb", "--weights", "domain_table")
-    assert p.returncode == 1 and "--weights" in p.stderr and "instance_table" in p.stderr
+    p = train("--total_steps", 2, "--output_dir", out, *FAST[:-1], "--disable_wandb", "--weights", "instance_table")
+    assert p.returncode == 1 and "--weights" in p.stderr and "domain_table" in p.stderr  # the demo's
 
 
 def test_qlora_trains_on_cpu_and_rejects_zero3(tmp_path):
     p = train("--mode", "qlora", "--precision", "bf16", "--hypergrad", "exact", "--total_steps", 2,
-              "--output_dir", tmp_path / "q", *FAST[2:])
+              "--device", "cpu", "--output_dir", tmp_path / "q", *FAST[2:])  # on a CPU only when asked
     assert p.returncode == 0, p.stderr[-3000:]
     p = train("--mode", "qlora", "--precision", "bf16", "--deepspeed", "ds_configs/zero3.json",
               "--output_dir", tmp_path / "q3")
@@ -141,6 +141,60 @@ def test_non_finite_loss_names_the_instances_and_stops():
     with pytest.raises(engine.NonFiniteError, match=r"update 5.*rank 0: \[.b.\]"):
         engine.check_finite(torch.tensor([0.3, float("nan"), 0.1]), batch, "inner loss at update 5")
     engine.check_finite(torch.tensor([0.3, 0.2, 0.1]), batch, "inner loss")
+
+
+def test_log_shows_progress_without_a_terminal_and_a_finished_run_is_left_alone(tmp_path):
+    """Output to a file (as under Slurm): a progress line every log_every updates and a closing
+    summary; the same command again says the run is finished and changes nothing."""
+    out = tmp_path / "run"
+    p = train("--total_steps", 4, "--output_dir", out, *FAST[:-3], "--log_every", 2, "--disable_wandb",
+              "--max_length", 4096)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # one length rule: capped at the tiny model's 1024 positions, said once, used and saved
+    assert p.stdout.count("is more than the model takes") == 1 and "(max_length 1024)" in p.stdout
+    assert "max_length: 1024" in (out / "config.yaml").read_text()
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("update ")]
+    assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"]
+    for ln in lines:
+        for part in ("loss ", "meta loss ", "tokens/s ", "ETA "):
+            assert part in ln, ln
+    assert lines[-1].endswith("ETA 0:00:00")
+    summary = [ln for ln in p.stdout.splitlines() if ln.startswith("finished: ")]
+    assert len(summary) == 1 and "4 updates" in summary[0] and "step_00000004" in summary[0]
+    weights = [json.loads(ln) for ln in (out / "instance_weights.jsonl").open()]
+    assert {w["domain"] for w in weights} <= {"clean", "noisy"} and len({w["domain"] for w in weights}) == 2
+    status = (out / "status.json").read_text()
+    metrics = (out / "metrics.jsonl").read_text()
+
+    p = train("--total_steps", 4, "--output_dir", out, *FAST[:-3], "--wandb_mode", "offline", "--max_length", 4096)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "is finished: checkpoint step_00000004 is at update 4" in p.stdout and "--total_steps" in p.stdout
+    assert "resumed" not in p.stdout
+    assert (out / "status.json").read_text() == status and (out / "metrics.jsonl").read_text() == metrics
+    assert not (out / "wandb").exists()
+
+
+def test_gradient_checkpointing_under_zero3_lora_both_kinds(tmp_path):
+    """recipes/minif2f.yaml's setting: ZeRO-3 + LoRA + activation checkpointing on 2 ranks, non-reentrant
+    (default) and reentrant (--gc_reentrant); the meta pass runs in eval mode, where nothing is
+    recomputed. Recomputing changes no number: the metrics equal a run without checkpointing."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    rows = {}
+    for name, flags in (("plain", []), ("gc", ["--gradient_checkpointing"]),
+                        ("gc_reentrant", ["--gradient_checkpointing", "--gc_reentrant"])):
+        p = subprocess.run([*torchrun, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--total_steps", "2",
+                            "--output_dir", str(tmp_path / name), *FAST, *flags], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, name + p.stdout[-2000:] + p.stderr[-3000:]
+        rows[name] = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        cfg = (tmp_path / name / "config.yaml").read_text()
+        assert ("gradient_checkpointing: true" in cfg) == bool(flags)
+        assert ("gc_reentrant: true" in cfg) == (name == "gc_reentrant")
+    for name in ("gc", "gc_reentrant"):
+        assert [r["step"] for r in rows[name]] == [1, 2]
+        for a, b in zip(rows["plain"], rows[name]):
+            for key in ("loss", "meta_loss", "v_norm"):
+                assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (name, key)
 
 
 def test_fused_hypergradient_trains_with_accumulation(tmp_path):

@@ -193,6 +193,61 @@ def _processbench(d: dict, row: _Row) -> list[Record]:
                    domain=d.get("domain") or row.path.stem, meta=meta)]
 
 
+def _mr_gsm8k(d: dict, row: _Row) -> list[Record]:
+    """MR-GSM8K graded solutions: model_output_steps (kept as written, "Step k:" prefix
+    included), model_output_solution_first_error_step (1-based) for a solution graded
+    "wrong". Labels as ProcessBench: steps before the first error 1.0, that step 0.0, later
+    steps None; a solution graded "correct" is all 1.0. outcome = model_output_answer_correctness
+    (the final answer, which can be right in a wrong solution); question = question; domain =
+    question_type (original, reversed, POT); meta keeps first_error (0-based, -1: none) and group."""
+    errs = []
+    question = _field(d, "question", (str,), errs)
+    steps = _field(d, "model_output_steps", (list,), errs)
+    graded = _field(d, "model_output_solution_correctness", (str,), errs)
+    answer = _field(d, "model_output_answer_correctness", (str,), errs, required=False)
+    for key, v in (("model_output_solution_correctness", graded), ("model_output_answer_correctness", answer)):
+        if v is not None and v not in ("correct", "wrong"):
+            errs.append(f"{key}: expected 'correct' or 'wrong', got {v[:40]!r}")
+    first = None
+    if graded == "wrong":
+        first = _field(d, "model_output_solution_first_error_step", (int,), errs)
+        if steps is not None and first is not None and not 1 <= first <= len(steps):
+            errs.append(f"model_output_solution_first_error_step: {first} is not a step number "
+                        f"for {len(steps)} steps (1-based)")
+    if errs:
+        raise _Bad(errs)
+    n = len(steps) if first is None else first - 1
+    labels = [1.0] * n + ([0.0] + [None] * (len(steps) - n - 1) if first is not None else [])
+    meta = {"first_error": -1 if first is None else first - 1, "group": _group(question)}
+    return [Record(id=str(d.get("uuid") or row.default_id), question=question, steps=steps,
+                   labels=labels, outcome=None if answer is None else float(answer == "correct"),
+                   domain=d.get("domain") or d.get("question_type") or row.path.stem, meta=meta)]
+
+
+def _prmbench(d: dict, row: _Row) -> list[Record]:
+    """PRMBench: modified_process (the steps under test), error_steps (1-based numbers of the
+    wrong steps; empty: all correct). Every step is labelled: 0.0 in error_steps, else 1.0.
+    question = modified_question (what the modified process answers); domain = classification
+    (the error type); id = classification/idx (idx repeats across error types); group = idx;
+    outcome None (the benchmark grades steps only)."""
+    errs = []
+    question = _field(d, "modified_question", (str,), errs)
+    steps = _field(d, "modified_process", (list,), errs)
+    wrong = _field(d, "error_steps", (list,), errs)
+    kind = _field(d, "classification", (str,), errs, required=False)
+    idx = _field(d, "idx", (str, int), errs)
+    if steps is not None and wrong is not None:
+        bad = [k for k in wrong if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(steps)]
+        if bad:
+            errs.append(f"error_steps: {bad[:5]} are not step numbers 1..{len(steps)}")
+    if errs:
+        raise _Bad(errs)
+    labels = [0.0 if k + 1 in wrong else 1.0 for k in range(len(steps))]
+    return [Record(id=f"{kind}/{idx}" if kind else str(idx), question=question, steps=steps,
+                   labels=labels, domain=d.get("domain") or kind,
+                   meta={"error_steps": wrong, "group": str(idx)})]
+
+
 _PRM800K_RATING = {1: 1.0, 0: 1.0, -1: 0.0, None: None}
 
 
@@ -304,7 +359,8 @@ def lean_steps(completion: str, max_steps: int = MAX_LEAN_STEPS) -> list[str]:
 def _minif2f_attempts(d: dict, row: _Row) -> list[Record]:
     """Prover attempts with pass/fail only (meta data for the outer loop): outcome = passed,
     every step unlabelled, domain = the prover, group = the theorem name (for best-of-N).
-    The rows carry no statement, so the question is the theorem name. Steps: lean_steps();
+    The question is informal_prefix + "\n" + formal_statement when the row has them (as the
+    prover's prompt had), else the theorem name alone. Steps: lean_steps();
     a completion cut by the token limit inside a character ends in U+FFFD, which is dropped.
     An attempt with no tactic at all (only prose or comments) is still a real failed attempt:
     it becomes one step holding its text, marked meta["no_tactics"]; an empty one is an error."""
@@ -314,6 +370,8 @@ def _minif2f_attempts(d: dict, row: _Row) -> list[Record]:
     attempt = _field(d, "attempt", (int,), errs)
     passed = _field(d, "passed", (bool,), errs)
     completion = _field(d, "completion", (str,), errs)
+    prefix = _field(d, "informal_prefix", (str,), errs, required=False) or ""
+    statement = _field(d, "formal_statement", (str,), errs, required=False) or ""
     text = completion.rstrip("\ufffd") if completion is not None else None
     steps = lean_steps(text) if text is not None else []
     meta = {"group": name, "problem_idx": d.get("problem_idx")}
@@ -324,7 +382,8 @@ def _minif2f_attempts(d: dict, row: _Row) -> list[Record]:
             errs.append("completion: empty")
     if errs:
         raise _Bad(errs)
-    return [Record(id=f"{name}/{model}/{attempt}", question=name, steps=steps,
+    question = "\n".join(p for p in (prefix.rstrip("\n"), statement.rstrip("\n")) if p) or name
+    return [Record(id=f"{name}/{model}/{attempt}", question=question, steps=steps,
                    labels=[None] * len(steps), outcome=float(passed), domain=model, meta=meta)]
 
 
@@ -358,7 +417,7 @@ def _gsm8k_candidates(d: dict, row: _Row) -> list[Record]:
 
 FORMATS = {"dreamprm": _dreamprm, "minif2f": _minif2f, "trl": _trl, "math_shepherd": _math_shepherd,
            "processbench": _processbench, "prm800k": _prm800k, "minif2f_attempts": _minif2f_attempts,
-           "gsm8k_candidates": _gsm8k_candidates}
+           "gsm8k_candidates": _gsm8k_candidates, "mr_gsm8k": _mr_gsm8k, "prmbench": _prmbench}
 
 
 def _guess(d: dict) -> list[str]:
@@ -382,12 +441,37 @@ def _guess(d: dict) -> list[str]:
     if "question" in keys and any(isinstance(v, dict) and {"solution", "is_correct"} <= set(v)
                                   for v in d.values()):
         found.append("gsm8k_candidates")
+    if "model_output_steps" in keys:
+        found.append("mr_gsm8k")
+    if {"modified_process", "error_steps"} <= keys:
+        found.append("prmbench")
     return found
 
 
 # ---------------------------------------------------------------------------- files
 
 _SPACE = re.compile(r"\s*")
+
+
+def _one_object(path: Path, text: str, first: str) -> str | None:
+    """The message for a file that is one JSON object over several lines (pretty-printed),
+    which the JSONL reader would report as one bad line per line; None for anything else."""
+    try:
+        json.loads(first)
+        return None  # the first line is a whole object: JSONL
+    except json.JSONDecodeError:
+        pass
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    hint = (f"; its {lists[0]!r} list of {len(obj[lists[0]])} objects may be the records: write it out "
+            "as a JSON array or one object per line" if lists else "")
+    return (f"{path}: is one JSON object spread over several lines (keys {sorted(obj)[:8]}); expected "
+            f"JSONL (one record object per line) or a JSON array of records{hint}")
 
 
 def _rows(path: Path, problems: list) -> tuple[list, bool]:
@@ -410,6 +494,11 @@ def _rows(path: Path, problems: list) -> tuple[list, bool]:
     if texts and texts[0] is not None:
         texts[0] = texts[0].lstrip("\ufeff")
     first = next((t.lstrip() for t in texts if t and t.strip()), "")
+    if first.startswith("{") and None not in texts:
+        whole = _one_object(path, "\n".join(texts), first)
+        if whole:
+            problems.append(whole)
+            return [], True
     if not first.startswith("["):  # JSONL: every line stands alone
         out = []
         for n, t in enumerate(texts, 1):
@@ -477,6 +566,8 @@ def _read(path, fmt: str, step_tag: str) -> tuple[list[Record], list[str], bool]
         raise ValueError(f"unknown format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
     path, problems = Path(path), []
     rows, fatal = _rows(path, problems)
+    if fatal and not rows:  # nothing was read: a format guess would only add noise
+        return [], problems, True
     if fmt == "auto":
         try:
             fmt = detect_format(path, rows)
@@ -567,10 +658,17 @@ def summary(records: list[Record], tokenizer=None) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    """The summary as aligned text lines."""
+    """The summary (and data.tokenize.length_report's keys) as aligned text lines."""
     lines = [f"records: {s['records']}",
              f"steps: {s['steps']['total']} (mean {s['steps']['mean']}, max {s['steps']['max']} per record)"]
-    for key in ("labels", "outcomes", "domains", "tokens"):
+    for key in ("labels", "outcomes", "domains", "tokens", "buckets"):
         if key in s:
-            lines.append(f"{key}: " + ", ".join(f"{k} {v}" for k, v in s[key].items()))
+            label = key if "chat_template" not in s or key != "tokens" else \
+                f"tokens (as trained, chat template {'on' if s['chat_template'] else 'off'})"
+            lines.append(f"{label}: " + ", ".join(f"{k} {v}" for k, v in s[key].items()))
+    if "cut" in s:
+        c = s["cut"]
+        lines.append(f"max_length {c['max_length']}: {c['whole']} whole, {c['truncated']} truncated at a step "
+                     f"boundary, {c['dropped']} dropped (first step does not fit); {c['steps_cut']} of "
+                     f"{c['steps_total']} steps cut")
     return "\n".join(lines)

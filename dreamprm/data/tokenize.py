@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from dreamprm.data.record import Record, record_problems
+from dreamprm.errors import ModelError
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 QUESTION = "{question}"  # where a profile's template puts the question
@@ -20,7 +21,9 @@ NO_DOMAIN = "<none>"  # name of domain index 0: records without a domain
 
 # Text around the tag in check_step_tag: a tag that is one token alone but merges with a
 # neighbour ("x<tag>") would break tag-position lookup on whole-text encodings at inference.
-_PROBES = ("x{}", "{}x", "1.{}", " {} ", "\n{}\n", "a {}b")
+# Real steps end in digits, "$", "\\]", "." and newlines (ProcessBench), and a step follows a tag.
+_PROBES = ("x{}", "{}x", "1.{}", " {} ", "\n{}\n", "a {}b", "12{}", "$x$.{}", "\\]{}", "\n\n{}", "{}Step",
+           "{}{}")
 
 
 @dataclass
@@ -101,20 +104,25 @@ def profile_problems(p: Profile) -> list[str]:
 
 
 def check_step_tag(tokenizer, tag: str) -> int:
-    """Id of the step tag; ValueError unless the tag is exactly one token in every context."""
-    fix = (f"add it as a special token (tokenizer.add_special_tokens({{'additional_special_tokens': "
-           f"[{tag!r}]}}) and resize the model's embeddings), or choose another --step_tag that is one")
+    """Id of the step tag; ModelError (naming tag, tokenizer and an example) unless the tag is exactly
+    one token alone and in every probe context."""
+    name = f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or 'in memory'})"
+    fix = (f"let dreamprm add it as a special token (--add_step_tag, the default, grows the embeddings), "
+           f"or choose another --step_tag that is one token of {name}")
     ids = tokenizer.encode(tag, add_special_tokens=False)
     tid = tokenizer.convert_tokens_to_ids(tag)
     if len(ids) != 1 or tid is None or tid != ids[0] or tid == tokenizer.unk_token_id:
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise ValueError(f"step tag {tag!r} is not one token of this tokenizer: it encodes to {ids} "
+        raise ModelError(f"step tag {tag!r} is not one token of the tokenizer {name}: it encodes to {ids} "
                          f"{pieces} and convert_tokens_to_ids gives {tid!r}; {fix}")
-    merged = [p.format(tag) for p in _PROBES
-              if tokenizer.encode(p.format(tag), add_special_tokens=False).count(tid) != 1]
-    if merged:
-        raise ValueError(f"step tag {tag!r} (id {tid}) merges with neighbouring text: no tag token in "
-                         f"the encoding of {merged!r}; {fix}")
+    for probe in _PROBES:
+        text = probe.replace("{}", tag)
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        if enc.count(tid) != text.count(tag):
+            raise ModelError(
+                f"step tag {tag!r} (id {tid}) merges with neighbouring text in the tokenizer {name}: {text!r} "
+                f"encodes to {tokenizer.convert_ids_to_tokens(enc)}, with {enc.count(tid)} tag tokens instead "
+                f"of {text.count(tag)}; {fix}")
     return tid
 
 
@@ -234,3 +242,35 @@ def encode_records(records: list[Record], tokenizer, step_tag: str, max_length: 
     if lens:
         st.len_mean, st.len_max = sum(lens) / len(lens), max(lens)
     return examples, st
+
+
+LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def length_report(records: list[Record], tokenizer, step_tag: str, use_chat_template: bool,
+                  max_length: int | None = None) -> dict:
+    """Token lengths of records exactly as training encodes them (encode_records: prompt with or
+    without the chat template, one token per step tag), for `dreamprm data check --tokenizer`.
+
+    tokens: mean, percentiles (observed lengths, numpy "higher") and max; buckets: examples per
+    length range; with max_length, cut: how many examples that limit keeps whole, truncates at a
+    step boundary or drops (not even the first step fits), and the steps it cuts.
+    """
+    import numpy as np
+
+    examples, _ = encode_records(records, tokenizer, step_tag, 10**9, use_chat_template)
+    lengths = np.array([len(e.input_ids) for e in examples])
+    out: dict = {"chat_template": bool(use_chat_template and getattr(tokenizer, "chat_template", None))}
+    if not len(lengths):
+        return out
+    pct = {f"p{p}": int(np.percentile(lengths, p, method="higher")) for p in (10, 25, 50, 75, 90, 95, 99)}
+    out["tokens"] = {"mean": round(float(lengths.mean()), 1), **pct, "max": int(lengths.max())}
+    edges = [0, *LENGTH_BUCKETS]
+    out["buckets"] = {f"{lo + 1}-{hi}": int(((lengths > lo) & (lengths <= hi)).sum())
+                      for lo, hi in zip(edges, edges[1:])}
+    out["buckets"][f">{LENGTH_BUCKETS[-1]}"] = int((lengths > LENGTH_BUCKETS[-1]).sum())
+    if max_length is not None:
+        _, st = encode_records(records, tokenizer, step_tag, max_length, use_chat_template)
+        out["cut"] = {"max_length": max_length, "whole": st.n_kept - st.n_truncated, "truncated": st.n_truncated,
+                      "dropped": st.n_dropped, "steps_cut": st.steps_dropped, "steps_total": st.steps_total}
+    return out

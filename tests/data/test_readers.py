@@ -284,6 +284,79 @@ def test_minif2f_attempts(tmp_path):
     assert at(problems, 5) == ["completion: empty"]
 
 
+def test_minif2f_attempts_statement_as_question(tmp_path):
+    row = {"name": "t1", "model": "m", "attempt": 1, "passed": True, "completion": "simp",
+           "informal_prefix": "/-- Show it. -/\n", "formal_statement": "theorem t1 : 1 = 1 := by\n"}
+    f = jsonl(tmp_path / "a.jsonl", [row, {k: v for k, v in row.items() if k != "informal_prefix"} | {"attempt": 2}])
+    recs, problems = read_records(f, "minif2f_attempts")
+    assert problems == []
+    assert recs[0].question == "/-- Show it. -/\ntheorem t1 : 1 = 1 := by"
+    assert recs[1].question == "theorem t1 : 1 = 1 := by"
+
+
+# ---------------------------------------------------------------------------- mr_gsm8k, prmbench
+
+def mr_row(**kw):
+    row = {"uuid": "u1", "question": "Q?", "model_output_steps": ["Step 1: a", "Step 2: b", "Step 3: c"],
+           "model_output_answer_correctness": "wrong", "model_output_solution_correctness": "wrong",
+           "model_output_solution_first_error_step": 2, "question_type": "reversed"}
+    row.update(kw)
+    return row
+
+
+def test_mr_gsm8k(tmp_path):
+    f = jsonl(tmp_path / "mr.jsonl", [
+        mr_row(), mr_row(uuid="u2", model_output_solution_correctness="correct",
+                         model_output_answer_correctness="correct", model_output_solution_first_error_step=None),
+        mr_row(uuid="u3", model_output_solution_first_error_step=4),
+        mr_row(uuid="u4", model_output_solution_correctness="maybe")])
+    recs, problems = read_records(f, "mr_gsm8k")
+    assert recs[0].id == "u1" and recs[0].steps[0] == "Step 1: a" and recs[0].question == "Q?"
+    assert recs[0].labels == [1.0, 0.0, None] and recs[0].outcome == 0.0 and recs[0].domain == "reversed"
+    assert recs[0].meta["first_error"] == 1
+    assert recs[1].labels == [1.0, 1.0, 1.0] and recs[1].outcome == 1.0 and recs[1].meta["first_error"] == -1
+    assert at(problems, 3) == ["model_output_solution_first_error_step: 4 is not a step number for 3 steps (1-based)"]
+    assert at(problems, 4) == ["model_output_solution_correctness: expected 'correct' or 'wrong', got 'maybe'"]
+
+
+def pmb_row(**kw):
+    row = {"original_question": "Q0", "modified_question": "Q1", "question": "Q0 latex",
+           "original_process": ["a", "b", "c"], "modified_process": ["a", "B", "C"],
+           "modified_steps": [2, 3], "error_steps": [2, 3], "reason": "r", "idx": "p_0",
+           "classification": "circular"}
+    row.update(kw)
+    return row
+
+
+def test_prmbench(tmp_path):
+    f = jsonl(tmp_path / "pb.jsonl", [pmb_row(), pmb_row(classification="confidence", error_steps=[]),
+                                      pmb_row(classification="deception", error_steps=[2, 4])])
+    recs, problems = read_records(f, "prmbench")
+    assert [r.id for r in recs] == ["circular/p_0", "confidence/p_0"]  # idx repeats across error types
+    assert recs[0].question == "Q1" and recs[0].steps == ["a", "B", "C"]
+    assert recs[0].labels == [1.0, 0.0, 0.0] and recs[0].outcome is None and recs[0].domain == "circular"
+    assert recs[1].labels == [1.0, 1.0, 1.0] and recs[0].meta["group"] == recs[1].meta["group"] == "p_0"
+    assert at(problems, 3) == ["error_steps: [4] are not step numbers 1..3"]
+
+
+def test_pretty_printed_object_is_one_clear_problem(tmp_path):
+    f = tmp_path / "obj.json"
+    f.write_text(json.dumps({"version": 1, "records": [SAMPLES["trl"]] * 3}, indent=2))
+    for fmt in ("auto", "trl"):
+        recs, problems = read_records(f, fmt)
+        assert recs == [] and len(problems) == 1
+        assert "is one JSON object spread over several lines" in problems[0]
+        assert "its 'records' list of 3 objects may be the records" in problems[0]
+    with pytest.raises(DataError) as e:
+        load_records(f, skip_invalid=True)
+    assert len(e.value.problems) == 1
+    # a one-line object is JSONL with one record, and a bad first line of a JSONL file stays per line
+    f.write_text(json.dumps(SAMPLES["trl"]) + "\n")
+    assert len(load_records(f)) == 1
+    f.write_text("{oops\n" + json.dumps(SAMPLES["trl"]) + "\n")
+    assert at(read_records(f)[1], 1)[0].startswith("line: invalid JSON")
+
+
 # ---------------------------------------------------------------------------- gsm8k_candidates
 
 def test_gsm8k_candidates(tmp_path):
@@ -309,6 +382,8 @@ SAMPLES = {
     "prm800k": prm800k_row([{"completions": [comp("a", 1)], "human_completion": None, "chosen_completion": 0}]),
     "minif2f_attempts": {"name": "t", "model": "m", "attempt": 1, "passed": False, "completion": "simp"},
     "gsm8k_candidates": {"question": "q", "m": {"is_correct": True, "solution": "a\nA: 1"}},
+    "mr_gsm8k": mr_row(),
+    "prmbench": pmb_row(),
 }
 
 
@@ -434,3 +509,24 @@ def test_real_gsm8k_candidates():
     assert recs[0].meta["group"] == recs[3].meta["group"] == 0 and recs[4].meta["group"] == 1
     assert sum(r.meta["answer"] is not None for r in recs) > 0.99 * len(recs)
     assert not any(math.isnan(r.outcome) for r in recs)
+
+
+def test_real_mr_gsm8k():
+    recs, problems = read_records(real("mr_gsm8k_first_error/mr_gsm8k_wrong_solutions.jsonl"))
+    assert problems == [] and len(recs) == 590  # SOURCE.txt: 590 rows, all graded wrong
+    for r in recs:
+        k = r.meta["first_error"]
+        assert r.labels[:k] == [1.0] * k and r.labels[k] == 0.0 and set(r.labels[k + 1:]) <= {None}
+    assert sum(r.outcome for r in recs) == 19  # right answer, wrong solution (8 + 9 + 2 rows)
+    assert {r.domain for r in recs} == {"original", "reversed", "POT"}
+
+
+def test_real_prmbench():
+    path = real("prmbench_subset/prmbench_subset400.jsonl")
+    recs, problems = read_records(path)
+    # 11 rows name an error step past their last step: reported, the other 383 read
+    assert len(recs) == 383 and len(problems) == 11
+    assert all("error_steps:" in p for p in problems)
+    multi = [r for r in recs if r.domain == "multi_solutions"]
+    assert len(multi) == 10 and all(set(r.labels) == {1.0} for r in multi)
+    assert all(0.0 in r.labels for r in recs if r.domain != "multi_solutions")

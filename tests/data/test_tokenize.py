@@ -4,6 +4,7 @@ import pytest
 
 from dreamprm.config import DEFAULT_STEP_TAG as TAG
 from dreamprm.data.record import Record
+from dreamprm.errors import ModelError
 from dreamprm.data.tokenize import (
     PROFILES,
     Profile,
@@ -34,16 +35,16 @@ def test_check_step_tag_accepts_one_token(good_tok):
 
 
 def test_check_step_tag_rejects_split_tag(split_tag_tok):
-    with pytest.raises(ValueError, match="not one token.*additional_special_tokens.*--step_tag"):
+    with pytest.raises(ModelError, match=r"not one token of the tokenizer \w+\(in memory\).*--add_step_tag"):
         check_step_tag(split_tag_tok, TAG)
 
 
 def test_check_step_tag_rejects_tag_that_merges_with_text(merging_tag_tok, corpus):
     # One token on its own (so a naive check passes) but "x<extra_0>" has no tag token.
     assert len(merging_tag_tok.encode(TAG, add_special_tokens=False)) == 1
-    with pytest.raises(ValueError, match="merges with neighbouring text"):
+    with pytest.raises(ModelError, match=r"merges with neighbouring text.*'x<extra_0>' encodes to"):
         check_step_tag(merging_tag_tok, TAG)
-    with pytest.raises(ValueError, match="merges"):
+    with pytest.raises(ModelError, match="merges"):
         encode_records([rec(corpus)], merging_tag_tok, TAG, 512, False)
 
 

@@ -5,6 +5,7 @@ fails before any rank starts; two jobs cannot share a run directory."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamprm import engine
+from dreamprm import checkpoint, engine
 
 pytestmark = pytest.mark.slurm
 NODES = 4  # in the cluster (conftest.py)
@@ -33,7 +34,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def assert_same_final_state(a: Path, b: Path) -> None:
     """Final checkpoint (consolidated fp32 parameters), instance weights and logged losses agree."""
-    ca, cb = engine.latest_checkpoint(a / "checkpoints"), engine.latest_checkpoint(b / "checkpoints")
+    ca, cb = checkpoint.latest(a / "checkpoints"), checkpoint.latest(b / "checkpoints")
     assert ca.name == cb.name == f"step_{STEPS:08d}"
     sa, sb = engine.consolidated_state_dict(ca), engine.consolidated_state_dict(cb)
     assert sa.keys() == sb.keys() and sa
@@ -185,12 +186,15 @@ def test_bad_input_fails_before_any_rank_starts(slurm, tmp_path, case):
     assert not (tmp_path / "run").exists()
 
 
-def test_resuming_on_another_node_count_fails_before_any_rank_starts(slurm, runs, tmp_path):
-    """The 2-node run's checkpoints, resubmitted on 1 node."""
-    run = runs["dirs"]["slurm"]
+def test_resuming_on_another_node_count_continues(slurm, runs, tmp_path):
+    """The 2-node run's checkpoints (a copy), resubmitted on 1 node: converted, resumed, finished."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["dirs"]["slurm"], run)
+    args = [*TRAIN_ARGS[:1], str(STEPS + 2), *TRAIN_ARGS[2:]]
     job = slurm.wait(slurm.submit(CPU, "--nodes=1", f"--output={tmp_path}/%x-%j.out", **DEMO, OUTPUT_DIR=str(run),
-                                  EXTRA_ARGS=" ".join(TRAIN_ARGS)))
+                                  EXTRA_ARGS=" ".join(args)))
     out = job["output"]
-    assert job["JobState"] == "FAILED", out[-5000:]
+    assert job["JobState"] == "COMPLETED", out[-5000:]
     assert f"step_{STEPS:08d} was written by 2 ranks and this job has 1 ranks (1 node(s) x 1 per node)" in out
-    assert "resubmit with --nodes=2" in out and "ZeRO stage" not in out
+    assert f"resumed from {run / 'checkpoints' / f'step_{STEPS:08d}'}" in out
+    assert checkpoint.latest(run / "checkpoints").name == f"step_{STEPS + 2:08d}"

@@ -1,0 +1,287 @@
+"""Checkpoint files without DeepSpeed: names, the manifest, verification, `latest`, pruning.
+
+A checkpoint is a folder RUN/checkpoints/step_NNNNNNNN written by engine.save_checkpoint into
+step_N.tmp and renamed when whole. Its MANIFEST.json, written last, lists every file with its
+size and SHA-256 and names the checkpoint it continues from ("parent"): following parents from
+`latest` gives the run's current lineage, which is what resume falls back along and what pruning
+thins. Everything here is plain Python (plus torch for the file formats), so export, scoring and
+slurm/preflight.py read checkpoints without importing deepspeed.
+
+Also here: the one atomic writer (temp file, fsync, rename, fsync of the folder) used for every
+JSON/YAML/text file the run writes, and the wording of OS errors (disk full, read-only, no
+permission) that every writer reports.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from dreamprm.errors import CheckpointError
+
+MANIFEST = "MANIFEST.json"
+SHARED_STATE = "dreamprm_state.pt"  # weight module, its optimizer, the config (rank 0's copy)
+LATEST = "latest"
+HASH = "sha256"
+MANIFEST_FORMAT = 2  # 1: sizes only (no checksums, no parent)
+_TAG = re.compile(r"step_(\d+)")
+
+
+def tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(name: str) -> int | None:
+    """The update number of a complete checkpoint's folder name, None for anything else."""
+    m = _TAG.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def rank_file(rank: int) -> str:
+    return f"dreamprm_rank{rank:05d}.pt"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def os_problem(e: BaseException) -> str:
+    """A short cause for a failed write: 'disk full', 'read-only file system', ..."""
+    code = getattr(e, "errno", None)
+    return {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(code, f"{type(e).__name__}: {e}")
+
+
+def write_problem(e: BaseException, folder: Path) -> str:
+    """os_problem, also for writers that lose the errno (torch's C++ writer raises
+    RuntimeError): then the file system of folder says whether it is full or read-only."""
+    if isinstance(e, OSError) and e.errno:
+        return os_problem(e)
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return f"{type(e).__name__}: {e}"
+    if st.f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    if st.f_bavail * st.f_frsize < 64 << 20:  # under 64 MiB left after a failed write
+        return "disk full"
+    return f"{type(e).__name__}: {e}"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace path with text whole or not at all: temp file, fsync, rename, fsync the folder.
+
+    On failure the temp file is removed (no 0-byte leftovers on a full disk) and the OSError
+    raised names the file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path}: {os_problem(e)}") from e
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in path durable (a crash after it cannot bring the old name back)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 8 MiB blocks (hashlib releases the GIL on them)."""
+    h = hashlib.sha256()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def list_files(folder: Path) -> list[str]:
+    """Every file under folder except the manifest, relative, sorted: the same on every rank."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def describe_files(folder: Path, names: list[str]) -> dict:
+    """Manifest entries (size and checksum) of the given files of folder."""
+    return {n: {"bytes": (folder / n).stat().st_size, HASH: file_digest(folder / n)} for n in names}
+
+
+def write_manifest(folder: Path, step: int, world: int, stage: int, parent: str | None, files: dict) -> None:
+    write_json_atomic(folder / MANIFEST, {"format": MANIFEST_FORMAT, "step": step, "world": world, "stage": stage,
+                                          "parent": parent, "files": dict(sorted(files.items()))})
+
+
+def write_latest(root: Path, name: str) -> None:
+    write_text_atomic(root / LATEST, name + "\n")
+
+
+# ---------------------------------------------------------------- reading and verifying
+
+
+def read_manifest(ckpt: Path) -> dict:
+    """The manifest of a checkpoint folder; CheckpointError if the folder is missing or partial."""
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt} does not exist")
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {MANIFEST}: the save was interrupted); "
+                              f"resume from an earlier one with --resume_from, or delete it")
+    try:
+        man = json.loads(path.read_text())
+        if not isinstance(man.get("files"), dict):
+            raise ValueError("no file list")
+        for name, entry in man["files"].items():
+            if not (isinstance(entry, int) or (isinstance(entry, dict) and isinstance(entry.get("bytes"), int))):
+                raise ValueError(f"entry of {name} has no size")
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is corrupt ({e}); resume from an earlier "
+                              f"checkpoint with --resume_from") from e
+    return man
+
+
+def file_problems(ckpt: Path, man: dict, part: int = 0, parts: int = 1) -> list[str]:
+    """What is wrong with the files of a checkpoint: missing, other size, other checksum.
+
+    Sizes are checked for every file; checksums only for files[part::parts], so that the ranks
+    of a job can each read a share of a multi-GB checkpoint."""
+    bad = []
+    for i, (name, entry) in enumerate(man["files"].items()):
+        size, digest = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry.get(HASH))
+        f = ckpt / name
+        if not f.is_file():
+            bad.append(f"{name} (missing)")
+        elif f.stat().st_size != size:
+            bad.append(f"{name} ({f.stat().st_size} bytes, expected {size})")
+        elif digest is not None and i % parts == part and file_digest(f) != digest:
+            bad.append(f"{name} (checksum differs: the content changed after it was written)")
+    return bad
+
+
+def damaged_error(ckpt: Path, bad: list[str]) -> CheckpointError:
+    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    return CheckpointError(f"checkpoint {ckpt} is damaged: " + ", ".join(bad[:10]) + more
+                           + "; resume from an earlier checkpoint with --resume_from")
+
+
+def verify(ckpt: Path) -> dict:
+    """The manifest of a complete, undamaged checkpoint (all checksums read); raises
+    CheckpointError naming the damaged files."""
+    man = read_manifest(ckpt)
+    bad = file_problems(ckpt, man)
+    if bad:
+        raise damaged_error(ckpt, bad)
+    return man
+
+
+def latest(root: Path) -> Path | None:
+    """The checkpoint `latest` names (it may be damaged: see resume_candidates), or None."""
+    ptr = root / LATEST
+    if not ptr.is_file():
+        return None
+    name = ptr.read_text().strip()
+    if step_of(name) is None:
+        raise CheckpointError(f"{ptr} holds {name!r}, not a checkpoint name (step_N); write the name of the "
+                              f"checkpoint to resume from into it, or use --resume_from")
+    return root / name
+
+
+def complete(root: Path) -> list[Path]:
+    """Checkpoint folders with a manifest, newest (highest step) first."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and step_of(p.name) is not None and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: step_of(p.name), reverse=True)
+
+
+def lineage(root: Path, start: Path) -> list[Path]:
+    """start and its ancestors by manifest "parent", newest first, as far as manifests allow."""
+    out, seen, cur = [], set(), start
+    while cur is not None and cur.name not in seen and (cur / MANIFEST).is_file():
+        out.append(cur)
+        seen.add(cur.name)
+        try:
+            parent = json.loads((cur / MANIFEST).read_text()).get("parent")
+        except (OSError, ValueError):
+            break
+        cur = root / parent if parent else None
+    return out
+
+
+def resume_candidates(root: Path) -> list[Path]:
+    """Where auto-resume looks, in order: `latest`, then its lineage. Where the chain breaks
+    (a parent with a missing or unreadable manifest, or a manifest without parents from an
+    older dreamprm), every complete checkpoint at or below that step follows, newest first."""
+    head = latest(root)
+    if head is None:  # no pointer (deleted by hand?): every complete checkpoint
+        return complete(root)
+    chain = lineage(root, head) or [head]
+    try:
+        man = json.loads((chain[-1] / MANIFEST).read_text())
+        if "parent" in man:  # None: the first checkpoint of the run, nothing older belongs
+            below = step_of(man["parent"]) if man["parent"] else None
+        else:
+            below = step_of(chain[-1].name) - 1
+    except (OSError, ValueError, KeyError, TypeError):
+        below = step_of(chain[-1].name) - 1
+    older = [p for p in complete(root) if below is not None and step_of(p.name) <= below and p not in chain]
+    return chain + older
+
+
+def shared_state(ckpt: Path) -> dict:
+    import torch
+    return torch.load(ckpt / SHARED_STATE, weights_only=True, map_location="cpu")
+
+
+# ---------------------------------------------------------------- cleaning up
+
+
+def remove_tree(path: Path) -> str | None:
+    """Delete a folder; returns what failed (None if it is gone), never hides an error."""
+    failures = []
+    shutil.rmtree(path, onerror=lambda fn, p, exc: failures.append(f"{p}: {os_problem(exc[1])}"))
+    if failures or path.exists():
+        return f"could not delete {path}: " + "; ".join(failures[:3])
+    return None
+
+
+def prune(root: Path, current: Path, keep_last: int, keep=()) -> list[str]:
+    """Delete the older checkpoints of current's lineage beyond the newest keep_last.
+
+    Never deleted: current, the folders in keep (the checkpoint the run resumed from), and
+    anything outside the lineage (e.g. the later steps of a run that was rolled back: they
+    are another history, left for the user). Returns one message per failed deletion."""
+    chain = lineage(root, current)
+    names = {current.name, *(Path(k).name for k in keep)}
+    failures = []
+    for old in chain[keep_last:]:
+        if old.name not in names:
+            err = remove_tree(old)
+            if err:
+                failures.append(err)
+    return failures
+
+
+def remove_partial(root: Path) -> list[str]:
+    """Remove step_*.tmp folders (saves that never finished); returns notes of what was done."""
+    notes = []
+    for p in sorted(root.glob("step_*.tmp")):
+        err = remove_tree(p)
+        notes.append(err or f"removed {p}, a checkpoint save that never finished")
+    return notes
