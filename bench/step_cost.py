@@ -481,8 +481,9 @@ def measure_memory(a: argparse.Namespace, cfg: Config, eng, rank: int, world: in
     cycle; max over ranks."""
     _, train_batches, meta_batches = make_batches(a, eng, rank, world)
     stream, meta_stream = Cycle(train_batches), Cycle(meta_batches)
-    wmod = build_weight_module("instance_table", len(train_batches) * a.batch_size * world, 1, cfg.meta.net_hidden)
-    wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
+    n_train = len(train_batches) * a.batch_size * world
+    wmod = build_weight_module("instance_table", [0] * n_train, 1, cfg.meta.net_hidden)
+    wopt = build_weight_optimizer(wmod, cfg.meta)
     cfg.meta.hypergrad = method = a.memory_method
 
     def cycle(s):

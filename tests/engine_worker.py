@@ -112,8 +112,8 @@ def main():
     result["fused_align"] = torch.cat([r["align"] for r in out3["recent"]])
     result["fused_loop"] = torch.cat(loop)
     torch.manual_seed(123)
-    wmod = build_weight_module("instance_net", len(train_ex), len(domains), cfg.meta.net_hidden)
-    wopt = build_weight_optimizer(wmod, cfg.meta.meta_lr)
+    wmod = build_weight_module("instance_net", [ex.domain for ex in train_ex], len(domains), cfg.meta.net_hidden)
+    wopt = build_weight_optimizer(wmod, cfg.meta)
     result["fused_meta"] = engine.meta_update(eng, None, out3["recent"], wmod, wopt, cfg, 3, fused=pre)
     torch.save(result, out_dir / f"rank{rank}.pt")
     if rank == 0:
