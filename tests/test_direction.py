@@ -43,14 +43,14 @@ class TinyPRM(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, 8)
         self.mix = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 2)
+        self.score = nn.Linear(8, 2)  # the PRM layout: the head applied at the step tags is `score`
 
     def forward(self, input_ids, attention_mask, tag_pos):
         m = attention_mask[..., None].to(self.emb.weight.dtype)
         h = (self.emb(input_ids) * m).cumsum(1) / m.cumsum(1).clamp_min(1)
         h = torch.tanh(self.mix(h))
         h = h.gather(1, tag_pos[..., None].expand(-1, -1, h.shape[-1]))
-        return self.head(h)
+        return self.score(h)
 
 
 def make_batch(gen, index, domain, n_steps, outcome=None):
