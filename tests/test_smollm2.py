@@ -129,9 +129,11 @@ def test_smollm2_zero3_lora_two_ranks_meta_pass_then_export_reloads(smol_dir, pr
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
         assert e.returncode == 0, e.stderr[-3000:]
     items = [(r.question, r.steps) for r in short[:4]]
-    ref = load_scorer(run, device="cpu").score_batch(items)
+    # trained on examples cut at 160 tokens; score the whole solutions (the scorer refuses to cut silently)
+    ref = load_scorer(run, device="cpu", max_length=1024).score_batch(items)
     for form in ("merged", "adapter"):
-        got = load_scorer(tmp_path / form, device="cpu").score_batch(items)
+        got = load_scorer(tmp_path / form, device="cpu", max_length=1024).score_batch(items)
+        assert len(got) == len(ref) == 4
         for a, b in zip(got, ref):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
 
