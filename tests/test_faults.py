@@ -165,19 +165,25 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
     return out
 
 
+def start_two_ranks(out: Path, *flags) -> subprocess.Popen:
+    """A 2-rank run of 400 updates (checkpoint every 2), returned once status.json shows update 3."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/train.py",
+           "--total_steps", "400", "--save_every", "2", *flags, "--output_dir", str(out), *FAST]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        st = out / "status.json"
+        if st.is_file() and json.loads(st.read_text()).get("step", 0) >= 3:
+            break
+        time.sleep(0.2)
+    return proc
+
+
 def test_4_a_silent_rank_ends_the_job_at_the_collective_timeout_naming_it(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/train.py",
-           "--total_steps", "400", "--save_every", "2", "--collective_timeout", "10", "--output_dir", str(out), *FAST]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_two_ranks(out, "--collective_timeout", "10")
     workers = {}
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            st = out / "status.json"
-            if st.is_file() and json.loads(st.read_text()).get("step", 0) >= 3:
-                break
-            time.sleep(0.2)
         workers = worker_pids(proc.pid)
         silent = workers[1]
         os.kill(silent, signal.SIGSTOP)  # a hung rank: alive, but answers nothing (as a lost node)
@@ -204,17 +210,9 @@ def test_4_a_silent_rank_ends_the_job_at_the_collective_timeout_naming_it(tmp_pa
 
 def test_4_kill_9_of_a_rank_ends_the_job_and_status_says_failed(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/train.py",
-           "--total_steps", "400", "--save_every", "2", "--output_dir", str(out), *FAST]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_two_ranks(out)
     workers = {}
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            st = out / "status.json"
-            if st.is_file() and json.loads(st.read_text()).get("step", 0) >= 3:
-                break
-            time.sleep(0.2)
         workers = worker_pids(proc.pid)
         t0 = time.time()
         os.kill(workers[1], signal.SIGKILL)
