@@ -485,7 +485,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
         eval_ex, se = load_eval_examples(cfg, eng.tokenizer, domains)
         print0(f"eval  {cfg.data.eval_file}: {se}", rank=rank)
     wmod = build_weight_module(cfg.meta.weights, [ex.domain for ex in train_ex], len(domains), cfg.meta.net_hidden)
-    wopt = build_weight_optimizer(wmod, cfg.meta)
+    wopt = build_weight_optimizer(wmod, cfg.meta, cfg.train.batch_size * cfg.train.grad_accum * world)
     learned_mix = cfg.data.mix == "learned"
     train_stream = train_stream_for(cfg, data, pad_id, rank, world, wmod)
     meta_stream = (BatchStream(meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1,

@@ -33,12 +33,18 @@ class WeightTable(nn.Module):
 
     Instance table (DreamPRM-1.5): rows_of = 0..n-1, a row per instance, read by `index`.
     Domain table (DreamPRM): rows_of = the instances' domain ids, read by `domain`.
+    Instance-domain table: an instance table whose weights are multiplied by a domain factor
+    (domain_of given): instance i weighs softplus(raw[i]) * softplus(raw_domain[domain_of[i]]).
+    A row of an instance table is visited once per epoch, so on its own it averages few, noisy
+    alignments; the domain factor pools the alignments of every instance of the domain and moves
+    at every meta pass, and the rows only learn how an instance differs from its domain.
     The level is the mean weight over the TRAINING INSTANCES (rows weighted by how many
     instances read them), so the weights average 1 over the training set and a row no
     training instance reads (the meta records' domain) does not count.
     """
 
-    def __init__(self, rows_of: torch.Tensor, n_rows: int, by: str):
+    def __init__(self, rows_of: torch.Tensor, n_rows: int, by: str, domain_of: torch.Tensor | None = None,
+                 n_domains: int = 0):
         super().__init__()
         if by not in ("index", "domain"):
             raise ValueError(f"a weight table is read by 'index' or 'domain', not {by!r}")
@@ -46,12 +52,28 @@ class WeightTable(nn.Module):
         self.raw = nn.Parameter(torch.full((n_rows,), RAW_ONE))
         self.register_buffer("rows_of", rows_of.long(), persistent=False)
         self.register_buffer("count", torch.bincount(self.rows_of, minlength=n_rows).float(), persistent=False)
+        self.raw_domain = None
+        if domain_of is not None:
+            self.raw_domain = nn.Parameter(torch.full((n_domains,), RAW_ONE))
+            self.register_buffer("domain_of", domain_of.long(), persistent=False)
+
+    def _all(self) -> torch.Tensor:
+        """softplus values of every training instance, detached."""
+        w = F.softplus(self.raw.detach())[self.rows_of]
+        if self.raw_domain is not None:
+            w = w * F.softplus(self.raw_domain.detach())[self.domain_of]
+        return w
 
     def _level(self) -> torch.Tensor:
+        if self.raw_domain is not None:
+            return self._all().mean()
         return (F.softplus(self.raw.detach()) * self.count).sum() / self.count.sum()
 
     def positive(self, index, domain, features):
-        return F.softplus(self.raw[index if self.by == "index" else domain])
+        w = F.softplus(self.raw[index if self.by == "index" else domain])
+        if self.raw_domain is not None:
+            w = w * F.softplus(self.raw_domain[domain])
+        return w
 
     def forward(self, index, domain, features):
         return self.positive(index, domain, features) / self._level()
@@ -60,7 +82,7 @@ class WeightTable(nn.Module):
         """Nothing to do: a table's level is its own mean."""
 
     def instance_weights(self) -> torch.Tensor:
-        return (F.softplus(self.raw.detach()) / self._level())[self.rows_of]
+        return self._all() / self._level()
 
     def row_weights(self) -> torch.Tensor:
         """The weight of every row (for the domain table: per domain), same level."""
@@ -105,6 +127,9 @@ def build_weight_module(kind: str, train_domains, n_domains: int, hidden: int) -
         return WeightTable(torch.arange(len(domains)), len(domains), by="index")
     if kind == "domain_table":
         return WeightTable(domains, n_domains, by="domain")
+    if kind == "instance_domain_table":
+        return WeightTable(torch.arange(len(domains)), len(domains), by="index", domain_of=domains,
+                           n_domains=n_domains)
     if kind == "instance_net":
         return InstanceNet(n_domains, hidden)
     raise ValueError(f"unknown weight module {kind!r}")
@@ -164,8 +189,17 @@ class RowOptimizer(torch.optim.Optimizer):
                     p[hit] -= lr * m_hat / (v_hat.sqrt() + group["eps"])
 
 
-def build_weight_optimizer(module: nn.Module, meta) -> torch.optim.Optimizer:
-    """meta: the run's MetaConfig. Adam for the net; a RowOptimizer for the tables."""
+def build_weight_optimizer(module: nn.Module, meta, batch_global: int = 1) -> torch.optim.Optimizer:
+    """meta: the run's MetaConfig. Adam for the net; a RowOptimizer for the tables.
+
+    batch_global: training instances per meta pass (all ranks, all micro-batches). An
+    instance-domain table's domain factor is visited at every meta pass, an instance row about
+    batch_global / n times per pass, so the factor's learning rate is meta_lr * batch_global / n:
+    over an epoch it moves as far as a row does."""
     if isinstance(module, InstanceNet):
         return torch.optim.Adam(module.parameters(), lr=meta.meta_lr)
-    return RowOptimizer(module.parameters(), lr=meta.meta_lr, how=meta.table_optimizer)
+    groups = [{"params": [module.raw]}]
+    if module.raw_domain is not None:
+        scale = min(1.0, batch_global / max(1, len(module.rows_of)))
+        groups.append({"params": [module.raw_domain], "lr": meta.meta_lr * scale})
+    return RowOptimizer(groups, lr=meta.meta_lr, how=meta.table_optimizer)

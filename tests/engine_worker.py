@@ -20,7 +20,7 @@ from dreamprm.data.loader import BatchStream
 from dreamprm.train import load_mixture, step_loss_spec
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
-KINDS = ("instance_table", "instance_net", "domain_table")
+KINDS = ("instance_table", "instance_net", "domain_table", "instance_domain_table")
 METHODS = ("exact", "finite_diff")
 
 

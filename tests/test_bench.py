@@ -29,6 +29,7 @@ def test_floor_formula():
     assert sc.floor_ms("exact", 1, plain=10, meta_fb=6, fwd=2, fwd_bwd=9) == 10 + 6 + 9
     assert sc.floor_ms("exact", 5, plain=10, meta_fb=6, fwd=2, fwd_bwd=9) == pytest.approx(10 + 15 / 5)
     assert sc.floor_ms("fused", 5, plain=10, meta_fb=6, fwd=2, fwd_bwd=9) == pytest.approx(10 + 6 / 5)
+    assert sc.floor_ms("darts", 1, plain=10, meta_fb=6, fwd=2, fwd_bwd=9) == 10 + 6 + 2 * 2
 
 
 def test_step_cost_runs_and_prints_the_table(tmp_path):
@@ -38,7 +39,7 @@ def test_step_cost_runs_and_prints_the_table(tmp_path):
                         "--repeats", "2", "--warmup", "0", "--json", str(out)],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    methods = ("exact", "finite_diff", "fused")
+    methods = ("exact", "finite_diff", "fused", "darts")
     names = ["plain", "fwd", "fwd+bwd", "meta fwd+bwd", "instance fwd+bwd"] + [
         f"{m} k={k}" for m in methods for k in (1, 5)]
     for n in names:
@@ -51,7 +52,8 @@ def test_step_cost_runs_and_prints_the_table(tmp_path):
     for method in methods:
         for k in (1, 5):
             r = rows[f"{method} k={k}"]
-            extra = ms["meta fwd+bwd"] + {"finite_diff": 2 * ms["fwd"], "exact": ms["fwd+bwd"], "fused": 0}[method]
+            extra = ms["meta fwd+bwd"] + {"finite_diff": 2 * ms["fwd"], "darts": 2 * ms["fwd"], "exact": ms["fwd+bwd"],
+                                          "fused": 0}[method]
             assert r["floor_ms"] == pytest.approx(ms["plain"] + extra / k)
             assert r["x_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
             assert r["x_plain"] == pytest.approx(r["ms"] / ms["plain"])

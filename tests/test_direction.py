@@ -32,7 +32,7 @@ from dreamprm import engine
 from dreamprm.config import AGGREGATIONS, Config
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
-WEIGHTS = ("instance_table", "domain_table", "instance_net")
+WEIGHTS = ("instance_table", "domain_table", "instance_net", "instance_domain_table")
 N_TRAIN, N_DOMAINS, VOCAB = 12, 3, 23
 
 

@@ -63,7 +63,7 @@ def reference_grads(out: Path, flags: list[str]) -> dict:
             torch.autograd.grad(li, params, retain_graph=True), v)) for li in losses]))
     n = sum(len(a) for a in align)
     out_grads = {}
-    for kind in ("instance_table", "instance_net", "domain_table"):
+    for kind in ("instance_table", "instance_net", "domain_table", "instance_domain_table"):
         torch.manual_seed(123)
         wmod = build_weight_module(kind, ranks[0]["train_domains"], ranks[0]["n_domains"], cfg.meta.net_hidden)
         obj = sum(hypergrad.weight_objective(wmod(x["batch"]["index"], x["batch"]["domain"], x["features"]),
@@ -118,7 +118,7 @@ def test_hypergradient_matches_autograd_reference(tmp_path, case):
             assert cos >= 0.999, (case, cos, rel)
             assert fcos >= 0.999, (case, "fused", fcos, frel)
         assert math.isfinite(r["fused_meta"]["meta_loss"]) and r["fused_meta"]["v_norm"] > 0
-    assert len(ranks[0]["grads"]) == 6  # 2 methods x 3 weight modules
+    assert len(ranks[0]["grads"]) == 8  # 2 methods x 4 weight modules
     misses = []
     for (method, kind), g in ranks[0]["grads"].items():
         torch.testing.assert_close(g, ranks[1]["grads"][(method, kind)])  # replicas agree

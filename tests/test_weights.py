@@ -73,3 +73,28 @@ def test_bad_choices_are_refused():
         RowOptimizer([torch.nn.Parameter(torch.zeros(2))], lr=0.1, how="adamw")
     with pytest.raises(ValueError, match="weight module"):
         build_weight_module("table", [0], 1, 8)
+
+
+def test_instance_domain_table_multiplies_a_row_by_its_domain_factor():
+    domains = [1, 1, 1, 2, 2, 2, 2, 2]  # domain 0 (the meta records') is read by no instance
+    t = build_weight_module("instance_domain_table", domains, 3, 8)
+    torch.testing.assert_close(t(torch.arange(8), torch.tensor(domains), None), torch.ones(8))
+    with torch.no_grad():
+        t.raw_domain[2] -= 1.0  # domain 2 down
+        t.raw_domain[0] += 5.0  # unused: must not move the level
+        t.raw[0] += 1.0  # one instance of domain 1 up
+    w = t.instance_weights()
+    assert abs(w.mean().item() - 1.0) < 1e-6
+    assert w[0] > w[1] == w[2] > w[3] == w[7]
+    torch.testing.assert_close(t(torch.arange(8), torch.tensor(domains), None), w)
+    # a batch's hypergradient reaches its rows and its domains' factors only
+    opt = build_weight_optimizer(t, MetaConfig(meta_lr=0.4), batch_global=2)
+    opt.zero_grad()
+    (-(t(torch.tensor([1, 4]), torch.tensor([1, 2]), None) * torch.tensor([1.0, -2.0])).sum()).backward()
+    assert set(torch.nonzero(t.raw.grad).flatten().tolist()) == {1, 4}
+    assert set(torch.nonzero(t.raw_domain.grad).flatten().tolist()) == {1, 2}
+    before = t.raw_domain.detach().clone()
+    opt.step()
+    assert t.raw_domain[1] > before[1] and t.raw_domain[2] < before[2] and t.raw_domain[0] == before[0]
+    # the factor is visited every meta pass, a row batch / n of them: its rate is scaled to match
+    assert [g["lr"] for g in opt.param_groups] == [0.4, pytest.approx(0.4 * 2 / 8)]
