@@ -69,7 +69,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("baseline", "instance_table", "instance_net", "domain_table", "oracle")
+METHODS = ("baseline", "instance_table", "instance_net", "domain_table", "instance_domain_table", "oracle")
 KINDS = ("none", "flip", "optimistic", "shift", "blind_sub", "swap_sub")
 
 
@@ -370,7 +370,8 @@ def write_report(args, results: dict, table: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-COLORS = {"baseline": "0.4", "instance_table": "C0", "instance_net": "C1", "domain_table": "C2", "oracle": "k"}
+COLORS = {"baseline": "0.4", "instance_table": "C0", "instance_net": "C1", "domain_table": "C2",
+          "instance_domain_table": "C3", "oracle": "k"}
 
 
 def _curves(ax, results: dict, key: str) -> None:
@@ -505,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, default=10.0, help="passes over the training set (sets total_steps)")
     g.add_argument("--batch_size", type=int, default=16)
     g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--hypergrad", default="finite_diff", choices=("finite_diff", "exact"))
+    g.add_argument("--hypergrad", default="finite_diff", choices=("finite_diff", "exact", "fused"))
     g.add_argument("--fd_radius", type=float, default=0.01)
     g.add_argument("--meta_batch_size", type=int, default=32)
     g.add_argument("--meta_interval", type=int, default=1)

@@ -16,6 +16,12 @@ Configurations
                            for method exact / finite_diff / fused (whose meta gradient runs before the k-th
                            update and whose alignments come from it) and meta interval k = 1, 5;
                            ms/step = cycle / k
+  darts k=<k>              the same k updates + the meta pass of Betty's darts (what DreamPRM's public code
+                           runs), written here on this engine (darts_meta_update below): v as above, then at
+                           theta + eps v and theta - eps v a forward of the training batch WITH the autograd
+                           graph and the gradient of the weighted loss w.r.t. the weight module, parameters
+                           put back by adding eps v. Without Betty's own framework around it, so a lower
+                           bound on Betty's cost (ZeRO 0-2 only)
   fwd, fwd+bwd             the training batch through the PRM module in eval mode: a no-grad forward, and a
                            forward + torch.autograd.grad w.r.t. the trainable parameters (as the meta pass does)
   meta fwd+bwd             the same forward + backward on the meta batch
@@ -26,6 +32,7 @@ Configurations
 Analytic floor of a bilevel configuration with meta interval k:
 
     finite_diff:  F = P + (M_fb + 2 * T_f) / k
+    darts:        F = P + (M_fb + 2 * T_f) / k   (its forwards keep the graph: not a floor it can reach)
     exact:        F = P + (M_fb + T_fb) / k
     fused:        F = P + M_fb / k
 
@@ -59,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from dreamprm import engine, hypergrad
+from dreamprm import engine, hypergrad, persample
 from dreamprm.config import Config, validate
 from dreamprm.data.loader import collate
 from dreamprm.data.packing import select
@@ -67,7 +74,7 @@ from dreamprm.data.tokenize import Example
 from dreamprm.tiny import STEP_TAG, make_tiny_checkpoint
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
-METHODS = ("exact", "finite_diff", "fused")
+METHODS = ("exact", "finite_diff", "fused", "darts")
 INTERVALS = (1, 5)
 QWEN_FFN_RATIO = 18944 / 3584  # Qwen2.5-7B intermediate / hidden
 
@@ -132,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def floor_ms(method: str, interval: int, plain: float, meta_fb: float, fwd: float, fwd_bwd: float) -> float:
     """The analytic floor of one bilevel step (see the module docstring)."""
-    extra = meta_fb + {"finite_diff": 2 * fwd, "exact": fwd_bwd, "fused": 0.0}[method]
+    extra = meta_fb + {"finite_diff": 2 * fwd, "darts": 2 * fwd, "exact": fwd_bwd, "fused": 0.0}[method]
     return plain + extra / interval
 
 
@@ -225,6 +232,7 @@ class MetaProfile:
         self._wrap(engine, "fused_meta_gradient", "fused_v")
         self._wrap(engine, "fd_alignments", "align")
         self._wrap(engine, "exact_alignments", "align")
+        self._wrap(sys.modules[__name__], "darts_alignments", "align")
         self._wrap(engine, "forward", "forward")  # inner updates run outside call(): not counted
         self._wrap(eng.ds.optimizer, "zero_grad", "zero_grad")
         if hasattr(eng.ds.optimizer, "empty_partition_cache"):
@@ -269,7 +277,7 @@ class MetaProfile:
             sync()
             d = self.acc.setdefault(label, {})
             d["total"] = d.get("total", 0.0) + time.perf_counter() - t
-            if fn is engine.meta_update:
+            if fn in (engine.meta_update, darts_meta_update):
                 self.passes[label] = self.passes.get(label, 0) + 1
             self.active = None
 
@@ -344,6 +352,45 @@ def make_batches(a: argparse.Namespace, eng, rank: int, world: int, n_batches: i
     return n_train, [engine.to_device(b, dev) for b in train_batches], [engine.to_device(b, dev) for b in meta_batches]
 
 
+def darts_meta_update(eng, meta_batch: dict, recent: list, wmod, wopt, cfg: Config) -> None:
+    """Betty's darts hypergradient on this engine, for timing (see the module docstring).
+
+    The weight module's gradient is -(dL+/dlambda - dL-/dlambda) / (2 eps), L+- the weighted
+    training loss of the last update's batches at theta +- eps v, eps = fd_radius / ||v||."""
+    meta_batch = engine.to_device(meta_batch, eng.ds.device)
+    lam = [p for p in wmod.parameters() if p.requires_grad]
+    with persample.dropout_off(eng.ds.module):
+        v, _ = engine.meta_gradient(eng, meta_batch, cfg.meta.aggregation, cfg.meta.meta_loss)
+        eng.ds.optimizer.zero_grad()
+        eps = hypergrad.fd_epsilon(cfg.meta.fd_radius, v.norm())
+        grads = darts_alignments(eng, recent, v, eps, wmod, lam)
+    wopt.zero_grad()
+    for p, gp, gm in zip(lam, *grads):
+        if gp is not None:
+            p.grad = -(gp - gm) / (2 * eps)
+    wopt.step()
+
+
+def darts_alignments(eng, recent: list, v, eps: float, wmod, lam: list) -> list:
+    """d(weighted training loss)/d lambda at theta + eps v and at theta - eps v; theta put back by adding eps v
+    (Betty's restore, not bit-exact). The forwards keep the autograd graph, as in Betty."""
+    local = [(p.data, v.local(p)) for p in eng.params]
+    n = sum(len(r["batch"]["index"]) for r in recent)
+    grads = []
+    for move in (eps, -2 * eps):
+        with torch.no_grad():
+            for t, d in local:
+                t.add_(d.to(t.dtype), alpha=move)
+        loss = sum((wmod(r["batch"]["index"].cpu(), r["batch"]["domain"].cpu(), r["features"].cpu())
+                    * hypergrad.instance_losses(engine.forward(eng, r["batch"], meta=True), r["batch"]).cpu()
+                    ).sum() for r in recent) / n
+        grads.append(torch.autograd.grad(loss, lam, allow_unused=True))
+    with torch.no_grad():
+        for t, d in local:
+            t.add_(d.to(t.dtype), alpha=eps)
+    return grads
+
+
 def grad_of(eng, loss) -> None:
     grads = torch.autograd.grad(loss, eng.params, allow_unused=True)
     del grads
@@ -378,6 +425,10 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
         methods.remove("finite_diff")  # the engine rejects it (perturbation lost to bf16 rounding)
         if rank == 0:
             print("note: finite_diff left out: full fine-tuning in bf16 is rejected by the config")
+    if eng.stage == 3 and "darts" in methods:
+        methods.remove("darts")  # it perturbs p.data, which ZeRO-3 does not hold
+        if rank == 0:
+            print("note: darts left out: it is timed with ZeRO 0-2 only")
     step = [0]
 
     def plain():
@@ -386,15 +437,19 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
 
     def bilevel(method, k):
         def f():
-            cfg.meta.hypergrad = method
+            cfg.meta.hypergrad = "finite_diff" if method == "darts" else method
             for i in range(k):
                 step[0] += 1
                 last = i == k - 1
                 pre = prof.call(f"{method} k={k}", engine.fused_meta_gradient, eng, next(meta_stream), cfg) \
                     if last and method == "fused" else None
                 out = engine.inner_update(eng, stream, wmod, False, step[0], v=pre["v"] if pre else None)
-            prof.call(f"{method} k={k}", engine.meta_update, eng, None if pre else next(meta_stream), out["recent"],
-                      wmod, wopt, cfg, step[0], pre)
+            if method == "darts":
+                prof.call(f"{method} k={k}", darts_meta_update, eng, next(meta_stream), out["recent"], wmod, wopt,
+                          cfg)
+            else:
+                prof.call(f"{method} k={k}", engine.meta_update, eng, None if pre else next(meta_stream),
+                          out["recent"], wmod, wopt, cfg, step[0], pre)
         return f
 
     def fwd():
@@ -519,7 +574,7 @@ def memory_runs(a: argparse.Namespace, argv: list[str]) -> list[dict]:
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for world in a.worlds:
-        for method in a.methods:
+        for method in [m for m in a.methods if m != "darts"]:  # darts is timed only (ZeRO 0-2)
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                        __file__, *argv, "--memory_method", method, "--json", f.name]
@@ -563,7 +618,7 @@ def format_table(result: dict) -> str:
                      f"{f(r.get('tokens_per_s'), '8.0f'):>8} | {r['peak_mb']:8.0f} | {f(r.get('x_plain'), '7.2f'):>7} "
                      f"| {f(r.get('floor_ms'), '8.1f'):>8} | {f(r.get('x_floor'), '7.3f'):>7} "
                      f"| {f(r.get('x_floor_min'), '13.3f'):>13} |")
-    lines += ["", "floor: finite_diff P + (M_fb + 2 T_f) / k; exact P + (M_fb + T_fb) / k; fused P + M_fb / k "
+    lines += ["", "floor: finite_diff and darts P + (M_fb + 2 T_f) / k; exact P + (M_fb + T_fb) / k; fused P + M_fb / k "
               "(P plain, M_fb meta fwd+bwd, T_f fwd, T_fb fwd+bwd of the training batch); x floor (min): the same "
               "from the fastest round of every row (contention on a shared machine only adds time)"]
     bd = [r for r in result["rows"] if "breakdown_ms" in r]
