@@ -29,7 +29,7 @@ DEFAULT_STEP_TAG = "<extra_0>"  # Qwen2.5-Math-PRM's tag, assumed for PRM folder
 PRECISIONS = ("bf16", "fp32", "fp16")
 MODES = ("full", "lora", "qlora")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-WEIGHTS = ("instance_table", "instance_net", "domain_table", "instance_domain_table")
+WEIGHTS = ("instance_domain_table", "instance_table", "instance_net", "domain_table")
 METHODS = ("exact", "finite_diff", "fused")
 TABLE_OPTIMIZERS = ("shared_rms", "row_adam", "sgd")
 AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
@@ -139,8 +139,9 @@ class TrainConfig:
 @dataclass
 class MetaConfig:
     baseline: bool = opt(False, "uniform weights, no meta pass (ablation)")
-    weights: str = opt("instance_table", "what the weight module weights: a row per instance, per domain, an "
-                       "MLP over per-instance features, or a row per instance times a domain factor", WEIGHTS)
+    weights: str = opt("instance_domain_table", "what the weight module weights: a row per instance times its "
+                       "domain's factor (the instance table when there are no domains), a row per instance, an "
+                       "MLP over per-instance features, or a row per domain", WEIGHTS)
     hypergrad: str = opt("exact", "alignment method: exact <grad l_i, v> after the update (per-sample hooks), "
                          "finite differences (DreamPRM; refused unless the perturbed parameters are fp32), or "
                          "fused: <grad l_i, v> before the update, taken inside the update's own backward", METHODS)
