@@ -15,9 +15,10 @@ the same tiny model in one process.
 
 How the sign was checked: with `return +(weights * alignments.detach()).sum() / n_global` in
 hypergrad.weight_objective, and tests/test_hypergrad.py (the test that restates the formula)
-not run, `pytest tests/test_direction.py` fails all 51 cases: in the 45 direction cases the
-cosine is negative (the assertion cos >= 0.999 fails), in the 6 "right way" cases the move
-the engine chose raises the meta loss (checked 2026-11-30, then the sign restored).
+not run, `pytest tests/test_direction.py` fails all 68 cases: in the 60 direction cases the
+cosine is negative (the assertion cos >= 0.999 fails), in the 8 "right way" cases the move
+the engine chose raises the meta loss (checked 2026-11-30 with the four weight modules, then
+the sign restored).
 """
 
 import copy
