@@ -46,7 +46,7 @@ from dreamprm import checkpoint as ckpt
 from dreamprm import hypergrad, persample
 from dreamprm.config import Config
 from dreamprm.data.packing import select
-from dreamprm.errors import CheckpointError, ConfigError, ModelError, NonFiniteError
+from dreamprm.errors import CheckpointError, CollectiveError, ConfigError, ModelError, NonFiniteError
 from dreamprm.model import build_prm
 
 # DeepSpeed's ZeRO collectives call the torch.distributed names that torch 2.13 deprecated in
@@ -285,6 +285,8 @@ def inner_update(eng: Engine, stream, wmod, baseline: bool, step: int, v=None) -
             recent.append(r)
             sums += torch.tensor([(w * losses).sum().item(), losses.sum().item(), len(losses),
                                   batch["n_tokens"]], dtype=torch.float64)
+    if tap is not None:
+        v.check_order(f"fused alignments at update {step}")
     if tap is not None and tap.uncovered != slow_names:
         raise ModelError(f"--hypergrad fused: parameters {sorted(set(tap.uncovered) - set(slow_names))} do not fit "
                          "the per-sample formula (see dreamprm/persample.py) and cannot be handled inside the "
@@ -342,19 +344,34 @@ class MetaGradient:
     reduce-scatter leaves in the gradient partitions, 1/world of the parameters' size); v[p]
     all-gathers one parameter's full slice when a hook needs it and drops it after use, as ZeRO
     gathers parameters. Every rank must ask for the same parameters in the same order (the hooks
-    run in backward order, which is the same on every rank). Stages 0-2: full-shape tensors.
+    run in backward order, which is the same on every rank; check_order verifies it after each
+    meta pass). Stages 0-2: full-shape tensors.
     """
 
     def __init__(self, parts: dict, sharded: bool):
         self.parts, self.sharded = parts, sharded
+        self._order = 0  # a hash of the sequence of parameters gathered so far (check_order)
 
     def __getitem__(self, p: torch.Tensor) -> torch.Tensor:
         x = self.parts[p]
         if not self.sharded or dist.get_world_size() == 1:
             return x[:p.ds_numel].view(p.ds_shape) if self.sharded else x
+        self._order = (self._order * 1_000_003 + p.ds_id + 1) % (2**61 - 1)
         full = x.new_empty(x.numel() * dist.get_world_size())
         dist.all_gather_into_tensor(full, x)
         return full[:p.ds_numel].view(p.ds_shape)
+
+    def check_order(self, what: str) -> None:
+        """Fail if the ranks gathered v's slices in different orders. Two parameters with shards of
+        the same size gathered in swapped order would not hang but mix their slices silently."""
+        if not self.sharded or dist.get_world_size() == 1:
+            return
+        t = all_reduce_(torch.tensor([self._order, -self._order], dtype=torch.int64), op=dist.ReduceOp.MAX)
+        if t[0].item() != -t[1].item():
+            raise CollectiveError(
+                f"{what}: the ranks gathered the meta gradient's slices in different orders (the per-sample "
+                "hooks did not run in the same order on every rank, e.g. layers chosen by the data); the "
+                "alignments would mix parameters. Use --hypergrad finite_diff for this model")
 
     def local(self, p: torch.Tensor) -> torch.Tensor:
         """The part of v that matches what this rank's forward reads for p (its shard under ZeRO-3)."""
@@ -467,6 +484,7 @@ def exact_alignments(eng: Engine, recent: list, v: MetaGradient):
             log.warning("exact alignments: parameters %s are not covered by the per-sample hooks and take the "
                         "slow path (one forward and backward per instance)", slow)
         out.append(a.cpu())
+    v.check_order("exact alignments")
     return out, vnorm
 
 

@@ -275,6 +275,47 @@ def test_non_finite_errors_name_the_records_of_every_rank(tmp_path):
         assert "training records rank 1: ['r1-ok']" in meta  # alignment inf on rank 1's first record
 
 
+def _order_worker(rank: int, port: int, out: str) -> None:
+    """Two ZeRO-3-like parameters with shards of the same size: gathered in the same order the slices
+    are right and the check passes; in swapped order the gathers do not hang, and the check must fail."""
+    import torch.distributed as dist
+
+    from dreamprm import engine
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    params = []
+    for i in range(2):
+        p = torch.zeros(1)
+        p.ds_id, p.ds_numel, p.ds_shape = i, 4, (2, 2)
+        params.append(p)
+    # v of parameter i is 10 * i + 0..3; rank r holds elements 2r, 2r + 1
+    v = engine.MetaGradient({p: torch.arange(2.0) + 2 * rank + 10 * i for i, p in enumerate(params)}, sharded=True)
+    res = {"slices": [v[p].flatten().tolist() for p in params]}
+    v.check_order("same order")
+    swapped = engine.MetaGradient(dict(v.parts), sharded=True)
+    for p in (params if rank == 0 else params[::-1]):
+        swapped[p]
+    try:
+        swapped.check_order("swapped")
+    except engine.CollectiveError as e:
+        res["error"] = str(e)
+    Path(out, f"order{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def test_ranks_that_gather_v_in_different_orders_are_stopped(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_order_worker, args=(port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        res = json.loads((tmp_path / f"order{rank}.json").read_text())
+        assert res["slices"] == [[0.0, 1.0, 2.0, 3.0], [10.0, 11.0, 12.0, 13.0]]
+        assert "swapped: the ranks gathered the meta gradient's slices in different orders" in res["error"]
+
+
 def test_finite_diff_refused_where_deepspeed_leaves_the_perturbed_parameters_in_bf16(tmp_path):
     """ZeRO 0-2 in bf16 cast LoRA adapters to bf16 too: decided after the engine is built,
     so the config alone (which allows LoRA + finite_diff) cannot catch it."""
