@@ -41,6 +41,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's own pick here, without its "no GPU detected" warning
 import deepspeed
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from dreamprm import checkpoint as ckpt
 from dreamprm import hypergrad, persample
@@ -79,6 +80,12 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     # The shm op is never used for training and costs a 20-50 s compile on a cold cache.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Groups created without a timeout take torch's module default (30 min), not the world group's:
+    # DeepSpeed's own data-parallel group (a clone of the world, used for the gradient all-reduce and
+    # ZeRO's gathers) is one, so a rank going silent there would hang for 30 min. Every group gets ours.
+    c10d.default_pg_timeout = timedelta(seconds=timeout_s)
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    verbose=False, timeout=timedelta(seconds=timeout_s))

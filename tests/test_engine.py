@@ -316,6 +316,27 @@ def test_ranks_that_gather_v_in_different_orders_are_stopped(tmp_path):
         assert "swapped: the ranks gathered the meta gradient's slices in different orders" in res["error"]
 
 
+def test_every_process_group_waits_collective_timeout_not_torchs_30_minutes():
+    """DeepSpeed creates its own groups without a timeout (its world clone carries the gradient
+    all-reduce and ZeRO's gathers); torch gives such groups 30 min, so a silent rank caught there
+    would outlast --collective_timeout. Every group of the process must carry ours."""
+    code = (
+        "import json, torch, torch.distributed.distributed_c10d as c10d\n"
+        "from dreamprm import engine\n"
+        "from dreamprm.config import Config\n"
+        "rank, world = engine.init_distributed(7)\n"
+        "cfg = Config(); cfg.train.deepspeed = 'ds_configs/zero3.json'; cfg.train.precision = 'fp32'\n"
+        "engine.create_engine(cfg, rank, world)\n"
+        "print(json.dumps([pg._get_backend(torch.device('cpu')).options._timeout.total_seconds()\n"
+        "                  for pg in c10d._world.pg_map]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    timeouts = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(timeouts) >= 2 and set(timeouts) == {7.0}, timeouts  # the world group and DeepSpeed's clone
+
+
 def test_finite_diff_refused_where_deepspeed_leaves_the_perturbed_parameters_in_bf16(tmp_path):
     """ZeRO 0-2 in bf16 cast LoRA adapters to bf16 too: decided after the engine is built,
     so the config alone (which allows LoRA + finite_diff) cannot catch it."""
