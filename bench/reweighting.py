@@ -36,7 +36,8 @@ meta set (clean, outcome labels only), the test set (clean step labels) and the 
 The runs. Every method trains the same PRM (a random Qwen2 of --hidden / --layers built by
 dreamprm.tiny, full fine-tune, fp32, one process) for the same number of PRM updates
 (--epochs over the training set), through `python launch/train.py` with a generated config:
-baseline (--baseline: uniform weights), instance_table, instance_net, domain_table, and, as the
+baseline (--baseline: uniform weights), instance_table, instance_net, domain_table,
+instance_domain_table (an instance row times its domain's factor), and, as the
 ceiling of any reweighting, oracle: uniform weights on the uncorrupted domains alone (the same
 number of updates, so more passes over less data). Each run
 evaluates on the test set every --eval_every updates (eval_step_auroc in metrics.jsonl); the
