@@ -260,14 +260,19 @@ def _non_finite_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_non_finite_errors_name_the_records_of_every_rank(tmp_path):
+def spawn_two_gloo_ranks(worker, out: Path) -> None:
+    """worker(rank, port, out) in 2 processes that join a gloo group on a free local port."""
     import socket
 
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_non_finite_worker, args=(port, str(tmp_path)), nprocs=2)
+    mp.spawn(worker, args=(port, str(out)), nprocs=2)
+
+
+def test_non_finite_errors_name_the_records_of_every_rank(tmp_path):
+    spawn_two_gloo_ranks(_non_finite_worker, tmp_path)
     for rank in range(2):
         inner, meta = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "update 3" in inner and "rank 0: ['r0-bad']" in inner and "rank 1: ['r1-bad']" in inner
@@ -303,13 +308,7 @@ def _order_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_ranks_that_gather_v_in_different_orders_are_stopped(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_order_worker, args=(port, str(tmp_path)), nprocs=2)
+    spawn_two_gloo_ranks(_order_worker, tmp_path)
     for rank in range(2):
         res = json.loads((tmp_path / f"order{rank}.json").read_text())
         assert res["slices"] == [[0.0, 1.0, 2.0, 3.0], [10.0, 11.0, 12.0, 13.0]]
