@@ -622,15 +622,6 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def gather_object(obj) -> list:
-    """obj of every rank, in rank order (a list of one without a process group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _on_every_rank(fn, folder: Path):
     """Run fn here; returns (its result, the failures of all ranks) so that every rank raises
     together instead of leaving the others waiting in the next collective."""
@@ -639,7 +630,7 @@ def _on_every_rank(fn, folder: Path):
         result = fn()
     except (OSError, RuntimeError) as e:  # torch's C++ file writer raises RuntimeError
         err = f"rank {dist.get_rank() if dist.is_initialized() else 0}: {ckpt.write_problem(e, folder)}"
-    return result, [e for e in gather_object(err) if e]
+    return result, [e for e in all_gather_object(err) if e]
 
 
 def save_checkpoint(eng: Engine, root: Path, step: int, shared: dict, per_rank: dict, keep_last: int,
@@ -690,7 +681,7 @@ def save_checkpoint(eng: Engine, root: Path, step: int, shared: dict, per_rank: 
     mine, errors = _on_every_rank(describe, root)
     if errors:
         fail(errors)
-    files = {k: v for part in gather_object(mine) for k, v in part.items()}
+    files = {k: v for part in all_gather_object(mine) for k, v in part.items()}
 
     def publish():
         if eng.rank != 0:
@@ -718,7 +709,7 @@ def verify_on_every_rank(path: Path) -> tuple[dict | None, list[str]]:
     except CheckpointError as e:
         return None, [str(e)]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    bad = sorted({b for part in gather_object(ckpt.file_problems(path, man, rank, world)) for b in part})
+    bad = sorted({b for part in all_gather_object(ckpt.file_problems(path, man, rank, world)) for b in part})
     return man, ([str(ckpt.damaged_error(path, bad))] if bad else [])
 
 

@@ -179,6 +179,16 @@ def start_two_ranks(out: Path, *flags) -> subprocess.Popen:
     return proc
 
 
+def kill_all(workers: dict, proc: subprocess.Popen) -> None:
+    """SIGKILL the rank processes and the launcher (whatever is left of them), then reap the launcher."""
+    for pid in [*workers.values(), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def test_4_a_silent_rank_ends_the_job_at_the_collective_timeout_naming_it(tmp_path):
     out = tmp_path / "run"
     proc = start_two_ranks(out, "--collective_timeout", "10")
@@ -194,12 +204,7 @@ def test_4_a_silent_rank_ends_the_job_at_the_collective_timeout_naming_it(tmp_pa
         os.kill(silent, signal.SIGKILL)
         _stdout, stderr = proc.communicate(timeout=300)
     finally:
-        for pid in [*workers.values(), proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        kill_all(workers, proc)
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and "rank 1 went silent" in status["error"], (status, stderr[-3000:])
     assert "--collective_timeout 10 s" in status["error"] and "to resume from" in status["error"]
@@ -219,12 +224,7 @@ def test_4_kill_9_of_a_rank_ends_the_job_and_status_says_failed(tmp_path):
         _stdout, stderr = proc.communicate(timeout=300)
         took = time.time() - t0
     finally:
-        for pid in [*workers.values(), proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        kill_all(workers, proc)
     assert proc.returncode != 0 and took < 120
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and "a rank died or a node was lost" in status["error"], status
