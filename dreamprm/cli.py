@@ -6,10 +6,11 @@
     dreamprm export RUN_DIR OUT_DIR [--adapter] [--checkpoint step_N]
     dreamprm smollm2 [--out DIR] [--gguf FILE]    (a real pretrained model folder, see dreamprm/smollm2.py)
     dreamprm train [options of launch/train.py]
+    dreamprm weights RUN_DIR [--top K] [--json] [--plot DIR] [--keep F | --min_weight W] [--out FILE]
 
 Each subcommand is a parser built by an add_*_parser(subparsers) function plus a plain
-handler function(args) -> exit code; `evaluate`, `train` and `export` are added the same
-way in build_parser().
+handler function(args) -> exit code; `evaluate`, `export`, `smollm2`, `weights` and `train` are
+added the same way in build_parser().
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 from dreamprm.data.readers import FORMATS, format_summary, load_records, summary
+from dreamprm.audit import add_weights_parser
 from dreamprm.config import DEFAULT_STEP_TAG
 from dreamprm.data.record import write_jsonl
 from dreamprm.data.tokenize import length_report
@@ -136,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(subparsers)
     add_export_parser(subparsers)
     add_smollm2_parser(subparsers)
+    add_weights_parser(subparsers)
     subparsers.add_parser("train", add_help=False,
                           help="train a PRM (same options as launch/train.py; `dreamprm train --help`)")
     return parser

@@ -67,3 +67,7 @@ class EvalError(DreamPRMError):
 
 class ModelError(DreamPRMError):
     """A model folder, tokenizer, step tag or optional package that does not fit the run."""
+
+
+class WeightsError(DreamPRMError):
+    """A run directory whose learned weights cannot be audited, or bad `dreamprm weights` flags."""
