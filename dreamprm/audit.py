@@ -432,7 +432,7 @@ def write_plots(run: Run, out_dir: Path) -> tuple[list[str], list[str]]:
             raise WeightsError(f"--plot {out_dir}: cannot write {path.name}: {os_problem(e)}") from None
         written.append(str(path))
 
-    every = [it.weight for it in run.items if it.weight is not None]
+    every = [it.weight for it in run.items if it.weight is not None] or [1.0]
     lo, hi = min(every), max(every)
     pad = max(0.05 * (hi - lo), 0.05)  # one x range for every domain, so that their histograms compare
     for domain in sorted({it.record.domain or "(none)" for it in run.items}):
