@@ -88,9 +88,14 @@ def describe(graph: dict[str, set[str]], comps: list[list[str]]) -> str:
         f"  {m} -> {', '.join(sorted(graph[m] & set(c)))}" for m in c) for c in comps)
 
 
+def importers_of(root: Path, top: str) -> list[str]:
+    """The modules under root with an import of the package `top` or anything in it, anywhere."""
+    return sorted(module_name(p, root) for p in root.rglob("*.py")
+                  if any(n.split(".")[0] == top for names in imports(p, root) for n in names))
+
+
 def test_deepspeed_is_imported_by_the_engine_only():
-    importers = sorted(module_name(p, PKG) for p in PKG.rglob("*.py")
-                       if any(n.split(".")[0] == "deepspeed" for names in imports(p, PKG) for n in names))
+    importers = importers_of(PKG, "deepspeed")
     assert importers, "no module imports deepspeed: the reader missed the engine's import"
     assert all(m == "dreamprm.engine" or m.startswith("dreamprm.engine.") for m in importers), importers
 
@@ -121,6 +126,13 @@ def test_a_function_local_import_closing_a_circle_is_found(tmp_path):
     assert describe(graph, circles(graph)) == "import circle of 2 modules:\n  pkg.a -> pkg.b\n  pkg.b -> pkg.a"
     (pkg / "a.py").write_text("def f():\n    return 1\n")  # the same package without that import
     assert circles(import_graph(pkg)) == []
+
+
+def test_a_function_local_deepspeed_import_is_seen(tmp_path):
+    pkg = _package(tmp_path, {"engine.py": "import deepspeed\n",
+                              "late.py": "def f():\n    from deepspeed.runtime import zero\n    return zero\n",
+                              "plain.py": "import deepspeedish\n"})
+    assert importers_of(pkg, "deepspeed") == ["pkg.engine", "pkg.late"]
 
 
 def test_relative_imports_resolve_from_a_subpackage(tmp_path):
