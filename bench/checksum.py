@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dreamprm.checkpoint import file_digest  # noqa: E402
+from dreamprm.checkpoint import file_digest
 
 
 def drop_page_cache() -> bool:

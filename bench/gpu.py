@@ -50,12 +50,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_cost  # noqa: E402  (bench/step_cost.py: the measurement itself)
+from dreamprm import engine
+from dreamprm import model as prm_model
+from dreamprm.tiny import make_tiny_tokenizer
 
-from dreamprm import engine  # noqa: E402
-from dreamprm import model as prm_model  # noqa: E402
-from dreamprm.tiny import make_tiny_tokenizer  # noqa: E402
+
+def _bench_module(name: str):
+    """bench/ is not a package: load a sibling script by its file path."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # before it runs: dataclasses and pickling look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+step_cost = _bench_module("step_cost")  # bench/step_cost.py: the measurement itself
 
 # Qwen2.5-7B's config.json (the values that shape compute and memory)
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -314,6 +323,7 @@ def main(argv=None) -> int:
             print("\nMFU: " + ", ".join(f"{x['config']} {x['tflops'] / peak:.1%}" for x in r["rows"]), flush=True)
     print("\n## summary\n\n" + summary(results, peak), flush=True)
     if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"device": device, "peak_tflops": peak, "results": results}, indent=1))
     return 0 if all("error" not in r for r in results) else 1
 

@@ -29,13 +29,11 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from dreamprm.data.readers import load_records
+from dreamprm.data.record import write_jsonl
+from dreamprm.tiny import make_tiny_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dreamprm.data.readers import load_records  # noqa: E402
-from dreamprm.data.record import write_jsonl  # noqa: E402
-from dreamprm.tiny import make_tiny_checkpoint  # noqa: E402
-
 REALDATA = ROOT.parent / "shared" / "realdata"
 DATASETS = {"processbench": ("processbench/*.json", "processbench"),
             "minif2f_attempts": ("minif2f_prover_attempts_passfail/*_attempts.jsonl", "minif2f_attempts")}
@@ -77,7 +75,7 @@ def run(model: Path, data: Path, out: Path, a, packing: bool) -> list[dict]:
            "--max_length", str(a.max_length), "--batch_size", str(a.batch_size), "--meta_batch_size",
            str(a.batch_size), "--total_steps", str(a.updates + 1), "--log_every", "1", "--save_every", "100000",
            "--disable_wandb", "--output_dir", str(out), "--packing" if packing else "--no-packing"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "WANDB_MODE": "disabled"}  # runs the installed dreamprm
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")

@@ -5,19 +5,69 @@ tests/test_persample.py, printed as a table.
 
 The built-in tiny Qwen2 (2 layers, hidden 64), 5 examples of 9-29 tokens with 1-4 step tags, a random v
 (0.01 N(0, 1) per element), LoRA (r 4, B moved off zero) and full fine-tuning, fp32 and bf16, padded and
-packed batches (rows of 60 tokens).
+packed batches (rows of 60 tokens). The setup is the test's (tests/test_bench.py checks they agree).
 """
 
-import sys
-from pathlib import Path
+import math
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import torch
 
-from test_persample import build, compare, examples, losses_fn, random_v  # noqa: E402
+from dreamprm import hypergrad, persample
+from dreamprm.config import ModelConfig
+from dreamprm.data.loader import collate
+from dreamprm.data.packing import collate_packed
+from dreamprm.data.tokenize import Example
+from dreamprm.model import build_prm
+from dreamprm.tiny import default_tiny_dir
 
-from dreamprm import persample  # noqa: E402
-from dreamprm.data.loader import collate  # noqa: E402
-from dreamprm.data.packing import collate_packed  # noqa: E402
+
+def examples(n=5, seed=0, vocab=540) -> list[Example]:
+    """Random token sequences of different lengths with 1-4 tags each (lengths 9..29)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(9, 30, (1,), generator=g))
+        k = int(torch.randint(1, 5, (1,), generator=g))
+        tags = sorted(torch.randperm(length - 1, generator=g)[:k].add(1).tolist())
+        labels = torch.rand(k, generator=g).tolist()
+        if k > 1:
+            labels[0] = math.nan  # an unlabelled step
+        out.append(Example(input_ids=torch.randint(4, vocab, (length,), generator=g).tolist(), tag_pos=tags,
+                           labels=labels, outcome=float(i % 2), index=i, domain=0, n_steps=k, n_kept=k,
+                           id=f"r{i}"))
+    return out
+
+
+def build(mode: str, precision: str):
+    torch.manual_seed(0)
+    cfg = ModelConfig(name_or_path=str(default_tiny_dir()), mode=mode, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                      attn_implementation="sdpa")
+    prm, tok = build_prm(cfg, precision)
+    if mode == "lora":  # B starts at zero: move it so every LoRA factor has a non-trivial gradient
+        with torch.no_grad():
+            for n, p in prm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    return prm.eval(), tok
+
+
+def random_v(params: dict, seed=1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {p: torch.randn(p.shape, generator=g) * 0.01 for p in params.values()}
+
+
+def losses_fn(prm):
+    def f(b):
+        return hypergrad.instance_losses(prm(b["input_ids"], b["attention_mask"], b["tag_pos"],
+                                             b.get("position_ids")), b)
+    return f
+
+
+def compare(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Cosine and relative L2 distance, in double."""
+    cos = torch.nn.functional.cosine_similarity(a.double(), ref.double(), dim=0).item()
+    rel = ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+    return cos, rel
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts (tiny sizes; wall-clock figures are never asserted)."""
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -15,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
 
-def _module(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+def _module(name, folder="bench"):
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", ROOT / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -125,3 +126,46 @@ def test_scaling_formulas():
     assert rows[0]["meta_new_gb"] > rows[1]["meta_new_gb"] > rows[2]["meta_new_gb"]  # v's shards shrink with W
     assert rows[0]["meta_old_gb"] == rows[2]["meta_old_gb"]  # full-shape v did not
     assert rows[0]["fused_gb"] < rows[0]["exact_gb"]
+
+
+def test_bench_scripts_import_the_installed_package():
+    """No sys.path edits and nothing from tests/: a bench script runs against the installed dreamprm."""
+    problems = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                problems.append(f"{where}: sys.path")
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            problems += [f"{where}: imports {n}" for n in names if n.split(".")[0] in ("tests", "conftest")
+                         or n.split(".")[0].startswith("test_")]
+    assert problems == []
+
+
+def test_persample_check_runs_the_tests_setup():
+    """bench/persample_check.py carries its own copy of tests/test_persample.py's setup: the same examples,
+    v, model and comparison, so its table still shows the figures behind the test."""
+    b, t = _module("persample_check"), _module("test_persample", "tests")
+    assert repr(b.examples()) == repr(t.examples())
+    pb, _ = b.build("lora", "fp32")
+    pt, _ = t.build("lora", "fp32")
+    assert all(torch.equal(x, y) for x, y in zip(pb.state_dict().values(), pt.state_dict().values()))
+    params = {n: p for n, p in pb.named_parameters() if p.requires_grad}
+    vb, vt = b.random_v(params), t.random_v(params)
+    assert all(torch.equal(vb[p], vt[p]) for p in params.values())
+    batch = b.collate(b.examples(), 0)
+    assert torch.equal(b.losses_fn(pb)(batch), t.losses_fn(pb)(batch))
+    a, ref = torch.randn(50), torch.randn(50)
+    assert b.compare(a, ref) == t.compare(a, ref)
+
+
+def test_only_results_md_and_one_headline_figure_are_committed():
+    """Regenerated output (results.json, the other figures) lives in the ignored bench/out/."""
+    ls = subprocess.run(["git", "ls-files", "bench"], cwd=ROOT, capture_output=True, text=True)
+    if ls.returncode != 0:
+        pytest.skip(f"not a git checkout: {ls.stderr.strip()}")
+    files = ls.stdout.split()
+    data = [f for f in files if not f.endswith((".py", ".md"))]
+    assert data == ["bench/reweighting/swap_sub/main.png"]
+    assert subprocess.run(["git", "check-ignore", "-q", "bench/out/x/results.json"], cwd=ROOT).returncode == 0

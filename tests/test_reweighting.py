@@ -115,20 +115,43 @@ def test_tiny_end_to_end_run_writes_the_table(tmp_path):
            "--domains", "a,b", "--kinds", "none,flip", "--rates", "0,0.4", "--n_train", "16", "--n_meta", "8",
            "--n_test", "16", "--n_bon_groups", "4", "--bon_n", "3", "--epochs", "1", "--batch_size", "4",
            "--meta_batch_size", "2", "--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
-           "--eval_every", "4", "--ckpt_every", "4", "--work_dir", str(tmp_path / "work"), "--out", str(out)]
+           "--eval_every", "4", "--ckpt_every", "4", "--work_dir", str(tmp_path / "work"), "--out", str(out),
+           "--artifacts", str(tmp_path / "art"), "--headline"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    assert sorted(f.name for f in out.iterdir()) == ["main.png", "results.md"]  # what gets committed
+    art = tmp_path / "art"
+    res = json.loads((art / "results.json").read_text())
     assert set(res["table"]) == {"baseline", "instance_table", "domain_table"}
     for t in res["table"].values():
         assert 0.0 <= t["step_auroc"]["mean"] <= 1.0 and t["step_auroc"]["n"] == 1
     assert res["table"]["baseline"]["weight_auroc"]["mean"] == 0.5
     assert set(res["runs"]["domain_table"]["0"]["domain_over_time"]) == {"a", "b"}
     md = (out / "results.md").read_text()
-    assert "| instance_table |" in md and "step AUROC" in md
-    for f in ("main.png", "learning_curves.png", "weights_by_kind.png", "domain_weights.png"):
-        assert (out / f).stat().st_size > 0
+    assert "| instance_table |" in md and "step AUROC" in md and f"`{art}/`" in md
+    assert sorted(f.name for f in art.iterdir()) == ["domain_weights.png", "learning_curves.png", "main.png",
+                                                     "results.json", "weights_by_kind.png"]
+    assert (out / "main.png").read_bytes() == (art / "main.png").read_bytes()
+    assert all(f.stat().st_size > 0 for f in art.iterdir())
+    # --plot_only regenerates the ignored output from the finished runs alone
+    for f in art.iterdir():
+        f.unlink()
+    p = subprocess.run(cmd + ["--plot_only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert json.loads((art / "results.json").read_text())["table"] == res["table"]
+    assert (art / "learning_curves.png").stat().st_size > 0
+
+
+def test_regenerated_output_goes_to_the_ignored_folder():
+    """A committed --out under bench/ keeps results.md; its JSON and figures go to bench/out/ (ignored)."""
+    assert R.artifacts_dir(ROOT / "bench" / "reweighting" / "swap_sub") == ROOT / "bench/out/reweighting/swap_sub"
+    assert R.artifacts_dir(ROOT / "bench" / "out" / "x") == ROOT / "bench" / "out" / "x"
+    assert R.artifacts_dir(Path("/elsewhere/res")) == Path("/elsewhere/res")
+    args = R.build_parser().parse_args([])
+    assert args.out == ROOT / "bench" / "reweighting" and args.artifacts is None and not args.headline
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench/out/reweighting/results.json"], cwd=ROOT)
+    assert ignored.returncode == 0, "bench/out/ must be in .gitignore"
 
 
 def test_blind_sub_corrupts_only_subtraction_slips(tmp_path):
