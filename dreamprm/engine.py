@@ -201,8 +201,8 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def create_engine(cfg: Config, rank: int, world: int, model: tuple | None = None,
-                  load_universal: bool = False) -> Engine:
+def create_engine(cfg: Config, rank: int, world: int, step_loss: hypergrad.StepLoss, tokenizer=None,
+                  model: tuple | None = None, load_universal: bool = False) -> Engine:
     """The DeepSpeed engine around the PRM. model: (prm, tokenizer) built elsewhere (bench/gpu.py's random
     7B, via model.prepare_for_training); default: build_prm(cfg.model). load_universal: the run resumes
     from a DeepSpeed universal checkpoint (one of another world size, see universal_copy)."""
@@ -215,14 +215,15 @@ def create_engine(cfg: Config, rank: int, world: int, model: tuple | None = None
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds = HfDeepSpeedConfig(dsc)  # must stay alive while the model is built
     torch.manual_seed(cfg.train.seed)  # head and LoRA init come from the global RNG
-    prm, tokenizer = model if model is not None else build_prm(cfg.model, cfg.train.precision)
+    prm, tokenizer = model if model is not None else build_prm(cfg.model, cfg.train.precision, tokenizer)
     params = [p for p in prm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ds, _, _, _ = deepspeed.initialize(model=prm, optimizer=opt, lr_scheduler=sched, config=dsc,
                                        model_parameters=params)
     eng = Engine(ds=ds, stage=stage, rank=rank, world=world, tokenizer=tokenizer,
-                 params=[p for p in ds.module.parameters() if p.requires_grad], hf_ds_config=hf_ds)
+                 params=[p for p in ds.module.parameters() if p.requires_grad], hf_ds_config=hf_ds,
+                 step_loss=step_loss)
     if cfg.meta.hypergrad == "finite_diff" and not cfg.meta.baseline:
         check_finite_diff_dtype(eng, cfg)
     return eng

@@ -275,13 +275,29 @@ def _lora_targets(model, wanted: list[str]) -> list[str]:
     return found
 
 
-def build_prm(mcfg, precision: str = "fp32"):
+def model_dir(mcfg) -> Path:
+    """The run's model folder, checked: --model_name, or the built-in tiny model (built once)."""
+    if mcfg.name_or_path:
+        return check_model_dir(mcfg.name_or_path)
+    from dreamprm.tiny import default_tiny_dir
+
+    return check_model_dir(default_tiny_dir())
+
+
+def training_tokenizer(mcfg):
+    """The tokenizer a run trains with (the step tag added when it is not one token): build_prm's, loaded
+    without the model, so the data can be read and encoded before the engine exists."""
+    return load_tokenizer(model_dir(mcfg), mcfg.step_tag, mcfg.trust_remote_code, mcfg.add_step_tag)
+
+
+def build_prm(mcfg, precision: str = "fp32", tokenizer=None):
     """PRM and tokenizer for training, from a local causal-LM or PRM folder (mcfg: config.ModelConfig).
 
     A PRM folder (architectures has Qwen2ForProcessRewardModel, or the weights have score.0.weight) keeps
     its head; a causal-LM folder gets a fresh head from the global RNG (seed before calling). A step tag
     the tokenizer lacks is added with a new embedding row (load_tokenizer, grow_embeddings).
     mcfg.gc_reentrant: reentrant activation checkpointing instead of the default non-reentrant one.
+    tokenizer: training_tokenizer(mcfg), when the caller has it already.
     """
     problems = []
     if mcfg.mode not in MODES:
@@ -292,13 +308,8 @@ def build_prm(mcfg, precision: str = "fp32"):
         problems.append(f"model.attn_implementation {mcfg.attn_implementation!r} is not one of {ATTN_IMPLEMENTATIONS}")
     if problems:
         raise ModelError("; ".join(problems))
-    if mcfg.name_or_path:
-        path = check_model_dir(mcfg.name_or_path)
-    else:
-        from dreamprm.tiny import default_tiny_dir
-
-        path = check_model_dir(default_tiny_dir())
-    tok = load_tokenizer(path, mcfg.step_tag, mcfg.trust_remote_code, mcfg.add_step_tag)
+    path = model_dir(mcfg)
+    tok = tokenizer if tokenizer is not None else training_tokenizer(mcfg)
     prm, _ = _load(path, precision, mcfg.attn_implementation, mcfg.trust_remote_code, mcfg.mode == "qlora")
     grow_embeddings(prm.model, tok, path)
     return prepare_for_training(prm, mcfg), tok

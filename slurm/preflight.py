@@ -52,18 +52,18 @@ def main(argv: list[str]) -> int:
         print(f"preflight: error: {e}", file=sys.stderr)
         return 2
 
-    from dreamprm import checkpoint, model, runlock
+    from dreamprm import checkpoint, runguard
     from dreamprm.data.readers import DataError
     from dreamprm.errors import CheckpointError
-    from dreamprm.tiny import default_tiny_dir
-    from dreamprm.train import check_resume_config, data_paths, load_data, resolve_resume
+    from dreamprm.data.sources import data_paths, run_data
+    from dreamprm.model import training_tokenizer
+    from dreamprm.resume import check_resume_config, resolve_resume
 
     problems = []
     bilevel = not cfg.meta.baseline
     try:
-        path = model.check_model_dir(cfg.model.name_or_path or default_tiny_dir())
-        tok = model.load_tokenizer(path, cfg.model.step_tag, cfg.model.trust_remote_code)
-        train_ex, meta_ex, _ = load_data(cfg, tok, rank=0, needs_meta=bilevel)
+        data = run_data(cfg, training_tokenizer(cfg.model), rank=0, needs_meta=bilevel)
+        train_ex, meta_ex = data.train_ex, data.meta_ex
     except DataError as e:
         problems += e.problems
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -82,10 +82,10 @@ def main(argv: list[str]) -> int:
 
     run_dir = Path(cfg.run.output_dir)
     try:  # first: a run directory held by a live job makes everything else moot
-        note = runlock.check(run_dir)
+        note = runguard.check(run_dir)
         if note:
             print(f"preflight: {note}", flush=True)
-    except runlock.RunLockError as e:
+    except runguard.RunLockError as e:
         problems.append(str(e))
     try:  # reads every checksum: a damaged checkpoint is found here, not after the model is built
         ckpt, notes = resolve_resume(cfg, run_dir / "checkpoints")

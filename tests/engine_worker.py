@@ -17,7 +17,7 @@ import torch
 from dreamprm import engine, persample
 from dreamprm.config import load_config
 from dreamprm.data.loader import BatchStream
-from dreamprm.train import load_mixture, step_loss_spec
+from dreamprm.data.sources import run_data, step_loss
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
 KINDS = ("instance_table", "instance_net", "domain_table", "instance_domain_table")
@@ -59,9 +59,9 @@ def main():
     rank, world = engine.init_distributed()
     torch.manual_seed(cfg.train.seed)
     eng = engine.create_engine(cfg, rank, world)
-    data = load_mixture(cfg, eng.tokenizer, rank, needs_meta=True)
+    data = run_data(cfg, eng.tokenizer, rank, needs_meta=True)
     train_ex, meta_ex, domains = data.train_ex, data.meta_ex, data.domains
-    eng.step_loss = step_loss_spec(cfg, data.pos_fraction)
+    eng.step_loss = step_loss(cfg, data.pos_fraction)  # MERGE: H1 passes it to create_engine
     pad = eng.tokenizer.pad_token_id
     train = BatchStream(train_ex, cfg.train.batch_size, pad, rank, world, cfg.train.seed)
     meta = BatchStream(meta_ex, cfg.meta.meta_batch_size, pad, rank, world, cfg.train.seed + 1)

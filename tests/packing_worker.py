@@ -2,8 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/packing_worker.py OUT_DIR [train.py flags...]
 
-The loop of dreamprm.train (inner_update, then meta_update every update) on the demo data with the
-batches train.collate_fn gives (--packing or not), the meta pass alternating exact (odd updates) and
+The loop of dreamprm.train.train_loop (inner_update, then meta_update every update) on the demo data with the
+batches data.sources.collate_fn gives (--packing or not), the meta pass alternating exact (odd updates) and
 finite differences (even). Saves per rank: every instance's loss and weight by record id, the meta
 losses and alignment means; rank 0 also saves the final instance weights and the gathered trainable
 parameters.
@@ -18,7 +18,7 @@ from dreamprm import engine
 from dreamprm.config import load_config
 from dreamprm.data.loader import BatchStream
 from dreamprm.data.packing import is_packed
-from dreamprm.train import collate_fn, load_data
+from dreamprm.data.sources import collate_fn, run_data
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
 
@@ -27,7 +27,8 @@ def main():
     cfg, _ = load_config(sys.argv[2:])
     rank, world = engine.init_distributed()
     eng = engine.create_engine(cfg, rank, world)
-    train_ex, meta_ex, domains = load_data(cfg, eng.tokenizer, rank, needs_meta=True, world=world)
+    data = run_data(cfg, eng.tokenizer, rank, needs_meta=True, world=world)
+    train_ex, meta_ex, domains = data.train_ex, data.meta_ex, data.domains
     pad, coll = eng.tokenizer.pad_token_id, collate_fn(cfg)
     train = BatchStream(train_ex, cfg.train.batch_size, pad, rank, world, cfg.train.seed, collate_fn=coll)
     meta = BatchStream(meta_ex, cfg.meta.meta_batch_size, pad, rank, world, cfg.train.seed + 1, collate_fn=coll)

@@ -7,7 +7,7 @@ any number of ranks, and write it again at once, so that the test can compare wh
 import sys
 from pathlib import Path
 
-from dreamprm import engine, train
+from dreamprm import engine, resume
 from dreamprm.config import load_config
 
 
@@ -15,10 +15,10 @@ def main():
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     cfg, _ = load_config(sys.argv[3:] + ["--resume_from", str(src)])
     rank, world = engine.init_distributed()
-    resume = train.find_resume(cfg, src.parent, rank)
-    universal = engine.universal_copy(resume, world, rank)
+    path = resume.find_resume(cfg, src.parent, rank)
+    universal = engine.universal_copy(path, world, rank)
     eng = engine.create_engine(cfg, rank, world, load_universal=universal is not None)
-    shared, per_rank, _ = engine.load_checkpoint(eng, resume, universal)
+    shared, per_rank, _ = engine.load_checkpoint(eng, path, universal)
     engine.save_checkpoint(eng, out, shared["step"], {k: shared[k] for k in ("config", "weights", "weights_opt")},
                            {k: per_rank[k] for k in ("train_stream", "meta_stream")}, keep_last=1)
 

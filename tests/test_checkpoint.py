@@ -1,4 +1,4 @@
-"""dreamprm/checkpoint.py and dreamprm/runlock.py: files, checksums, lineage, atomic writes, the LOCK.
+"""dreamprm/checkpoint.py: files, checksums, lineage, atomic writes.
 
 Plain files only (no engine): fake checkpoint folders with real manifests. The end-to-end
 faults (a real run damaged, rolled back, out of disk) are in tests/test_faults.py.
@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from dreamprm import checkpoint as ck
-from dreamprm import runlock
-from dreamprm.errors import CheckpointError, DataError, RunLockError
+from dreamprm.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,57 +130,3 @@ def test_write_problems_are_named():
     assert ck.os_problem(OSError(errno.ENOSPC, "x")) == "disk full"
     assert ck.os_problem(OSError(errno.EROFS, "x")) == "read-only file system"
     assert ck.os_problem(OSError(errno.EACCES, "x")) == "permission denied"
-
-
-def test_a_torn_last_metrics_line_is_dropped_and_other_damage_named(tmp_path):
-    from dreamprm.train import truncate_metrics
-    m = tmp_path / "metrics.jsonl"
-    m.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
-    note = truncate_metrics(m, 2)
-    assert "torn last line" in note and f"{m}:4" in note
-    assert m.read_text() == '{"step": 1}\n{"step": 2}\n'
-    m.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(DataError, match=f"{m}:2: not JSON"):
-        truncate_metrics(m, 2)
-
-
-@pytest.mark.parametrize("content, says", [("", "is empty"), ('{"host": "h", "pi', "is not JSON"),
-                                           ('{"x": 1}', "does not name an owner")])
-def test_an_empty_or_corrupt_lock_says_so(tmp_path, content, says):
-    (tmp_path / runlock.LOCK).write_text(content)
-    for fn in (runlock.acquire, runlock.check):
-        with pytest.raises(RunLockError, match=says) as e:
-            fn(tmp_path)
-        assert "None" not in str(e.value) and f"delete {tmp_path / runlock.LOCK}" in str(e.value)
-
-
-def test_lock_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    def full(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(runlock.os, "fsync", full)
-    with pytest.raises(RunLockError, match="cannot write the lock .*: disk full"):
-        runlock.acquire(tmp_path)
-    assert list(tmp_path.iterdir()) == []  # no empty LOCK to block the next start
-    monkeypatch.undo()
-    lock, note = runlock.acquire(tmp_path)
-    assert note is None and json.loads(lock.read_text())["pid"] == os.getpid()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [runlock.LOCK]
-    runlock.release(lock)
-
-
-def test_lock_check_for_preflight(tmp_path, monkeypatch):
-    assert runlock.check(tmp_path) is None
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (tmp_path / runlock.LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
-                                                         "slurm_job_id": "41", "since": "then"}))
-        with pytest.raises(RunLockError, match=f"in use by pid {holder.pid}"):
-            runlock.check(tmp_path)
-        monkeypatch.setenv("SLURM_JOB_ID", "41")  # the same job, requeued: taken over
-        assert "will be taken over" in runlock.check(tmp_path)
-        lock, note = runlock.acquire(tmp_path)
-        assert "stale" in note
-        runlock.release(lock)
-    finally:
-        holder.kill()
-        holder.wait()

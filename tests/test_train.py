@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamprm import checkpoint, engine, runlock
+from dreamprm import checkpoint, engine
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -119,21 +119,6 @@ def test_qlora_trains_on_cpu_and_rejects_zero3(tmp_path):
     p = train("--mode", "qlora", "--precision", "bf16", "--deepspeed", "ds_configs/zero3.json",
               "--output_dir", tmp_path / "q3")
     assert p.returncode == 2 and "ZeRO-3" in p.stderr
-
-
-def test_run_lock_blocks_a_second_job_and_replaces_a_dead_one(tmp_path):
-    lock, note = runlock.acquire(tmp_path)
-    assert note is None
-    with pytest.raises(runlock.RunLockError, match="in use by pid"):
-        runlock.acquire(tmp_path)
-    runlock.release(lock)
-    assert not lock.exists()
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "slurm_job_id": None}))
-    lock2, note = runlock.acquire(tmp_path)
-    assert note and "stale" in note
-    runlock.release(lock2)
 
 
 def test_non_finite_loss_names_the_instances_and_stops():

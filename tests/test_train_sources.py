@@ -99,7 +99,7 @@ def test_a_prompt_profile_round_trips_from_training_to_load_scorer(tmp_path):
     from dreamprm.model import load_tokenizer
     from dreamprm.scoring import load_scorer
     from dreamprm.tiny import default_tiny_dir
-    from dreamprm.train import load_mixture
+    from dreamprm.data.sources import run_data
 
     out = tmp_path / "run"
     flags = ["--train_file", f"{ROOT / 'dreamprm/demo/train.jsonl'},profile=custom", "--train_format", "minif2f",
@@ -113,7 +113,7 @@ def test_a_prompt_profile_round_trips_from_training_to_load_scorer(tmp_path):
     # the scorer renders a record exactly as training did
     cfg, _ = load_config([*map(str, TRAIN[1:]), *map(str, flags)])
     tok = load_tokenizer(default_tiny_dir(), cfg.model.step_tag, False)
-    train_ex = load_mixture(cfg, tok, 0, needs_meta=False).train_ex
+    train_ex = run_data(cfg, tok, 0, needs_meta=False).train_ex
     recs = load_records(ROOT / "dreamprm/demo/train.jsonl", "minif2f")[:3]
     mine, _ = encode_records(recs, scorer.tokenizer, scorer.step_tag, 4096, scorer.chat_template,
                              profile=scorer.profile)
@@ -150,18 +150,3 @@ def test_the_mix_recipe_runs_as_a_cpu_smoke(tmp_path):
     names = {k.split("/")[1] for k in rows[-1] if k.startswith("src/")}
     assert names == {"gsm8k", "math", "omnimath", "samples_prm800k"}
     assert abs(sum(rows[-1][f"src/{n}/p"] for n in names) - 1) < 1e-9
-
-
-def test_checkpoints_from_before_the_mixing_options_resume_and_a_changed_mix_is_refused():
-    from dreamprm.config import Config
-    from dreamprm.errors import CheckpointError
-    from dreamprm.train import check_resume_config
-
-    cfg = Config()
-    old = cfg.to_dict()
-    for key in ("mix", "curriculum", "profile", "system_prompt", "prompt_template"):
-        del old["data"][key]  # a checkpoint written before these options existed
-    check_resume_config(cfg, old)
-    changed = {**old, "data": {**old["data"], "mix": "temperature"}}
-    with pytest.raises(CheckpointError, match="--mix: checkpoint has 'temperature'"):
-        check_resume_config(cfg, changed)

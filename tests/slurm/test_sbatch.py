@@ -130,8 +130,8 @@ def test_a_second_job_on_the_same_run_directory_is_refused(slurm, tmp_path):
     """Job 1 holds the run directory's lock as a running trainer does; job 2 (the template) is refused."""
     run = tmp_path / "run"
     holder = tmp_path / "hold.sbatch"
-    holder.write_text("#!/bin/bash\nexec \"$PYTHON\" -c 'import sys, time, pathlib; from dreamprm import runlock; "
-                      "runlock.acquire(pathlib.Path(sys.argv[1])); time.sleep(600)' \"$RUN\"\n")
+    holder.write_text("#!/bin/bash\nexec \"$PYTHON\" -c 'import sys, time, pathlib; from dreamprm import runguard; "
+                      "runguard.acquire(pathlib.Path(sys.argv[1])); time.sleep(600)' \"$RUN\"\n")
     first = slurm.submit("--nodes=1", CPU, f"--output={tmp_path}/%x-%j.out", script=holder, RUN=str(run))
     deadline = time.time() + 60
     while not (run / "LOCK").is_file():

@@ -1,0 +1,219 @@
+"""A run's data, assembled once: its sources read and checked, encoded, and drawn from as batches.
+
+    read_run_records(cfg, needs_meta)         every source's records, or one DataError with every problem
+    run_data(cfg, tokenizer, rank, world, records) -> RunData   domains, profiles, encoded examples
+    train_stream / meta_stream                the resumable per-rank batch streams over them
+
+The trainer and the pre-flight checks call the same functions, so a problem a job would hit is found
+before any rank starts. Nothing here imports torch's distributed stack or deepspeed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+from pathlib import Path
+
+from dreamprm.config import Config
+from dreamprm.data.loader import BatchStream, collate, with_workers
+from dreamprm.data.mixing import Curriculum, MixtureStream, Source, mixture_probs, parse_sources, read_sources
+from dreamprm.data.packing import check_attention, collate_packed
+from dreamprm.data.tokenize import Example, Profile, domain_table, encode_records, profile_problems, run_profiles
+from dreamprm.errors import DataError
+from dreamprm.hypergrad import StepLoss
+from dreamprm.model import resolve_attn
+
+
+def print0(*args, rank: int = 0) -> None:
+    if rank == 0:
+        print(*args, flush=True)
+
+
+@dataclass
+class RunData:
+    train_ex: list[Example]
+    meta_ex: list[Example]
+    domains: list[str]
+    train_sources: list[Source]
+    meta_sources: list[Source]
+    source_of: list[int]  # training example -> its source
+    difficulty: list[float] | None  # training example -> curriculum difficulty (None: no curriculum)
+    profiles: dict[str, Profile]  # profile name -> Profile, those the sources use
+    pos_fraction: float  # positive share of the training step labels (hard-rounded with --hard_labels)
+
+
+DEMO_DIR = Path(__file__).parents[1] / "demo"  # MERGE: config.DEMO_DIR
+
+
+def run_sources(cfg: Config) -> tuple[list[Source], list[Source]]:  # MERGE: config.run_sources
+    """The training and meta sources of the run (the bundled demo files when --train_file is empty)."""
+    d = cfg.data
+    if not d.train_file:
+        return ([Source("--train_file", str(DEMO_DIR / "train.jsonl"), "train", "minif2f", None)],
+                [Source("--meta_file", str(DEMO_DIR / "meta.jsonl"), "meta", "minif2f", None)])
+    train, p1 = parse_sources(d.train_file, "--train_file", d.train_format)
+    meta, p2 = parse_sources(d.meta_file, "--meta_file", d.meta_format)
+    if p1 or p2:  # load_config validated them; a Config built in code may not be
+        from dreamprm.errors import ConfigError
+        raise ConfigError(p1 + p2)
+    return train, meta
+
+
+def data_paths(cfg: Config) -> tuple[str, str, str, str]:
+    """(train file(s), train format, meta file(s), meta format) for messages; several sources are joined by
+    ', '. Empty paths mean the demo data."""
+    train, meta = run_sources(cfg)
+    return (", ".join(s.path for s in train), cfg.data.train_format if cfg.data.train_file else "minif2f",
+            ", ".join(s.path for s in meta), cfg.data.meta_format if cfg.data.train_file else "minif2f")
+
+
+def read_run_records(cfg: Config, needs_meta: bool) -> tuple[list[list], list[list]]:
+    """The records of every source (mixing.read_sources), or one DataError listing every source's problems."""
+    train_src, meta_src = run_sources(cfg)
+    train, meta, problems = read_sources(train_src, meta_src if needs_meta else [], cfg.model.step_tag,
+                                         cfg.data.skip_invalid)
+    if problems:
+        raise DataError(problems)
+    return train, meta
+
+
+def run_data(cfg: Config, tokenizer, rank: int, needs_meta: bool, world: int = 1, records=None) -> RunData:
+    """Read (or take from read_run_records), validate and tokenize every source; every count is printed.
+
+    Each source gets its domain (Source.domain, else the records' own) and its prompt profile. Training
+    examples of all sources are concatenated in source order, Example.index dense over them.
+    """
+    train_src, meta_src = run_sources(cfg)
+    train_recs, meta_recs = records if records is not None else read_run_records(cfg, needs_meta)
+    for s, recs in zip(train_src + meta_src, train_recs + meta_recs):
+        if s.domain is not None:
+            for r in recs:
+                r.domain = s.domain
+    meta_kept = []
+    for s, recs in zip(meta_src, meta_recs):
+        no_outcome = [r.id for r in recs if r.outcome is None]
+        if no_outcome:
+            print0(f"meta  {s.where()}: left out {len(no_outcome)} records without an outcome label "
+                   f"(e.g. {no_outcome[:3]})", rank=rank)
+        meta_kept.append([r for r in recs if r.outcome is not None])
+    domains = domain_table([r.domain for recs in train_recs + meta_kept for r in recs])
+    all_profiles = run_profiles(cfg.data.system_prompt, cfg.data.prompt_template)
+    used = {s.profile or cfg.data.profile for s in train_src + meta_src}
+    problems = [q for name in sorted(used) for q in profile_problems(all_profiles[name])]
+    if cfg.data.curriculum == "difficulty":
+        problems += _difficulty_problems(train_src, train_recs)
+    if problems:
+        raise DataError(problems)
+
+    def encode(sources, recs_per_source, what):
+        out, source_of = [], []
+        for k, (s, recs) in enumerate(zip(sources, recs_per_source)):
+            ex, st = encode_records(recs, tokenizer=tokenizer, step_tag=cfg.model.step_tag,
+                                    max_length=cfg.data.max_length, use_chat_template=cfg.model.chat_template,
+                                    domains=domains, profile=all_profiles[s.profile or cfg.data.profile])
+            print0(f"{what} {s.where()}: {st}", rank=rank)
+            for e in ex:
+                e.index += len(out)
+            out += ex
+            source_of += [k] * len(ex)
+            need = world if (len(sources) > 1 or what == "meta ") else 1
+            if len(ex) < max(1, need):
+                problems.append(f"{s.where()}: {len(ex)} usable examples (within --max_length "
+                                f"{cfg.data.max_length}); each source needs at least {max(1, need)} (one per rank)")
+        return out, source_of
+
+    train_ex, source_of = encode(train_src, train_recs, "train")
+    meta_ex = encode(meta_src, meta_kept, "meta ")[0] if needs_meta else []
+    checks = [("--train_file", train_ex)] + ([("--meta_file", meta_ex)] if needs_meta else [])
+    for flag, ex in checks:  # every rank needs at least one example of each
+        if len(ex) < world:
+            problems.append(f"{flag} {data_paths(cfg)[0 if flag == '--train_file' else 2]}: {len(ex)} usable "
+                            f"examples (within --max_length {cfg.data.max_length}) cannot give each of {world} "
+                            f"ranks one; add data or use at most {max(1, len(ex))} ranks")
+    if problems:
+        raise DataError(problems)
+    labels = [(y >= 0.5) if cfg.train.hard_labels else y for e in train_ex for y in e.labels if not math.isnan(y)]
+    pos = float(sum(labels) / len(labels)) if labels else math.nan
+    print0(f"train step labels: {len(labels)} labelled steps, positive fraction {pos:.4f}"
+           + (" (labels rounded to 0/1)" if cfg.train.hard_labels else ""), rank=rank)
+    return RunData(train_ex, meta_ex, domains, train_src, meta_src, source_of,
+                   _difficulty(cfg, train_ex, source_of, train_recs), {n: all_profiles[n] for n in sorted(used)}, pos)
+
+
+def _difficulty_problems(train_src: list[Source], train_recs: list[list]) -> list[str]:
+    problems = []
+    for s, recs in zip(train_src, train_recs):
+        bad = [r.id for r in recs if isinstance((r.meta or {}).get("difficulty"), bool)
+               or not isinstance((r.meta or {}).get("difficulty"), (int, float))]
+        if bad:
+            problems.append(f"{s.where()}: --curriculum difficulty needs a number in meta.difficulty; "
+                            f"{len(bad)} records have none (e.g. {bad[:3]})")
+    return problems
+
+
+def _difficulty(cfg: Config, train_ex: list, source_of: list[int], train_recs: list[list]) -> list[float] | None:
+    """Curriculum difficulty of every training example (None without a curriculum)."""
+    if cfg.data.curriculum == "difficulty":
+        by_id = [{r.id: float(r.meta["difficulty"]) for r in recs} for recs in train_recs]
+        return [by_id[s][e.id] for e, s in zip(train_ex, source_of)]
+    if cfg.data.curriculum == "steps":
+        return [float(e.n_steps) for e in train_ex]
+    if cfg.data.curriculum == "length":
+        return [float(len(e.input_ids)) for e in train_ex]
+    return None
+
+
+def step_loss(cfg: Config, pos_fraction: float) -> StepLoss:
+    """The inner loss of the run; balanced_ce takes --pos_fraction, or the one measured on the training data."""
+    t = cfg.train
+    pf = t.pos_fraction or pos_fraction
+    if t.step_loss == "balanced_ce" and not 0 < pf < 1:
+        raise DataError([f"--step_loss balanced_ce: the training step labels have positive fraction {pf} (one "
+                         "class only); class balance needs both, or set --pos_fraction"])
+    return StepLoss(t.step_loss, t.hard_labels, t.focal_gamma, pf if 0 < pf < 1 else 0.5)
+
+
+def train_stream(cfg: Config, data: RunData, pad_id: int, rank: int, world: int, wmod=None):
+    """BatchStream over all sources (--mix size without curriculum: each example once per epoch, so sources are
+    drawn in proportion to their size), else a MixtureStream."""
+    d = cfg.data
+    if d.mix == "size" and d.curriculum == "none":
+        return with_workers(BatchStream(data.train_ex, cfg.train.batch_size, pad_id, rank, world, cfg.train.seed,
+                                        collate_fn=collate_fn(cfg)), d.num_workers)
+    curriculum = None
+    if d.curriculum != "none":
+        ramp = (d.curriculum_steps or cfg.train.total_steps) * cfg.train.grad_accum
+        curriculum = Curriculum(d.curriculum_start, ramp, d.curriculum_schedule)
+    stream = MixtureStream(data.train_ex, data.source_of, cfg.train.batch_size, pad_id,
+                           source_probs(cfg, data, wmod), rank, world, cfg.train.seed, curriculum, data.difficulty,
+                           collate_fn(cfg))
+    return with_workers(stream, d.num_workers)
+
+
+def meta_stream(cfg: Config, data: RunData, pad_id: int, rank: int, world: int) -> BatchStream:
+    return BatchStream(data.meta_ex, cfg.meta.meta_batch_size, pad_id, rank, world, cfg.train.seed + 1,
+                       collate_fn=collate_fn(cfg))
+
+
+def source_probs(cfg: Config, data: RunData, wmod=None):
+    """Sampling probability of every training source now (learned: from the domain table's weights)."""
+    sizes = [data.source_of.count(k) for k in range(len(data.train_sources))]
+    dw = None
+    if cfg.data.mix == "learned" and wmod is not None:
+        w = wmod.row_weights()
+        dw = [float(w[data.domains.index(s.domain)]) for s in data.train_sources]
+    return mixture_probs(sizes, cfg.data.mix, cfg.data.mix_alpha, [s.weight for s in data.train_sources], dw)
+
+
+def collate_fn(cfg: Config):
+    """Padded batches, or with --packing data.packing.collate_packed: rows as long as the batch's longest
+    example for sdpa/eager (block-diagonal mask from the restarting position ids), one unpadded row for
+    flash_attention_2 (its varlen path needs batch size 1). The batch order and the stream state are
+    the same either way, so a packed run resumes like a padded one."""
+    if not cfg.data.packing:
+        return collate
+    attn = resolve_attn(cfg.model.attn_implementation)
+    check_attention(attn)
+    return partial(collate_packed, one_row=attn == "flash_attention_2")
