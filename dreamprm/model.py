@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from dreamprm.config import ATTN_IMPLEMENTATIONS, DEFAULT_STEP_TAG, MODES, PRECISIONS
+from dreamprm.data.tokenize import check_step_tag
 from dreamprm.errors import ModelError
+from dreamprm.tiny import default_tiny_dir
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +130,6 @@ def load_tokenizer(path, step_tag: str, trust_remote_code: bool = False, add_tag
     again. ModelError, naming the tag, the tokenizer and an example, when it still fails.
     """
     from transformers import AddedToken, AutoTokenizer
-
-    from dreamprm.data.tokenize import check_step_tag
 
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     try:
@@ -295,8 +295,6 @@ def build_prm(mcfg, precision: str = "fp32"):
     if mcfg.name_or_path:
         path = check_model_dir(mcfg.name_or_path)
     else:
-        from dreamprm.tiny import default_tiny_dir
-
         path = check_model_dir(default_tiny_dir())
     tok = load_tokenizer(path, mcfg.step_tag, mcfg.trust_remote_code, mcfg.add_step_tag)
     prm, _ = _load(path, precision, mcfg.attn_implementation, mcfg.trust_remote_code, mcfg.mode == "qlora")

@@ -27,19 +27,18 @@ import torch
 
 from dreamprm import checkpoint as ckpt
 from dreamprm import engine, runlock
-from dreamprm.config import Config, save_config
+from dreamprm.config import CHECKPOINTS_DIR, Config, Source, run_sources
 from dreamprm.data.loader import BatchStream, collate, with_workers
-from dreamprm.data.mixing import Curriculum, MixtureStream, Source, mixture_probs, parse_sources
+from dreamprm.data.mixing import Curriculum, MixtureStream, mixture_probs
 from dreamprm.data.mixing import read_sources as read_all_sources
 from dreamprm.data.packing import check_attention, collate_packed
 from dreamprm.data.tokenize import domain_table, encode_records, profile_problems, run_profiles
-from dreamprm.errors import CheckpointError, CollectiveError, ConfigError, DataError
+from dreamprm.errors import CheckpointError, CollectiveError, DataError
 from dreamprm.hypergrad import StepLoss
 from dreamprm.model import resolve_attn
 from dreamprm.train_eval import eval_step_metrics, load_eval_examples
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
-DEMO_DIR = Path(__file__).parent / "demo"
 # Fields that must agree between a checkpoint and the run resuming it.
 RESUME_MUST_MATCH = [("data", "train_file"), ("data", "meta_file"), ("data", "max_length"),
                      ("model", "name_or_path"), ("model", "mode"), ("model", "lora_r"),
@@ -60,22 +59,9 @@ def print0(*args, rank: int = 0) -> None:
 def data_paths(cfg: Config) -> tuple[str, str, str, str]:
     """(train file(s), train format, meta file(s), meta format) for messages; several sources are joined by
     ', '. Empty paths mean the demo data."""
-    train, meta = train_sources(cfg)
+    train, meta = run_sources(cfg)
     return (", ".join(s.path for s in train), cfg.data.train_format if cfg.data.train_file else "minif2f",
             ", ".join(s.path for s in meta), cfg.data.meta_format if cfg.data.train_file else "minif2f")
-
-
-def train_sources(cfg: Config) -> tuple[list[Source], list[Source]]:
-    """The training and meta sources of the run (the bundled demo files when --train_file is empty)."""
-    d = cfg.data
-    if not d.train_file:
-        return ([Source("--train_file", str(DEMO_DIR / "train.jsonl"), "train", "minif2f", None)],
-                [Source("--meta_file", str(DEMO_DIR / "meta.jsonl"), "meta", "minif2f", None)])
-    train, p1 = parse_sources(d.train_file, "--train_file", d.train_format)
-    meta, p2 = parse_sources(d.meta_file, "--meta_file", d.meta_format)
-    if p1 or p2:  # load_config validated them; a Config built in code may not be
-        raise ConfigError(p1 + p2)
-    return train, meta
 
 
 @dataclass
@@ -93,7 +79,7 @@ class Data:
 
 def read_sources(cfg: Config, needs_meta: bool) -> tuple[list[list], list[list]]:
     """The records of every source (mixing.read_sources), or one DataError listing every source's problems."""
-    train_src, meta_src = train_sources(cfg)
+    train_src, meta_src = run_sources(cfg)
     train, meta, problems = read_all_sources(train_src, meta_src if needs_meta else [], cfg.model.step_tag,
                                              cfg.data.skip_invalid)
     if problems:
@@ -107,7 +93,7 @@ def load_mixture(cfg: Config, tokenizer, rank: int, needs_meta: bool, world: int
     Each source gets its domain (Source.domain, else the records' own) and its prompt profile. Training
     examples of all sources are concatenated in source order, Example.index dense over them.
     """
-    train_src, meta_src = train_sources(cfg)
+    train_src, meta_src = run_sources(cfg)
     train_recs, meta_recs = records if records is not None else read_sources(cfg, needs_meta)
     for s, recs in zip(train_src + meta_src, train_recs + meta_recs):
         if s.domain is not None:
@@ -419,7 +405,7 @@ def fit(cfg: Config, notes=()) -> int:
     for n in notes:
         print0(n, rank=rank)
     run_dir = Path(cfg.run.output_dir)
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / CHECKPOINTS_DIR
     bilevel = not cfg.meta.baseline
     torch.manual_seed(cfg.train.seed)
     if cfg.run.debug:
@@ -528,7 +514,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                     print(f"dreamprm: warning: {err}", file=sys.stderr, flush=True)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        ckpt.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         note = truncate_metrics(run_dir / "metrics.jsonl", start)
         if note:
             print0(note, rank=rank)
