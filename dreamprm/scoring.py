@@ -55,7 +55,7 @@ class Scorer:
         self.chat_template = chat_template
         self.profile = profile  # how questions are rendered (None: PROFILES["default"])
         base = getattr(prm.model, "config", None)
-        # the one length rule (config.effective_max_length): min(asked for, the model's limit)
+        # the one length rule (preflight.effective_max_length): min(asked for, the model's limit)
         self.model_limit = model_length_limit(base.to_dict()) if base is not None else None
         self.max_length = min(x for x in (max_length, self.model_limit, 10**9) if x)
         self.source = source
