@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from dreamprm import engine, hypergrad, persample
+from dreamprm import engine, hypergrad, persample, preflight
 from dreamprm.config import Config, validate
 from dreamprm.data.loader import collate
 from dreamprm.data.packing import select
@@ -328,7 +328,7 @@ def run_config(a: argparse.Namespace) -> Config:
     cfg.train.batch_size, cfg.train.precision, cfg.train.deepspeed = a.batch_size, a.precision, a.deepspeed
     cfg.train.seed = a.seed
     cfg.meta.meta_batch_size, cfg.meta.fd_radius, cfg.meta.hypergrad = a.meta_batch_size, a.fd_radius, "exact"
-    problems = validate(cfg)
+    problems = validate(cfg) + preflight.path_problems(cfg)
     if problems:
         raise SystemExit("invalid settings: " + "; ".join(problems))
     return cfg

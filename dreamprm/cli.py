@@ -22,9 +22,10 @@ import os
 import sys
 from pathlib import Path
 
-from dreamprm.data.readers import FORMATS, format_summary, load_records, summary
+from dreamprm import preflight
 from dreamprm.audit import add_weights_parser
-from dreamprm.config import DEFAULT_STEP_TAG
+from dreamprm.config import DEFAULT_STEP_TAG, parse_config
+from dreamprm.data.readers import FORMATS, format_summary, load_records, summary
 from dreamprm.data.record import write_jsonl
 from dreamprm.data.tokenize import length_report
 from dreamprm.errors import ConfigError, DataError, DreamPRMError
@@ -145,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(argv: list[str]) -> int:
-    """launch/train.py and `dreamprm train`: known failures print one clear message, exit 1."""
-    from dreamprm.config import load_config
+    """launch/train.py and `dreamprm train`: the config's and the pre-flight's problems print as one message
+    (exit 2), other known failures as one clear message (exit 1)."""
+    cfg, problems, notes = parse_config(argv)
     try:
-        cfg, notes = load_config(argv)
+        notes += preflight.check(cfg, problems)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ import torch.distributed.distributed_c10d as c10d
 
 from dreamprm import checkpoint as ckpt
 from dreamprm import hypergrad, persample
-from dreamprm.config import Config
+from dreamprm.config import Config, RunConfig
 from dreamprm.data.packing import select
 from dreamprm.errors import CheckpointError, CollectiveError, ConfigError, ModelError, NonFiniteError
 from dreamprm.model import build_prm
@@ -70,11 +70,11 @@ def _free_port() -> int:
 _monitor = None  # a gloo group for monitored_barrier (gloo only), which names the silent ranks
 
 
-def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
+def init_distributed(timeout_s: float = RunConfig.collective_timeout) -> tuple[int, int]:
     """Join (or, for a plain `python` run, create) the process group; returns rank, world.
 
     timeout_s: how long a collective waits for the other ranks (torch's default, 30 min, is
-    long for a lost node)."""
+    long for a lost node); the default is --collective_timeout's."""
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))

@@ -24,6 +24,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from dreamprm.checkpoint import shared_state, write_json_atomic
+from dreamprm.errors import DreamPRMError
+
 
 def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = None,
            precision: str = "fp32") -> Path:
@@ -32,8 +35,7 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
     Raises scoring.ScoringError naming what is missing for an incomplete run or a partial checkpoint,
     and before any loading for an out_dir that is not empty or an --adapter export of a full fine-tune.
     """
-    from dreamprm.checkpoint import shared_state, write_json_atomic
-    from dreamprm.model import save_adapter, save_prm
+    from dreamprm.model import save_adapter, save_prm  # torch and transformers: not for `dreamprm --help`
     from dreamprm.scoring import EXPORT_INFO, ScoringError, load_checkpoint_prm, path_kind, resolve_checkpoint
 
     src, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
@@ -94,8 +96,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_export(args) -> int:
     """CLI handler: 0 on success, 1 with the reason on stderr."""
-    from dreamprm.errors import DreamPRMError
-    from dreamprm.scoring import EXPORT_INFO
+    from dreamprm.scoring import EXPORT_INFO  # torch: not for `dreamprm --help`
 
     try:
         out = export(args.run_dir, args.out_dir, args.adapter, args.checkpoint, args.precision)

@@ -30,12 +30,13 @@ import torch
 from dreamprm import checkpoint as ckpt_io
 from dreamprm.checkpoint import MANIFEST, SHARED_STATE
 from dreamprm import metrics as M
-from dreamprm.config import DEFAULT_STEP_TAG, model_length_limit
+from dreamprm.config import CHECKPOINTS_DIR, DEFAULT_STEP_TAG, ModelConfig
 from dreamprm.data.loader import collate
 from dreamprm.data.record import Record, record_from_json, record_problems
 from dreamprm.data.tokenize import Profile, encode_records
 from dreamprm.errors import CheckpointError, ModelError, ScoringError
-from dreamprm.model import HEAD_FILE, step_probs
+from dreamprm.model import HEAD_FILE, build_prm, load_prm, step_probs
+from dreamprm.preflight import model_length_limit
 
 EXPORT_INFO = "dreamprm.json"  # written by `dreamprm export` next to the weights
 
@@ -54,7 +55,7 @@ class Scorer:
         self.chat_template = chat_template
         self.profile = profile  # how questions are rendered (None: PROFILES["default"])
         base = getattr(prm.model, "config", None)
-        # the one length rule (config.effective_max_length): min(asked for, the model's limit)
+        # the one length rule (preflight.effective_max_length): min(asked for, the model's limit)
         self.model_limit = model_length_limit(base.to_dict()) if base is not None else None
         self.max_length = min(x for x in (max_length, self.model_limit, 10**9) if x)
         self.source = source
@@ -235,9 +236,10 @@ def path_kind(p: Path) -> str:
     if not p.is_dir():
         raise ScoringError(f"{p} is a file; pass a run directory, a checkpoint folder (run/checkpoints/step_N) "
                            "or an exported model folder")
-    if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file() or (p / "status.json").is_file():
+    if (p / CHECKPOINTS_DIR).is_dir() or (p / "config.yaml").is_file() or (p / "status.json").is_file():
         return "run"
-    if (p / MANIFEST).is_file() or (p / SHARED_STATE).is_file() or re.fullmatch(r"step_\d+(\.tmp)?", p.name):
+    if ((p / MANIFEST).is_file() or (p / SHARED_STATE).is_file()
+            or ckpt_io.step_of(p.name.removesuffix(".tmp")) is not None):  # step_N, or step_N.tmp (a partial save)
         return "checkpoint"
     if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
         return "model"
@@ -255,14 +257,15 @@ def resolve_checkpoint(p: Path, checkpoint: str | None = None) -> Path:
             raise ScoringError(f"{p} is a checkpoint folder already; checkpoint= is for run directories")
         ckpt = p
     else:
-        root = p / "checkpoints"
+        root = p / CHECKPOINTS_DIR
         found = sorted(root.glob("step_*")) if root.is_dir() else []
         listing = ", ".join(f.name + ("" if (f / MANIFEST).is_file() else " (partial: no MANIFEST.json)")
                             for f in found) or "none"
         if checkpoint is not None:
             name = checkpoint.strip()
-            if re.fullmatch(r"(step_)?\d+", name):
-                name = ckpt_io.tag(int(name.removeprefix("step_")))
+            n = int(name) if re.fullmatch(r"\d+", name) else ckpt_io.step_of(name)  # 500 or step_500
+            if n is not None:
+                name = ckpt_io.tag(n)
             ckpt = root / name
             if not ckpt.is_dir():
                 raise ScoringError(f"{p}: no checkpoint {checkpoint!r} ({ckpt} does not exist); checkpoints "
@@ -284,8 +287,6 @@ def resolve_checkpoint(p: Path, checkpoint: str | None = None) -> Path:
 
 
 def _model_config(cfg: dict):
-    from dreamprm.config import ModelConfig
-
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in cfg["model"].items() if k in known})
 
@@ -298,8 +299,7 @@ def load_checkpoint_prm(ckpt: Path, precision: str = "fp32"):
     base folder again in the training precision (deterministic, as in training) and only the trained
     weights (LoRA, head) are loaded.
     """
-    from dreamprm import engine
-    from dreamprm.model import build_prm
+    from dreamprm import engine  # deepspeed: only when a checkpoint is loaded
 
     cfg = torch.load(ckpt / SHARED_STATE, weights_only=True, map_location="cpu")["config"]
     mcfg = _model_config(cfg)
@@ -340,8 +340,6 @@ def recorded_step_tag(p: Path) -> str | None:
 
 def load_exported(p: Path, precision: str = "fp32", step_tag: str | None = None):
     """(prm, tokenizer, step tag, export info) from a folder written by save_prm / save_adapter."""
-    from dreamprm.model import load_prm
-
     recorded = recorded_step_tag(p)
     if recorded is None and step_tag is None:
         where = (f"{HEAD_FILE} metadata" if (p / "adapter_config.json").is_file()

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from dreamprm import bilevel, dist, engine, resume
-from dreamprm.config import Config, save_config
+from dreamprm import checkpoint as ckpt
+from dreamprm.config import CHECKPOINTS_DIR, Config
 from dreamprm.data import sources
 from dreamprm.data.sources import RunData
 from dreamprm.model import training_tokenizer
@@ -151,7 +152,7 @@ def open_run_dir(run: Run, guard: RunGuard) -> bool:
     """config.yaml written, metrics past the checkpoint dropped; False if a signal came during start-up."""
     if run.rank == 0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run.cfg, run.run_dir / "config.yaml")
+        ckpt.write_text_atomic(run.run_dir / "config.yaml", run.cfg.to_yaml())
         note = truncate_metrics(run.run_dir / "metrics.jsonl", run.state.step)
         if note:
             print0(note)
@@ -195,7 +196,7 @@ def save(run: Run, guard: RunGuard) -> Path:
     shared.update(config=run.cfg.to_dict(),
                   profiles={n: dataclasses.asdict(p) for n, p in run.data.profiles.items()})
     path, notes = engine.save_checkpoint(
-        run.eng, run.run_dir / "checkpoints", run.state.step, shared=shared, per_rank=per_rank,
+        run.eng, run.run_dir / CHECKPOINTS_DIR, run.state.step, shared=shared, per_rank=per_rank,
         keep_last=run.cfg.run.keep_last, parent=Path(guard.status["last_checkpoint"] or "").name or None,
         keep=[run.resumed_from] if run.resumed_from is not None else [])
     for n in notes:  # old checkpoints that could not be deleted: the run goes on, the disk fills

@@ -4,7 +4,8 @@
 
 `launch/train.py --dry_run` in one process validates the config, data and model, but for a
 world of one rank: it cannot see what depends on the job's size. This check runs the trainer's
-own config validation and data reading, then adds what a multi-node job needs:
+own checks (dreamprm.preflight, for this world size) and data reading, then adds what a
+multi-node job needs:
 
 - every rank gets at least one training example and one meta example (the data is split
   across ranks, BatchStream), so the node count must not exceed what the data can divide;
@@ -13,18 +14,17 @@ own config validation and data reading, then adds what a multi-node job needs:
   passed over for the newest intact one, saying so), and it has the same structural settings
   (another number of ranks is fine: it says that the checkpoint will be converted); a requeued
   job would otherwise fail only after every rank has loaded the model;
-- the DeepSpeed JSON's batch fields against this world size (WORLD_SIZE is set for the
-  trainer's validation);
+- the DeepSpeed JSON's batch fields against this world size;
 - that this Python can import dreamprm at all.
 
 It builds no model: no GPU memory, seconds rather than minutes. Every problem is printed,
-each saying what to change; exit 2 for a config error (as launch/train.py), 1 otherwise.
+each saying what to change; exit 2 for a problem dreamprm.preflight finds (the config, the files
+and folders it names, the lock; as launch/train.py), 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -37,22 +37,25 @@ def main(argv: list[str]) -> int:
     nodes, per_node = shape.nodes, shape.ranks_per_node
     world = nodes * per_node
     job = f"{world} ranks ({nodes} node(s) x {per_node} per node)"
-    os.environ["WORLD_SIZE"] = str(world)  # the trainer's DeepSpeed JSON check reads it
 
     try:
-        from dreamprm.config import ConfigError, load_config
+        from dreamprm import preflight
+        from dreamprm.config import ConfigError, parse_config
     except ImportError as e:
         print(f"preflight: error: {sys.executable} cannot import dreamprm ({e}); activate its environment in "
               "the setup block of slurm/minif2f.sbatch, or set PYTHON", file=sys.stderr)
         return 1
-    try:
+    cfg, config_problems, _notes = parse_config(train_argv)
+    try:  # a run directory held by a live job makes everything else moot: it is one of these problems
         # the machine check (GPU, bitsandbytes) is left to the ranks: this step may not see the job's GPUs
-        cfg, _notes = load_config(train_argv, check_machine=False)
+        for note in preflight.check(cfg, config_problems, world, check_machine=False, check_lock=True):
+            print(f"preflight: {note}", flush=True)
     except ConfigError as e:
         print(f"preflight: error: {e}", file=sys.stderr)
         return 2
 
-    from dreamprm import checkpoint, runguard
+    from dreamprm import checkpoint
+    from dreamprm.config import CHECKPOINTS_DIR
     from dreamprm.data.readers import DataError
     from dreamprm.errors import CheckpointError
     from dreamprm.data.sources import data_paths, run_data
@@ -81,14 +84,8 @@ def main(argv: list[str]) -> int:
                     + "fewer GPUS_PER_NODE, or more data.")
 
     run_dir = Path(cfg.run.output_dir)
-    try:  # first: a run directory held by a live job makes everything else moot
-        note = runguard.check(run_dir)
-        if note:
-            print(f"preflight: {note}", flush=True)
-    except runguard.RunLockError as e:
-        problems.append(str(e))
     try:  # reads every checksum: a damaged checkpoint is found here, not after the model is built
-        ckpt, notes = resolve_resume(cfg, run_dir / "checkpoints")
+        ckpt, notes = resolve_resume(cfg, run_dir / CHECKPOINTS_DIR)
         for n in notes:
             print(f"preflight: {n}", flush=True)
         if ckpt is not None:

@@ -1,15 +1,20 @@
-import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from dreamprm.config import (
+    DEMO_DIR,
     Config,
     ConfigError,
+    Source,
     apply_yaml,
     build_parser,
     load_config,
     markdown_reference,
+    parse_config,
+    parse_sources,
+    run_sources,
     validate,
 )
 
@@ -77,16 +82,6 @@ def test_help_lists_every_option():
             assert f"--{name}" in text
 
 
-def test_validation_reports_every_problem_at_once_naming_flags():
-    with pytest.raises(ConfigError) as e:
-        load_config(["--lr", "-1", "--batch_size", "0", "--model_name", "/no/such/model", "--precision", "fp16",
-                     "--train_file", "/no/such/file.jsonl", "--lora_dropout", "1.5"])
-    msg = str(e.value)
-    for flag in ("--lr", "--batch_size", "--model_name", "--precision", "--train_file", "--lora_dropout"):
-        assert flag in msg
-    assert len(e.value.problems) >= 6
-
-
 def test_yaml_errors_name_file_and_line(tmp_path):
     y = tmp_path / "r.yaml"
     y.write_text("train:\n  lr: 0.1\n  batchsize: 3\nmodle:\n  mode: lora\nmeta:\n  meta_lr: fast\n")
@@ -96,18 +91,6 @@ def test_yaml_errors_name_file_and_line(tmp_path):
     assert any(f"{y}:4" in p and "modle" in p for p in problems)
     assert any(f"{y}:7" in p and "meta.meta_lr" in p for p in problems)
     assert cfg.train.lr == 0.1
-
-
-def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path):
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_batch_size": 64, "gradient_accumulation_steps": 3,
-                              "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}))
-    with pytest.raises(ConfigError) as e:
-        load_config(["--deepspeed", str(ds), "--batch_size", "2", "--grad_accum", "2", "--mode", "qlora",
-                     "--precision", "bf16"])
-    msg = str(e.value)
-    assert "train_batch_size=64" in msg and "gradient_accumulation_steps=3" in msg
-    assert "optimizer" in msg and "ZeRO-3" in msg
 
 
 def test_finite_differences_in_bf16_full_finetune_is_rejected():
@@ -130,72 +113,96 @@ def test_shipped_recipes_parse(recipe):
     assert left == []
 
 
-def test_shipped_ds_configs_agree_with_default_batch_settings():
-    for ds in sorted((ROOT / "ds_configs").glob("*.json")):
-        cfg = Config()
-        cfg.train.deepspeed = str(ds)
-        assert validate(cfg) == [], ds
-
-
 def test_readme_config_reference_matches_the_code():
     assert markdown_reference() in (ROOT / "README.md").read_text()
 
 
-def test_seed_script_resume_step_picks_that_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    for n in (4, 8):
-        (out / "checkpoints" / f"step_{n:08d}").mkdir(parents=True)
-    cfg, _ = load_config(["--output_dir", str(out), "--resume_step", "4"])
-    assert cfg.run.resume_from == str(out / "checkpoints" / "step_00000004")
-    ckpt8 = str(out / "checkpoints" / "step_00000008")
-    cfg, _ = load_config(["--output_dir", str(out), "--resume_from", ckpt8, "--resume_step", "8"])
-    assert cfg.run.resume_from == ckpt8
-    for argv, want in ((["--resume_step", "5"], "has no checkpoint of step 5 (steps there: 4, 8)"),
-                       (["--resume_from", ckpt8, "--resume_step", "4"], "is not the checkpoint of step 4"),
-                       (["--resume_from", "none", "--resume_step", "4"], "contradicts --resume_from none")):
-        with pytest.raises(ConfigError, match=r"--resume_step"):
-            load_config(["--output_dir", str(out), *argv])
-        try:
-            load_config(["--output_dir", str(out), *argv])
-        except ConfigError as e:
-            assert want in str(e)
+def test_source_specs_parse_with_defaults_and_every_problem_named():
+    srcs, problems = parse_sources(["a/x.jsonl", "b/y.json,format=processbench,weight=2.5,profile=plain"],
+                                   "--train_file", "auto")
+    assert problems == []
+    assert [(s.name, s.format, s.domain, s.weight, s.profile) for s in srcs] == [
+        ("x", "auto", "x", 1.0, None), ("y", "processbench", "y", 2.5, "plain")]
+    one, _ = parse_sources("a/x.jsonl", "--train_file", "auto")
+    assert one[0].domain is None  # a single source keeps the records' own domain field, as before
+    ymap, _ = parse_sources([{"path": "p.jsonl", "domain": "math", "weight": 0}], "--meta_file", "auto")
+    assert (ymap[0].domain, ymap[0].weight) == ("math", 0.0)
+    _, problems = parse_sources(["a.jsonl,weight=-1", "b.jsonl,weight=nan", "c.jsonl,colour=red",
+                                 "d.jsonl,weight", "e/a.jsonl"], "--train_file", "auto")
+    text = "\n".join(problems)
+    for want in ("a.jsonl: weight=-1", "b.jsonl: weight=nan", "unknown source key(s) ['colour']",
+                 "'weight' is not key=value", "several sources are named ['a']"):
+        assert want in text, want
+    assert all(p.startswith("--train_file") for p in problems)
 
 
-def test_device_and_qlora_needs_are_checked_up_front(monkeypatch):
-    import importlib.util
+def test_config_is_a_leaf():
+    """config.py imports the standard library, yaml and dreamprm.errors only (not even inside functions):
+    every module may import its constants without a circle."""
+    import ast
 
-    import torch
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes"
-                        else real_find_spec(name, *a))
-    with pytest.raises(ConfigError) as e:
-        load_config(["--mode", "qlora", "--precision", "bf16"])
-    assert len(e.value.problems) == 1
-    msg = e.value.problems[0]
-    assert msg.startswith("--mode qlora needs a CUDA GPU and bitsandbytes (pip install 'dreamprm[qlora]')")
-    assert "bitsandbytes is not installed and no CUDA GPU is visible" in msg and "--device cpu" in msg
-    with pytest.raises(ConfigError, match="--device cuda: no CUDA GPU is visible"):
-        load_config(["--device", "cuda"])
-    with pytest.raises(ConfigError, match="bitsandbytes is not installed. Use --mode lora"):
-        load_config(["--mode", "qlora", "--precision", "bf16", "--device", "cpu"])
-    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
-    cfg, _ = load_config(["--mode", "qlora", "--precision", "bf16", "--device", "cpu"])  # asked for: allowed
-    assert cfg.train.device == "cpu"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert load_config(["--mode", "qlora", "--precision", "bf16"])[0].model.mode == "qlora"
+    tree = ast.parse((ROOT / "dreamprm/config.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    ours = {n for n in names if n.startswith("dreamprm")}
+    assert ours == {"dreamprm.errors"}
+    assert all(n.split(".")[0] in sys.stdlib_module_names or n == "yaml" for n in names - ours), names
 
 
-def test_max_length_is_capped_at_the_model_limit_with_one_note(tmp_path):
-    cfg, notes = load_config(["--max_length", "4096"])  # the demo's tiny model takes 1024 positions
-    assert cfg.data.max_length == 1024 and sum("is more than the model takes" in n for n in notes) == 1
-    cfg, notes = load_config(["--max_length", "300"])
-    assert cfg.data.max_length == 300 and not any("model takes" in n for n in notes)
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 256}))
-    cfg, notes = load_config(["--model_name", str(model), "--max_length", "4096"])
-    assert cfg.data.max_length == 256
-    assert notes[-1:] == [f"max_length: --max_length 4096 is more than the model takes (256 positions, "
-                     f"{model / 'config.json'}); using 256 for training, evaluation and export"]
+def test_the_config_alone_looks_at_no_file_or_folder(tmp_path):
+    cfg, problems, notes = parse_config(["--train_file", str(tmp_path / "no.jsonl"), "--meta_file", "no.jsonl",
+                                         "--model_name", "/no/such/model", "--deepspeed", "/no/ds.json",
+                                         "--resume_from", "/no/ckpt", "--max_length", "9999"])
+    assert problems == [] and notes == []
+    assert cfg.data.max_length == 9999  # the model's limit is the pre-flight's
+    with pytest.raises(ConfigError, match="--lr: must be > 0"):
+        load_config(["--lr", "0"])
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("max_length", 0, "must be >= 1 (got 0)"), ("num_workers", -1, "must be >= 0 (got -1)"),
+    ("lora_alpha", 0, "must be > 0 (got 0)"), ("lora_dropout", 1.0, "must be in [0, 1) (got 1.0)"),
+    ("curriculum_start", 0.0, "must be in (0, 1] (got 0.0)"), ("lr", float("nan"), "must be > 0 (got nan)"),
+    ("mix_alpha", float("inf"), "must be a finite number >= 0 (got inf)"),
+    ("collective_timeout", 0, "must be >= 1 (got 0)"),
+    ("resume_step", -1, "must be >= 0 (got -1)"), ("eval_every", -1, "must be >= 0 (got -1)")])
+def test_bounds_declared_on_the_fields_are_checked_naming_the_flag(flag, value, says):
+    cfg = Config()
+    sec = next(s for s in ("data", "model", "train", "meta", "run") if hasattr(getattr(cfg, s), flag))
+    setattr(getattr(cfg, sec), flag, value)
+    assert [p for p in validate(cfg) if p.startswith(f"--{flag}: must")] == [f"--{flag}: {says}"]
+
+
+def test_every_bound_is_in_the_reference_table():
+    cfg = Config()
+    assert validate(cfg) == []
+    text = markdown_reference()
+    for row in ("| `--lora_dropout` | `model.lora_dropout` | `0.05` | LoRA dropout (off during meta passes) "
+                "(in [0, 1)) |", "(a finite number >= 0) |", "`--keep_last` | `run.keep_last` | `3`"):
+        assert row in text, row
+
+
+def test_to_yaml_loads_back_as_the_same_config(tmp_path):
+    cfg = Config()
+    cfg.train.lr, cfg.data.train_file, cfg.run.resume_step = 1e-3, ["a.jsonl,weight=2", "b.jsonl"], 7
+    cfg.meta.baseline = True
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    again, problems = Config(), []
+    apply_yaml(again, path, problems)
+    assert problems == [] and again == cfg
+
+
+def test_run_sources_are_the_demo_files_without_a_train_file():
+    train, meta = run_sources(Config())
+    assert [(s.flag, s.path, s.format) for s in train + meta] == [
+        ("--train_file", str(DEMO_DIR / "train.jsonl"), "minif2f"), ("--meta_file", str(DEMO_DIR / "meta.jsonl"),
+                                                                       "minif2f")]
+    assert all(Path(s.path).is_file() for s in train + meta)
+    cfg = Config()
+    cfg.data.train_file, cfg.data.meta_file = ["x.jsonl,name=a", "y.jsonl"], "m.jsonl"
+    train, meta = run_sources(cfg)
+    assert [s.name for s in train] == ["a", "y"] and isinstance(meta[0], Source) and meta[0].domain is None
+    cfg.data.train_file = "x.jsonl,bogus=1"
+    with pytest.raises(ConfigError, match="unknown source key"):
+        run_sources(cfg)

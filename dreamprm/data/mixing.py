@@ -1,15 +1,6 @@
-"""Several data sources in one run: source specs, mixture probabilities, a curriculum, and the
-resumable per-rank sampler that draws batches from them.
-
-A source is given as ``PATH`` or ``PATH,key=value,...`` (``--train_file`` repeated, or a YAML
-list whose items are such strings or mappings with the same keys):
-
-    name     the source's name in logs (default: the file name without extension)
-    format   reader format (default: --train_format / --meta_format)
-    domain   domain of every record of the source (default: the source's name when there are
-             several sources; with one source the records' own ``domain`` field, as before)
-    weight   mixing weight for --mix weights (default 1)
-    profile  prompt profile (data.tokenize.PROFILES; default: --profile)
+"""Several data sources in one run: reading them, mixture probabilities, a curriculum, and the
+resumable per-rank sampler that draws batches from them. The source-spec grammar
+(``PATH[,key=value,...]``, Source, parse_sources) is the config's: dreamprm.config.
 
 Plain python and numpy, no torch: the loop feeds learned domain weights in as a list.
 """
@@ -18,82 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from dreamprm.config import MIXES
-
-SOURCE_KEYS = ("name", "format", "domain", "weight", "profile")
-
-
-@dataclass
-class Source:
-    flag: str  # --train_file or --meta_file, for messages
-    path: str
-    name: str
-    format: str
-    domain: str | None  # None: the records' own domain field
-    weight: float = 1.0
-    profile: str | None = None  # None: the run's --profile
-
-    def where(self) -> str:
-        return f"{self.flag} {self.path}" + (f" (source {self.name!r})" if self.name != Path(self.path).stem else "")
-
-
-def source_specs(value) -> list:
-    """The list of source specs in a config value: '' -> [], 'F' -> ['F'], lists as they are."""
-    if value in ("", None):
-        return []
-    return [value] if isinstance(value, (str, dict)) else list(value)
-
-
-def parse_sources(value, flag: str, default_format: str) -> tuple[list[Source], list[str]]:
-    """(sources, problems) for a --train_file / --meta_file value; every problem names the flag and spec."""
-    specs, out, problems = source_specs(value), [], []
-    for spec in specs:
-        if isinstance(spec, str):
-            path, *rest = spec.split(",")
-            kv = {}
-            for item in rest:
-                k, sep, v = item.partition("=")
-                if not sep:
-                    problems.append(f"{flag} {spec!r}: {item!r} is not key=value (keys: {', '.join(SOURCE_KEYS)})")
-                    continue
-                kv[k.strip()] = v.strip()
-        elif isinstance(spec, dict):
-            kv = {k: v for k, v in spec.items() if k != "path"}
-            path = spec.get("path", "")
-        else:
-            problems.append(f"{flag}: {spec!r} is neither 'PATH,key=value,...' nor a mapping with a path")
-            continue
-        path = str(path).strip()
-        bad = sorted(set(kv) - set(SOURCE_KEYS))
-        if bad:
-            problems.append(f"{flag} {path}: unknown source key(s) {bad} (keys: {', '.join(SOURCE_KEYS)})")
-        if not path:
-            problems.append(f"{flag} {spec!r}: no path")
-            continue
-        try:
-            weight = float(kv.get("weight", 1.0))
-        except (TypeError, ValueError):
-            problems.append(f"{flag} {path}: weight={kv['weight']!r} is not a number")
-            weight = 1.0
-        if not (math.isfinite(weight) and weight >= 0):
-            problems.append(f"{flag} {path}: weight={kv.get('weight')} must be a finite number >= 0")
-        name = str(kv.get("name") or Path(path).stem)
-        out.append(Source(flag, path, name, str(kv.get("format") or default_format),
-                          None if kv.get("domain") in (None, "") else str(kv["domain"]), weight,
-                          None if kv.get("profile") in (None, "") else str(kv["profile"])))
-    names = [s.name for s in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        problems.append(f"{flag}: several sources are named {dup}; give them distinct name=... (or domain=...)")
-    if len(out) > 1:  # several sources: the source's name is its default domain
-        for s in out:
-            if s.domain is None:
-                s.domain = s.name
-    return out, problems
+from dreamprm.config import MIXES, Source
+from dreamprm.data.readers import load_records
+from dreamprm.errors import DataError
 
 
 def read_sources(train: list[Source], meta: list[Source], step_tag: str, skip_invalid: bool
@@ -101,9 +22,6 @@ def read_sources(train: list[Source], meta: list[Source], step_tag: str, skip_in
     """(records of every training source, of every meta source, problems). Problems, each naming the source
     and its flag: files that cannot be read or have no valid record, training sources without step labels
     (outcome-only data belongs in --meta_file), meta sources without outcome labels."""
-    from dreamprm.data.readers import load_records
-    from dreamprm.errors import DataError
-
     problems = []
 
     def read(s):
@@ -128,15 +46,6 @@ def read_sources(train: list[Source], meta: list[Source], step_tag: str, skip_in
             problems.append(f"{s.where()}: no record has an outcome label; the meta pass needs solutions labelled "
                             "right/wrong (field `outcome`, `meta_label`, `passed`, ...)")
     return train_recs, meta_recs, problems
-
-
-def data_problems(value_train, value_meta, train_format: str, meta_format: str, needs_meta: bool, step_tag: str,
-                  skip_invalid: bool) -> list[str]:
-    """read_sources' problems for the sources of a config whose files exist (config.load_config adds them to a
-    failing config's problems, so that one run of the command reports everything)."""
-    train = [s for s in parse_sources(value_train, "--train_file", train_format)[0] if Path(s.path).is_file()]
-    meta = [s for s in parse_sources(value_meta, "--meta_file", meta_format)[0] if Path(s.path).is_file()]
-    return read_sources(train, meta if needs_meta else [], step_tag, skip_invalid)[2]
 
 
 def mixture_probs(sizes: list[int], mix: str, alpha: float, weights: list[float],

@@ -14,11 +14,9 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
-from pathlib import Path
-
-from dreamprm.config import Config
+from dreamprm.config import Config, Source, run_sources
 from dreamprm.data.loader import BatchStream, collate, with_workers
-from dreamprm.data.mixing import Curriculum, MixtureStream, Source, mixture_probs, parse_sources, read_sources
+from dreamprm.data.mixing import Curriculum, MixtureStream, mixture_probs, read_sources
 from dreamprm.data.packing import check_attention, collate_packed
 from dreamprm.data.tokenize import Example, Profile, domain_table, encode_records, profile_problems, run_profiles
 from dreamprm.errors import DataError
@@ -42,23 +40,6 @@ class RunData:
     difficulty: list[float] | None  # training example -> curriculum difficulty (None: no curriculum)
     profiles: dict[str, Profile]  # profile name -> Profile, those the sources use
     pos_fraction: float  # positive share of the training step labels (hard-rounded with --hard_labels)
-
-
-DEMO_DIR = Path(__file__).parents[1] / "demo"  # MERGE: config.DEMO_DIR
-
-
-def run_sources(cfg: Config) -> tuple[list[Source], list[Source]]:  # MERGE: config.run_sources
-    """The training and meta sources of the run (the bundled demo files when --train_file is empty)."""
-    d = cfg.data
-    if not d.train_file:
-        return ([Source("--train_file", str(DEMO_DIR / "train.jsonl"), "train", "minif2f", None)],
-                [Source("--meta_file", str(DEMO_DIR / "meta.jsonl"), "meta", "minif2f", None)])
-    train, p1 = parse_sources(d.train_file, "--train_file", d.train_format)
-    meta, p2 = parse_sources(d.meta_file, "--meta_file", d.meta_format)
-    if p1 or p2:  # load_config validated them; a Config built in code may not be
-        from dreamprm.errors import ConfigError
-        raise ConfigError(p1 + p2)
-    return train, meta
 
 
 def data_paths(cfg: Config) -> tuple[str, str, str, str]:

@@ -1,36 +1,17 @@
-"""data/mixing.py: source specs, mixture probabilities, the curriculum, the resumable mixture sampler."""
+"""data/mixing.py: mixture probabilities, the curriculum, the resumable mixture sampler."""
 
 import math
 
 import numpy as np
 import pytest
 
-from dreamprm.data.mixing import Curriculum, MixtureStream, mixture_probs, parse_sources
+from dreamprm.data.mixing import Curriculum, MixtureStream, mixture_probs
 
 
 def stream(sizes, probs, rank=0, world=1, batch_size=4, curriculum=None, difficulty=None, seed=3):
     source_of = [s for s, n in enumerate(sizes) for _ in range(n)]
     return MixtureStream(list(range(len(source_of))), source_of, batch_size, 0, probs, rank, world, seed,
                          curriculum, difficulty, collate_fn=lambda ex, pad: ex)
-
-
-def test_source_specs_parse_with_defaults_and_every_problem_named():
-    srcs, problems = parse_sources(["a/x.jsonl", "b/y.json,format=processbench,weight=2.5,profile=plain"],
-                                   "--train_file", "auto")
-    assert problems == []
-    assert [(s.name, s.format, s.domain, s.weight, s.profile) for s in srcs] == [
-        ("x", "auto", "x", 1.0, None), ("y", "processbench", "y", 2.5, "plain")]
-    one, _ = parse_sources("a/x.jsonl", "--train_file", "auto")
-    assert one[0].domain is None  # a single source keeps the records' own domain field, as before
-    ymap, _ = parse_sources([{"path": "p.jsonl", "domain": "math", "weight": 0}], "--meta_file", "auto")
-    assert (ymap[0].domain, ymap[0].weight) == ("math", 0.0)
-    _, problems = parse_sources(["a.jsonl,weight=-1", "b.jsonl,weight=nan", "c.jsonl,colour=red",
-                                 "d.jsonl,weight", "e/a.jsonl"], "--train_file", "auto")
-    text = "\n".join(problems)
-    for want in ("a.jsonl: weight=-1", "b.jsonl: weight=nan", "unknown source key(s) ['colour']",
-                 "'weight' is not key=value", "several sources are named ['a']"):
-        assert want in text, want
-    assert all(p.startswith("--train_file") for p in problems)
 
 
 def test_mixture_probabilities():

@@ -1,0 +1,190 @@
+"""Pre-flight: everything a run needs that lies outside its config, checked before anything heavy starts.
+
+    cfg, problems, notes = config.parse_config(argv)
+    notes += preflight.check(cfg, problems)    # ConfigError listing the config's and these problems
+
+The files the config names (data sources, --eval_file, --deepspeed, the model and --resume_from
+folders), the records of the data when anything else is wrong (so that one run reports everything),
+the machine (a GPU, bitsandbytes), the DeepSpeed JSON against the world size, --resume_step against
+the checkpoint folder, and on request the run directory's lock. Then the one length rule: max_length
+is capped at the model's limit. launch/train.py (dreamprm.cli.train) and slurm/preflight.py call it;
+torch is imported only to ask whether a GPU is visible.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from dreamprm import checkpoint
+from dreamprm.config import CHECKPOINTS_DIR, Config, parse_sources
+from dreamprm.data.mixing import read_sources
+from dreamprm.errors import ConfigError, RunLockError
+from dreamprm.tiny import TINY_MAX_POSITIONS
+
+
+def check(cfg: Config, problems=(), world: int | None = None, check_machine: bool = True,
+          check_lock: bool = False) -> list[str]:
+    """Notes to print; raises ConfigError listing problems (the config's own, from parse_config) and every
+    problem found here at once. Resolves --resume_step into cfg.run.resume_from and caps cfg.data.max_length.
+
+    world: ranks of the job (None: WORLD_SIZE of the environment, as a launcher sets it). check_machine: what
+    this machine lacks (off where the checking process may not see the job's GPUs). check_lock: the run
+    directory's LOCK (the trainer takes it itself; slurm/preflight.py asks before any rank starts)."""
+    p = (machine_problems(cfg) if check_machine else []) + resume_step_problems(cfg) + list(problems)
+    p += path_problems(cfg, world)
+    if p and cfg.data.train_file:  # the data's problems too, so that one run reports everything
+        p += data_problems(cfg)
+    notes = []
+    if check_lock:
+        from dreamprm import runguard  # torch (its collectives): not for `--help` and config errors
+
+        try:
+            note = runguard.check(Path(cfg.run.output_dir))
+            notes += [note] if note else []
+        except RunLockError as e:
+            p.append(str(e))
+    if p:
+        raise ConfigError(p)
+    capped = effective_max_length(cfg)
+    return notes + ([capped] if capped else [])
+
+
+def path_problems(cfg: Config, world: int | None = None) -> list[str]:
+    """The files and folders the config names: missing ones, and a DeepSpeed JSON that contradicts it
+    on `world` ranks (None: WORLD_SIZE of the environment)."""
+    d, t, r, p = cfg.data, cfg.train, cfg.run, []
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    for flag, path in (("--eval_file", d.eval_file), ("--deepspeed", t.deepspeed)):
+        if path and not Path(path).is_file():
+            p.append(f"{flag}: {path} does not exist")
+    sources = (parse_sources(d.train_file, "--train_file", d.train_format)[0]
+               + parse_sources(d.meta_file, "--meta_file", d.meta_format)[0])
+    p += [f"{s.flag}: {s.path} does not exist" for s in sources if not Path(s.path).is_file()]
+    if cfg.model.name_or_path and not Path(cfg.model.name_or_path).is_dir():
+        p.append(f"--model_name: {cfg.model.name_or_path} is not a local folder (dreamprm never downloads: "
+                 "put a HF checkpoint there, e.g. with `huggingface-cli download`)")
+    if r.resume_from not in ("auto", "none") and not Path(r.resume_from).is_dir():
+        p.append(f"--resume_from: {r.resume_from} is not a checkpoint folder (or use auto / none)")
+    if t.deepspeed and Path(t.deepspeed).is_file():
+        p += check_ds_json(cfg, Path(t.deepspeed), world)
+    return p
+
+
+def data_problems(cfg: Config) -> list[str]:
+    """The records' problems (read_sources) of the config's sources whose files exist."""
+    d = cfg.data
+    train = [s for s in parse_sources(d.train_file, "--train_file", d.train_format)[0] if Path(s.path).is_file()]
+    meta = [s for s in parse_sources(d.meta_file, "--meta_file", d.meta_format)[0] if Path(s.path).is_file()]
+    return read_sources(train, [] if cfg.meta.baseline else meta, cfg.model.step_tag, d.skip_invalid)[2]
+
+
+def resume_step_problems(cfg: Config) -> list[str]:
+    """--resume_step N: with --resume_from auto, resume from output_dir's checkpoint of step N (set here as
+    cfg.run.resume_from); with a --resume_from folder, check that it is that step."""
+    r, n = cfg.run, cfg.run.resume_step
+    if not n or r.resume_from == "none":  # off, or contradicting --resume_from none (config.validate says so)
+        return []
+    if r.resume_from != "auto":
+        if checkpoint.step_of(Path(r.resume_from).name) != n:
+            return [f"--resume_step {n}: --resume_from {r.resume_from} is not the checkpoint of step {n}; "
+                    "pass one of the two"]
+        return []
+    root = Path(r.output_dir) / CHECKPOINTS_DIR
+    found = sorted(p for p in root.glob("step_*") if p.is_dir() and checkpoint.step_of(p.name) is not None)
+    match = [p for p in found if checkpoint.step_of(p.name) == n]
+    if not match:
+        have = ", ".join(str(checkpoint.step_of(p.name)) for p in found) or "none"
+        return [f"--resume_step {n}: {root} has no checkpoint of step {n} (steps there: {have})"]
+    r.resume_from = str(match[0])
+    return []
+
+
+def machine_problems(cfg: Config) -> list[str]:
+    """What this machine lacks for the config: QLoRA needs bitsandbytes and a CUDA GPU,
+    --device cuda a GPU. torch is imported only to answer those questions."""
+    m, t, p = cfg.model, cfg.train, []
+    gpu = None
+    if t.device == "cuda" or (m.mode == "qlora" and t.device == "auto"):
+        import torch
+
+        gpu = torch.cuda.is_available()
+    if t.device == "cuda" and not gpu:
+        p.append("--device cuda: no CUDA GPU is visible to torch here; use --device auto or cpu")
+    if m.mode == "qlora":
+        lacks = (["bitsandbytes is not installed"] if importlib.util.find_spec("bitsandbytes") is None else []) + \
+                (["no CUDA GPU is visible"] if t.device == "auto" and gpu is False else [])
+        if lacks:
+            p.append("--mode qlora needs a CUDA GPU and bitsandbytes (pip install 'dreamprm[qlora]'); here "
+                     + " and ".join(lacks) + ". Use --mode lora (the same adapters on a full-precision base)"
+                     + (", or --device cpu to run bitsandbytes' CPU kernels anyway (slow; meant for tests)"
+                        if gpu is False else ""))
+    return p
+
+
+# DeepSpeed JSON keys that the run config owns; a JSON that sets them differently is an error.
+_DS_OWNED = {
+    "train_micro_batch_size_per_gpu": lambda c, w: c.train.batch_size,
+    "gradient_accumulation_steps": lambda c, w: c.train.grad_accum,
+    "train_batch_size": lambda c, w: c.train.batch_size * c.train.grad_accum * w,
+    "gradient_clipping": lambda c, w: c.train.grad_clip,
+}
+
+
+def check_ds_json(cfg: Config, path: Path, world: int) -> list[str]:
+    """The DeepSpeed JSON's settings that contradict the run config on `world` ranks."""
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"--deepspeed: {path}: not valid JSON: {e}"]
+    p = []
+    for key, want in _DS_OWNED.items():
+        if key in ds and ds[key] != "auto" and ds[key] != want(cfg, world):
+            p.append(f"--deepspeed: {path} sets {key}={ds[key]} but the run config gives {want(cfg, world)} "
+                     f"(batch_size={cfg.train.batch_size} x grad_accum={cfg.train.grad_accum} x "
+                     f"world={world}); remove {key} from the JSON or set it to \"auto\"")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            p.append(f"--deepspeed: {path} has an {key!r} block; dreamprm builds the optimizer and "
+                     "schedule from --lr/--lr_schedule: remove it")
+    for key, flag in (("bf16", "bf16"), ("fp16", "fp16")):
+        enabled = ds.get(key, {}).get("enabled")
+        if enabled not in (None, "auto") and enabled != (cfg.train.precision == flag):
+            p.append(f"--deepspeed: {path} sets {key}.enabled={enabled} but --precision is "
+                     f"{cfg.train.precision}; set it to \"auto\" or remove it")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if cfg.model.mode == "qlora" and stage == 3:
+        p.append("--mode qlora cannot run under ZeRO-3 (4-bit weights are not partitioned: "
+                 "bitsandbytes/peft known issue); use ds_configs/zero2.json or one GPU without --deepspeed")
+    return p
+
+
+LENGTH_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def model_length_limit(hf_config: dict) -> int | None:
+    """The longest input a model takes, from its config.json fields; None if it names none."""
+    return next((int(hf_config[k]) for k in LENGTH_LIMIT_KEYS if isinstance(hf_config.get(k), int)), None)
+
+
+def effective_max_length(cfg: Config) -> str | None:
+    """The one length rule: max_length = min(--max_length, the model's limit). Applied to the
+    config here, before anything uses it, so training, --eval_file, the saved config, the
+    checkpoint and the export all carry the same value; returns the note to print, if capped."""
+    path = cfg.model.name_or_path
+    if path:
+        try:
+            limit = model_length_limit(json.loads((Path(path) / "config.json").read_text()))
+        except (OSError, ValueError):
+            return None  # a missing or broken model folder is reported when it is loaded
+        where = f"{Path(path) / 'config.json'}"
+    else:
+        limit, where = TINY_MAX_POSITIONS, "the built-in tiny model"
+    if limit is None or cfg.data.max_length <= limit:
+        return None
+    note = (f"max_length: --max_length {cfg.data.max_length} is more than the model takes "
+            f"({limit} positions, {where}); using {limit} for training, evaluation and export")
+    cfg.data.max_length = limit
+    return note

@@ -1,0 +1,154 @@
+"""dreamprm/preflight.py: what lies outside the config (files, model folder, machine, DeepSpeed JSON,
+--resume_step, the lock, the model's length limit), reported with the config's own problems at once."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dreamprm import preflight, runguard
+from dreamprm.config import Config, ConfigError, parse_config, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(argv, **kw):
+    """As launch/train.py checks: the config's problems and the pre-flight's in one ConfigError."""
+    cfg, problems, notes = parse_config(list(map(str, argv)))
+    return cfg, notes + preflight.check(cfg, problems, **kw)
+
+
+def test_validation_reports_every_problem_at_once_naming_flags():
+    with pytest.raises(ConfigError) as e:
+        load(["--lr", "-1", "--batch_size", "0", "--model_name", "/no/such/model", "--precision", "fp16",
+              "--train_file", "/no/such/file.jsonl", "--lora_dropout", "1.5"])
+    msg = str(e.value)
+    for flag in ("--lr", "--batch_size", "--model_name", "--precision", "--train_file", "--lora_dropout"):
+        assert flag in msg
+    assert len(e.value.problems) >= 6
+
+
+def test_files_and_folders_the_config_names_are_checked_here_not_in_the_config(tmp_path):
+    argv = ["--eval_file", tmp_path / "e.jsonl", "--eval_every", "5", "--deepspeed", tmp_path / "ds.json",
+            "--train_file", f"{tmp_path / 'a.jsonl'},weight=2", "--meta_file", tmp_path / "m.jsonl",
+            "--model_name", tmp_path / "model", "--resume_from", tmp_path / "ckpt"]
+    cfg, problems, _ = parse_config(list(map(str, argv)))
+    assert problems == []  # the config itself is fine
+    assert preflight.path_problems(cfg, 1) == [
+        f"--eval_file: {tmp_path / 'e.jsonl'} does not exist", f"--deepspeed: {tmp_path / 'ds.json'} does not exist",
+        f"--train_file: {tmp_path / 'a.jsonl'} does not exist", f"--meta_file: {tmp_path / 'm.jsonl'} does not exist",
+        f"--model_name: {tmp_path / 'model'} is not a local folder (dreamprm never downloads: put a HF checkpoint "
+        "there, e.g. with `huggingface-cli download`)",
+        f"--resume_from: {tmp_path / 'ckpt'} is not a checkpoint folder (or use auto / none)"]
+
+
+def test_config_and_data_problems_are_reported_together(tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text(json.dumps({"schema": 1, "id": "a", "question": "q", "steps": [], "labels": []}) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load(["--train_file", bad, "--train_format", "dreamprm", "--baseline", "--lr", "-1"])
+    assert any(p.startswith("--lr: must be > 0") for p in e.value.problems)
+    assert any(str(bad) in p for p in e.value.problems), e.value.problems
+    cfg, notes = load(["--train_file", bad, "--train_format", "dreamprm", "--baseline"])  # alone: left to the run
+    assert cfg.data.train_file == str(bad)
+
+
+def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 64, "gradient_accumulation_steps": 3,
+                              "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError) as e:
+        load(["--deepspeed", ds, "--batch_size", "2", "--grad_accum", "2", "--mode", "qlora", "--precision", "bf16"],
+             check_machine=False)
+    msg = str(e.value)
+    assert "train_batch_size=64" in msg and "gradient_accumulation_steps=3" in msg
+    assert "optimizer" in msg and "ZeRO-3" in msg
+    ds.write_text(json.dumps({"train_batch_size": 16}))  # 2 x 2 x the world
+    assert load(["--deepspeed", ds, "--batch_size", "2", "--grad_accum", "2"], world=4)[0].train.deepspeed == str(ds)
+    with pytest.raises(ConfigError, match="world=2"):
+        load(["--deepspeed", ds, "--batch_size", "2", "--grad_accum", "2"], world=2)
+
+
+def test_shipped_ds_configs_agree_with_default_batch_settings():
+    for ds in sorted((ROOT / "ds_configs").glob("*.json")):
+        cfg = Config()
+        cfg.train.deepspeed = str(ds)
+        assert validate(cfg) + preflight.path_problems(cfg, 1) == [], ds
+
+
+def test_seed_script_resume_step_picks_that_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    for n in (4, 8):
+        (out / "checkpoints" / f"step_{n:08d}").mkdir(parents=True)
+    cfg, _ = load(["--output_dir", out, "--resume_step", "4"])
+    assert cfg.run.resume_from == str(out / "checkpoints" / "step_00000004") and cfg.run.resume_step == 4
+    ckpt8 = str(out / "checkpoints" / "step_00000008")
+    cfg, _ = load(["--output_dir", out, "--resume_from", ckpt8, "--resume_step", "8"])
+    assert cfg.run.resume_from == ckpt8
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run:\n  output_dir: {out}\n  resume_step: 8\n")  # a field: YAML sets it too
+    assert load(["--config", recipe])[0].run.resume_from == ckpt8
+    for argv, want in ((["--resume_step", "5"], "has no checkpoint of step 5 (steps there: 4, 8)"),
+                       (["--resume_from", ckpt8, "--resume_step", "4"], "is not the checkpoint of step 4"),
+                       (["--resume_from", "none", "--resume_step", "4"], "contradicts --resume_from none")):
+        with pytest.raises(ConfigError, match=r"--resume_step") as e:
+            load(["--output_dir", out, *argv])
+        assert want in str(e.value)
+
+
+def test_the_lock_is_checked_when_asked(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    lock, _ = runguard.acquire(run)  # held by this live process
+    try:
+        assert load(["--output_dir", run])[0].run.output_dir == str(run)  # the trainer takes it itself
+        with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()}"):
+            load(["--output_dir", run], check_lock=True)
+    finally:
+        runguard.release(lock)
+    (run / runguard.LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job_id": "41", "since": "x"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "41")  # the same job, requeued: a note, no problem
+    _, notes = load(["--output_dir", run], check_lock=True)
+    assert any("will be taken over" in n for n in notes)
+
+
+def test_device_and_qlora_needs_are_checked_up_front(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes"
+                        else real_find_spec(name, *a))
+    with pytest.raises(ConfigError) as e:
+        load(["--mode", "qlora", "--precision", "bf16"])
+    assert len(e.value.problems) == 1
+    msg = e.value.problems[0]
+    assert msg.startswith("--mode qlora needs a CUDA GPU and bitsandbytes (pip install 'dreamprm[qlora]')")
+    assert "bitsandbytes is not installed and no CUDA GPU is visible" in msg and "--device cpu" in msg
+    with pytest.raises(ConfigError, match="--device cuda: no CUDA GPU is visible"):
+        load(["--device", "cuda"])
+    assert load(["--device", "cuda"], check_machine=False)[0].train.device == "cuda"
+    with pytest.raises(ConfigError, match="bitsandbytes is not installed. Use --mode lora"):
+        load(["--mode", "qlora", "--precision", "bf16", "--device", "cpu"])
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    cfg, _ = load(["--mode", "qlora", "--precision", "bf16", "--device", "cpu"])  # asked for: allowed
+    assert cfg.train.device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load(["--mode", "qlora", "--precision", "bf16"])[0].model.mode == "qlora"
+
+
+def test_max_length_is_capped_at_the_model_limit_with_one_note(tmp_path):
+    cfg, notes = load(["--max_length", "4096"])  # the demo's tiny model takes 1024 positions
+    assert cfg.data.max_length == 1024 and sum("is more than the model takes" in n for n in notes) == 1
+    cfg, notes = load(["--max_length", "300"])
+    assert cfg.data.max_length == 300 and not any("model takes" in n for n in notes)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 256}))
+    cfg, notes = load(["--model_name", model, "--max_length", "4096"])
+    assert cfg.data.max_length == 256
+    assert notes[-1:] == [f"max_length: --max_length 4096 is more than the model takes (256 positions, "
+                          f"{model / 'config.json'}); using 256 for training, evaluation and export"]
+    assert preflight.model_length_limit({"n_positions": 77}) == 77 and preflight.model_length_limit({}) is None
