@@ -48,8 +48,43 @@ def test_dreamprm_schema_and_missing_fields(tmp_path):
     f = jsonl(tmp_path / "d.jsonl", [{"schema": 9, "id": "a", "question": "q", "steps": ["s"]},
                                      {"id": "b", "labels": [1]}])
     _, problems = read_records(f, "dreamprm")
-    assert at(problems, 1) == ["schema: schema 9 is not supported (this dreamprm reads 1)"]
+    assert at(problems, 1) == ["schema: 9 is not supported (this dreamprm reads 1)"]
     assert at(problems, 2) == ["question: missing", "steps: missing"]
+
+
+def test_dreamprm_schema_must_be_the_integer(tmp_path):
+    base = {"id": "a", "question": "q", "steps": ["s"], "labels": [1]}
+    f = jsonl(tmp_path / "d.jsonl", [{**base, "schema": v} for v in (1.0, True, "1", None)] + [{**base, "schema": 1}])
+    recs, problems = read_records(f, "dreamprm")
+    assert [r.id for r in recs] == ["a"] and len(problems) == 4
+    for line, kind in ((1, "float 1.0"), (2, "bool True"), (3, "str '1'"), (4, "null")):
+        assert at(problems, line) == [f"schema: expected an integer (this dreamprm reads 1), got {kind}"]
+
+
+def test_dreamprm_ids_null_list_or_object_are_rejected(tmp_path):
+    # an integer id stays accepted as its string (as before); null, lists, objects, booleans and
+    # floats were turned into "None", "[1, 2]", ... and are errors now
+    base = {"question": "q", "steps": ["s"], "labels": [1]}
+    f = jsonl(tmp_path / "d.jsonl", [{**base, "id": v} for v in (None, [1, 2], {"a": 1}, True, 1.5, 7, "x")])
+    recs, problems = read_records(f, "dreamprm")
+    assert [r.id for r in recs] == ["7", "x"]
+    for line, kind in ((1, "null"), (2, "list [1, 2]"), (3, "dict {'a': 1}"), (4, "bool True"), (5, "float 1.5")):
+        assert at(problems, line) == [f"id: expected a string or an integer, got {kind}"]
+
+
+@pytest.mark.parametrize("fmt,row,key", [
+    ("trl", {"prompt": "p", "completions": ["a"], "labels": [1]}, "id"),
+    ("math_shepherd", {"input": "Q Step 1: a ки", "label": "Q Step 1: a +"}, "id"),
+    ("minif2f", {"formal_statement": "t", "cot_response": "### Step 1\nx", "cot_steps": [{"pi": 1}]}, "id"),
+    ("mr_gsm8k", {"question": "q", "model_output_steps": ["a"], "model_output_solution_correctness": "correct"},
+     "uuid"),
+])
+def test_optional_ids_typed_in_every_format(tmp_path, fmt, row, key):
+    # absent or null: the FILE:LINE default; 0 is an id (it used to fall back to the default); a list is an error
+    f = jsonl(tmp_path / "d.jsonl", [row, {**row, key: None}, {**row, key: 0}, {**row, key: [1, 2]}])
+    recs, problems = read_records(f, fmt)
+    assert [r.id for r in recs] == ["d.jsonl:1", "d.jsonl:2", "0"]
+    assert at(problems, 4) == [f"{key}: expected a string or an integer, got list '[1, 2]'"]
 
 
 # ---------------------------------------------------------------------------- minif2f
@@ -408,7 +443,7 @@ def test_auto_detect_fails_clearly(tmp_path):
     unknown = jsonl(tmp_path / "unknown.jsonl", [{"text": "hello"}])
     with pytest.raises(DataError, match="matches no known format"):
         load_records(unknown)
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match="missing.jsonl: no such file"):
         load_records(tmp_path / "missing.jsonl", "trl", skip_invalid=True)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no records"):
