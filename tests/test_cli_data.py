@@ -104,7 +104,7 @@ def test_convert_failures(tmp_path, capsys):
     assert "OUT: is the input file" in capsys.readouterr().err
     assert main(["data", "convert", str(tmp_path / "missing.jsonl"), str(out)]) == 1
     err = capsys.readouterr().err
-    assert "cannot read" in err and "--skip-invalid" not in err
+    assert "missing.jsonl: no such file" in err and "--skip-invalid" not in err
 
 
 def test_bad_flags_exit_2(capsys):

@@ -131,7 +131,7 @@ def test_bad_scores_file_reports_everything(tmp_path, capsys):
     for expected in [f"{s}:2: id 'x' is duplicated (first on line 1)",
                      f"{s}:3: id 'nope' is not in the data",
                      f"{s}:4: id 'y': expected 3 scores (one per step), got 2",
-                     f"{s}:5: not valid JSON",
+                     f"{s}:5: invalid JSON (Expecting",
                      f"{s}:6: id 'z': not a number in [0, 1]: scores[0]=1.5",
                      f"{s}:7: id 'w': not a number in [0, 1]: scores[0]=nan",
                      f"{s}:8: expected an object",
