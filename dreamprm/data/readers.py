@@ -743,6 +743,8 @@ def _read(path, fmt: str, step_tag: str) -> tuple[list[Record], list[str], bool]
         return [], problems, True
     if not rows and not problems:
         return [], [f"{path}: is an empty JSON array (no records)"], True
+    if all(obj is None for _, obj in rows):  # each row named its problem: a format guess would only add noise
+        return [], problems, True
     if fmt == "auto":
         try:
             fmt = detect_format(path, rows)
