@@ -162,7 +162,7 @@ def write_output(flag: str, path, data: bytes) -> None:
     try:
         write_whole(path, data)
     except OSError as e:
-        raise EvalError(f"{flag} {e.strerror or e}") from None
+        raise EvalError(f"{flag}: {e.strerror or e}") from None
 
 
 def _check_args(args) -> None:
