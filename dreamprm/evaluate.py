@@ -261,10 +261,10 @@ def read_scores(path, records) -> dict[str, list[float]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            problems.append(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            problems.append(f"{where}: line: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
                             "re-encode the file as UTF-8")
             continue
-        d, bad = parse_json(line)
+        d, bad = parse_json(line)  # "line: ..." or the field
         if bad:
             problems.append(f"{where}: {bad}")
             continue

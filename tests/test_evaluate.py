@@ -134,7 +134,7 @@ def test_bad_scores_file_reports_everything(tmp_path, capsys):
     for expected in [f"{s}:2: id 'x' is duplicated (first on line 1)",
                      f"{s}:3: id 'nope' is not in the data",
                      f"{s}:4: id 'y': expected 3 scores (one per step), got 2",
-                     f"{s}:5: invalid JSON (Expecting",
+                     f"{s}:5: line: invalid JSON (Expecting",
                      f"{s}:6: id 'z': not a number in [0, 1]: scores[0]=1.5",
                      f"{s}:7: id 'w': not a number in [0, 1]: scores[0]=nan",
                      f"{s}:8: expected an object",
@@ -334,8 +334,8 @@ def test_bad_data_and_scores_files_one_message_each(tmp_path, capsys):
     assert cli("steps", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--scores", s) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert f"{s}:2: JSON nested too deeply" in err and f"{s}:3: an integer has more than 4300 digits" in err
-    assert f"{s}:4: duplicate key 'scores'" in err and f"{s}:5: not valid UTF-8 (byte 0xff" in err
+    assert f"{s}:2: line: JSON nested too deeply" in err and f"{s}:3: line: an integer has more than 4300 digits" in err
+    assert f"{s}:4: line: duplicate key 'scores'" in err and f"{s}:5: line: not valid UTF-8 (byte 0xff" in err
     s.write_text("\n\n")
     assert cli("steps", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--scores", s) == 1
     assert f"--scores {s}: is empty (no scores)" in capsys.readouterr().err

@@ -581,32 +581,27 @@ def _lone_surrogate(value) -> str | None:
     return None
 
 
-def _value_problem(obj, text: str, dups: list, where: str) -> str | None:
-    """A decoded row that must not be used: not an object, a duplicate key, a lone surrogate."""
-    if not isinstance(obj, dict):
-        return f"{where}: expected a JSON object, got {type(obj).__name__}"
+def _checked(obj, text: str, dups: list, where: str) -> str | None:
+    """'WHERE: what' for a decoded value that must not be used: a duplicate key, a lone surrogate."""
     if dups:
         return (f"{where}: duplicate key {dups[0]!r} in one JSON object (a JSON reader keeps only the last "
                 "value); keep one")
-    if _SURROGATE_ESCAPE.search(text):
-        bad = _lone_surrogate(obj)
-        if bad:
-            return bad if where == "line" else f"{where}.{bad}"
+    if _SURROGATE_ESCAPE.search(text) and (bad := _lone_surrogate(obj)):
+        return bad if where == "line" else f"{where}.{bad}"
     return None
 
 
-def parse_json(text: str) -> tuple[object, str | None]:
-    """One JSON value as (value, None), or (None, what is wrong) for invalid JSON, nesting too deep
-    or an integer past Python's digit limit; a duplicate key in an object is also named
-    (the value is returned with it). For JSON files the user wrote (scores, records)."""
+def parse_json(text: str, where: str = "line") -> tuple[object, str | None]:
+    """One JSON value of a file the user wrote, as (value, None) or (None, 'WHERE: what is wrong'):
+    invalid JSON, nesting too deep, an integer past Python's digit limit, a duplicate key, a lone
+    surrogate. The field of a lone surrogate replaces WHERE when it is inside an object."""
     dups: list = []
     try:
         obj = _decoder(dups).decode(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and the int digit limit are ValueErrors
-        return None, _json_problem(e)
-    if dups:
-        return obj, f"duplicate key {dups[0]!r} in one JSON object (a JSON reader keeps only the last value); keep one"
-    return obj, None
+        return None, f"{where}: {_json_problem(e)}"
+    bad = _checked(obj, text, dups, where)
+    return (None, bad) if bad else (obj, None)
 
 
 def _one_object(path: Path, text: str, first: str) -> str | None:
@@ -663,8 +658,6 @@ def _rows(path: Path, problems: list) -> tuple[list, bool]:
         if whole:
             problems.append(whole)
             return [], True
-    dups: list = []
-    dec = _decoder(dups)
     if not first.startswith("["):  # JSONL: every line stands alone
         out = []
         for n, t in enumerate(texts, 1):
@@ -672,12 +665,9 @@ def _rows(path: Path, problems: list) -> tuple[list, bool]:
                 continue
             obj = None
             if t is not None:
-                dups.clear()
-                try:
-                    obj = dec.decode(t)
-                    why = _value_problem(obj, t, dups, "line")
-                except (ValueError, RecursionError) as e:
-                    why = f"line: {_json_problem(e)}"
+                obj, why = parse_json(t)
+                if why is None and not isinstance(obj, dict):
+                    why = f"line: expected a JSON object, got {type(obj).__name__}"
                 if why:
                     problems.append(f"{path}:{n}: {why}")
                     obj = None
@@ -686,7 +676,8 @@ def _rows(path: Path, problems: list) -> tuple[list, bool]:
     if any(t is None for t in texts):
         return [], True
     text = "\n".join(texts)
-    out = []
+    dups: list = []
+    dec, out = _decoder(dups), []
     pos, line = text.index("[") + 1, 1
     while True:
         start = _SPACE.match(text, pos).end()
@@ -703,7 +694,9 @@ def _rows(path: Path, problems: list) -> tuple[list, bool]:
         except (ValueError, RecursionError) as e:
             problems.append(f"{path}:{line}: [{len(out)}]: {_json_problem(e)}; the rest of the array was not read")
             return out, True
-        why = _value_problem(obj, text[start:end], dups, f"[{len(out)}]")
+        where = f"[{len(out)}]"
+        why = (f"{where}: expected a JSON object, got {type(obj).__name__}" if not isinstance(obj, dict)
+               else _checked(obj, text[start:end], dups, where))
         if why:
             problems.append(f"{path}:{line}: {why}")
             obj = None
