@@ -23,7 +23,7 @@ from dreamprm.errors import DataError
 SCHEMA_VERSION = 1
 # Half of a UTF-16 surrogate pair: JSON's "\ud800" escape decodes to one, but it is no character,
 # so UTF-8 encoding (a tokenizer, a file write) fails on it.
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _kind(v) -> str:
 
 def surrogate_problem(text: str) -> str | None:
     """What is wrong with a string holding a lone surrogate, or None."""
-    m = LONE_SURROGATE.search(text)
+    m = _LONE_SURROGATE.search(text)
     if m is None:
         return None
     return (f"lone surrogate \\u{ord(m.group()):04x} at character {m.start() + 1} (half of a UTF-16 pair, not a "
@@ -119,7 +119,7 @@ def record_from_json(d: dict) -> Record:
     ("field: what; field: what") a schema that is not the integer SCHEMA_VERSION or an id that is
     not a string or an integer (an integer id becomes its string, as it always did)."""
     if not isinstance(d, dict):
-        raise ValueError("line: is not a JSON object")
+        raise ValueError("line is not a JSON object")
     problems = []
     schema = d.get("schema", SCHEMA_VERSION)
     if type(schema) is not int:  # 1.0 and true compare equal to 1: not a schema number all the same
