@@ -83,19 +83,23 @@ def data_check(args) -> int:
 
 
 def data_convert(args) -> int:
-    """Read any supported format and write the internal JSONL."""
-    if Path(args.output).resolve() == Path(args.input).resolve():
+    """Read any supported format and write the internal JSONL, whole or not at all (a record
+    that cannot be written, a full disk: no OUT file, and an old one is left as it was)."""
+    if os.path.realpath(args.output) == os.path.realpath(args.input):  # realpath: no error on a symlink loop
         print("OUT: is the input file; write the converted records to another path", file=sys.stderr)
+        return 1
+    if os.path.isdir(args.output):
+        print(f"OUT: {args.output} is a directory; name the output file (e.g. {Path(args.output) / 'data.jsonl'})",
+              file=sys.stderr)
         return 1
     try:
         records = load_records(args.input, args.fmt, args.step_tag, skip_invalid=args.skip_invalid)
+        write_jsonl(records, args.output)
     except DataError as e:
         _print_problems(e.problems, e.skippable)
         return 1
-    try:
-        write_jsonl(records, args.output)
-    except OSError as e:
-        print(f"OUT: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # write_jsonl's message names the file and the cause
+        print(f"OUT: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"wrote {len(records)} records to {args.output}")
     return 0

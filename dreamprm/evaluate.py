@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import math
 import sys
 from pathlib import Path
 
 from dreamprm import metrics as M
-from dreamprm.data.readers import FORMATS, load_records
+from dreamprm.data.readers import FORMATS, file_problem, load_records, parse_json
+from dreamprm.data.record import write_whole
 from dreamprm.config import AGGREGATIONS, DEFAULT_STEP_TAG
 from dreamprm.errors import DataError, DreamPRMError, EvalError
 
@@ -143,10 +145,24 @@ def evaluate(args) -> dict:
                                       getattr(args, "threshold", None))
     print_table(args.task, metrics)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(_no_nan(report), indent=2) + "\n", encoding="utf-8")
+        write_output("--out", args.out, (json.dumps(_no_nan(report), indent=2) + "\n").encode("utf-8"))
         print(f"report: {args.out}")
     return report
+
+
+def write_output(flag: str, path, data: bytes) -> None:
+    """Write one output file whole or not at all (its folder made first); EvalError naming the flag."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise EvalError(f"{flag} {path}: a parent of it is a file, not a folder") from None
+    except OSError as e:
+        raise EvalError(f"{flag} {path}: cannot create its folder {path.parent}: {e.strerror or e}") from None
+    try:
+        write_whole(path, data)
+    except OSError as e:
+        raise EvalError(f"{flag}: {e.strerror or e}") from None
 
 
 def _check_args(args) -> None:
@@ -157,11 +173,14 @@ def _check_args(args) -> None:
         problems.append(f"--batch-size {args.batch_size}: must be >= 1")
     if getattr(args, "n_bins", 1) < 1:
         problems.append(f"--n-bins {args.n_bins}: must be >= 1")
-    for p in args.data:
-        if not Path(p).is_file():
-            problems.append(f"--data {p}: no such file")
-    if args.scores and not Path(args.scores).is_file():
-        problems.append(f"--scores {args.scores}: no such file")
+    problems += [f"--data {bad}" for bad in map(file_problem, args.data) if bad]
+    if args.scores and (bad := file_problem(args.scores)):
+        problems.append(f"--scores {bad}")
+    for flag, path in (("--out", args.out), ("--save-scores", args.save_scores)):
+        if path and Path(path).is_dir():
+            problems.append(f"{flag} {path}: is a directory; name a file")
+    if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
+        problems.append(f"--plot {args.plot}: is a file; name a folder for the PNG plots")
     if args.model and not Path(args.model).exists():
         problems.append(f"--model {args.model}: no such file or directory")
     if args.max_length is not None and args.max_length < 1:
@@ -222,40 +241,46 @@ def load_data(paths, fmt: str, step_tag: str, skip_invalid: bool = False) -> lis
 
 def write_scores(scores: dict[str, list[float]], path) -> None:
     """The JSONL read_scores reads, one {"id", "scores"} line per solution; written whole or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({"id": rid, "scores": s}) + "\n" for rid, s in scores.items()),
-                   encoding="utf-8")
-    tmp.replace(path)
+    text = "".join(json.dumps({"id": rid, "scores": s}) + "\n" for rid, s in scores.items())
+    write_output("--save-scores", path, text.encode("utf-8"))
 
 
 def read_scores(path, records) -> dict[str, list[float]]:
     """Read a scores JSONL and check it against the records; raises EvalError with all problems."""
     entries, problems, first_line = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{ln}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{where}: not valid JSON ({e.msg}, column {e.colno})")
-                continue
-            if not isinstance(d, dict) or "id" not in d or "scores" not in d:
-                problems.append(f'{where}: expected an object {{"id": ..., "scores": [p1, p2, ...]}}')
-                continue
-            rid = d["id"]
-            if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-                problems.append(f"{where}: id: {rid!r} is not a string")
-                continue
-            rid = str(rid)
-            if rid in first_line:
-                problems.append(f"{where}: id {rid!r} is duplicated (first on line {first_line[rid]})")
-                continue
-            first_line[rid] = ln
-            entries.append((where, rid, d["scores"]))
+    try:
+        lines = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    except OSError as e:
+        raise EvalError(f"--scores {path}: cannot read: {e.strerror or e}") from None
+    if not any(line.strip() for line in lines):
+        raise EvalError(f"--scores {path}: is empty (no scores)")
+    for ln, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{ln}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"{where}: line: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                            "re-encode the file as UTF-8")
+            continue
+        d, bad = parse_json(line)  # "line: ..." or the field
+        if bad:
+            problems.append(f"{where}: {bad}")
+            continue
+        if not isinstance(d, dict) or "id" not in d or "scores" not in d:
+            problems.append(f'{where}: expected an object {{"id": ..., "scores": [p1, p2, ...]}}')
+            continue
+        rid = d["id"]
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            problems.append(f"{where}: id: {rid!r} is not a string")
+            continue
+        rid = str(rid)
+        if rid in first_line:
+            problems.append(f"{where}: id {rid!r} is duplicated (first on line {first_line[rid]})")
+            continue
+        first_line[rid] = ln
+        entries.append((where, rid, d["scores"]))
     scores, more = check_scores(entries, records, path)
     problems += more
     if problems:
@@ -443,12 +468,12 @@ def write_plots(task, data, metrics, out_dir: Path, threshold: float) -> list[st
     """PNG plots: reliability diagram and step-score histograms, or the best-of-N bar chart."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
-    def save(fig, name):
-        path = out_dir / name
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+    def save(fig, name):  # rendered in memory, so a failed write leaves no half PNG
+        path, png = out_dir / name, io.BytesIO()
+        fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+        write_output("--plot", path, png.getvalue())
         written.append(str(path))
 
     if task == "bon":

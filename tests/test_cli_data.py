@@ -1,11 +1,22 @@
 """`dreamprm data check` and `dreamprm data convert`, called through dreamprm.cli.main."""
 
+import errno
+import gzip
 import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from dreamprm import cli
 from dreamprm.cli import main
 from dreamprm.data.readers import read_records
+from dreamprm.data.record import Record
+
+REPO = Path(__file__).resolve().parents[1]
 
 TRL_ROWS = [{"id": "a", "prompt": "1+1?", "completions": ["1+1=2", "so 2"], "labels": [1, 0.5], "domain": "math"},
             {"id": "b", "prompt": "2+2?", "completions": ["2+2=5"], "labels": [0]}]
@@ -104,7 +115,7 @@ def test_convert_failures(tmp_path, capsys):
     assert "OUT: is the input file" in capsys.readouterr().err
     assert main(["data", "convert", str(tmp_path / "missing.jsonl"), str(out)]) == 1
     err = capsys.readouterr().err
-    assert "cannot read" in err and "--skip-invalid" not in err
+    assert "missing.jsonl: no such file" in err and "--skip-invalid" not in err
 
 
 def test_bad_flags_exit_2(capsys):
@@ -123,3 +134,109 @@ def test_check_pretty_printed_object_says_so_once(tmp_path, capsys):
     assert len(err) == 2 and err[1] == "1 problem(s)"
     assert "is one JSON object spread over several lines" in err[0] and "'data' list of 100" in err[0]
     assert "invalid JSON" not in err[0]
+
+
+# ---------------------------------------------------------------------------- bad input: one message, no traceback
+
+GOOD = {"id": "a", "question": "q", "steps": ["s"], "labels": [1]}
+ROW = '{"id": "a", "question": "q", "steps": ["s"], "labels": [1]'  # without its closing brace
+
+
+def _make(kind, p: Path) -> None:
+    rows = {"deep": ROW + ', "meta": ' + "[" * 5000 + "]" * 5000 + "}",
+            "digits": ROW + ', "meta": ' + "9" * 5000 + "}",
+            "surrogate": ROW.replace('"q"', '"q \\ud800"') + "}",
+            "numeric step": ROW.replace('["s"]', '[7]') + "}",
+            "null id": ROW.replace('"a"', "null") + "}",
+            "list id": ROW.replace('"a"', "[1, 2]") + "}",
+            "float schema": ROW + ', "schema": 1.0}',
+            "duplicate key": ROW + ', "labels": [0]}'}
+    if kind in rows:
+        p.write_text(rows[kind] + "\n")
+    elif kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "directory":
+        p.mkdir()
+    elif kind == "symlink loop":
+        p.symlink_to(p.name)
+    else:
+        p.write_bytes({"empty": b"", "blank": b"\n \n", "gzip": gzip.compress(b"{}\n"),
+                       "utf-16": (json.dumps(GOOD) + "\n").encode("utf-16")}[kind])
+
+
+CASES = {"deep": ":1: line: JSON nested too deeply", "digits": ":1: line: an integer has more than 4300 digits",
+         "surrogate": ":1: question: lone surrogate \\ud800",
+         "numeric step": ":1: steps[0]: expected a string, got int 7",
+         "null id": ":1: id: expected a string or an integer, got null",
+         "list id": ":1: id: expected a string or an integer, got list [1, 2]",
+         "float schema": ":1: schema: expected an integer (this dreamprm reads 1), got float 1.0",
+         "duplicate key": ":1: line: duplicate key 'labels'", "empty": ": is empty (no records)",
+         "blank": ": is empty: its 2 line(s) are blank", "gzip": ": is gzip-compressed",
+         "utf-16": ": is UTF-16 text (byte-order mark)", "fifo": ": is a named pipe (FIFO), not a data file",
+         "directory": ": is a directory, not a data file", "symlink loop": ": is a symbolic link loop"}
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_check_bad_input_one_message_no_traceback(tmp_path, kind):
+    f = tmp_path / "data.jsonl"
+    _make(kind, f)
+    # a subprocess: a traceback shows as it would to a user, and a hang (a FIFO opened) hits the timeout
+    p = subprocess.run([sys.executable, "-m", "dreamprm.cli", "data", "check", str(f)], capture_output=True,
+                       text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[0].startswith(str(f) + CASES[kind]), p.stderr
+    assert p.stderr.splitlines()[1:] in (["1 problem(s)"], ["1 problem(s); fix them, or pass --skip-invalid to leave "
+                                                             "the bad records out"]), p.stderr
+
+
+def test_convert_unencodable_record_leaves_no_file(tmp_path, capsys, monkeypatch):
+    # The reader rejects lone surrogates now; records from elsewhere (here: patched in) can still hold one.
+    # Convert used to die with a traceback and leave a short OUT that `data check` passed.
+    src = write(tmp_path / "t.jsonl", TRL_ROWS)
+    recs, _ = read_records(src)
+    recs.insert(1, Record("bad", "q", ["half \ud800"], [1.0]))
+    monkeypatch.setattr(cli, "load_records", lambda *a, **k: recs)
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "convert", str(src), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[0] == (
+        f"{out}: record 2 (id 'bad') cannot be written as UTF-8 JSON: a string holds a lone surrogate (surrogates "
+        "not allowed); fix or drop it; nothing was written")
+    assert sorted(os.listdir(tmp_path)) == ["t.jsonl"]  # no OUT, no temp file
+    out.write_text("old\n")
+    assert main(["data", "convert", str(src), str(out)]) == 1
+    assert out.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["out.jsonl", "t.jsonl"]
+
+
+def test_convert_disk_full_leaves_no_file(tmp_path, capsys, monkeypatch):
+    src = write(tmp_path / "t.jsonl", TRL_ROWS)
+    out = tmp_path / "out.jsonl"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(["data", "convert", str(src), str(out)]) == 1
+    assert capsys.readouterr().err == f"OUT: cannot write {out}: disk full\n"
+    assert sorted(os.listdir(tmp_path)) == ["t.jsonl"]
+
+
+def test_convert_output_mode_and_bad_out(tmp_path, capsys):
+    src = write(tmp_path / "t.jsonl", TRL_ROWS)
+    out = tmp_path / "out.jsonl"
+    old = os.umask(0o022)
+    try:
+        assert main(["data", "convert", str(src), str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # not a temp file's 0600
+    assert [r.id for r in read_records(out)[0]] == ["a", "b"]
+    capsys.readouterr()
+    assert main(["data", "convert", str(src), str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"OUT: {tmp_path} is a directory; name the output file")
+    assert main(["data", "convert", str(src), str(tmp_path / "no" / "out.jsonl")]) == 1
+    assert capsys.readouterr().err == (f"OUT: cannot write {tmp_path / 'no' / 'out.jsonl'}: the folder "
+                                       f"{tmp_path / 'no'} does not exist\n")
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")  # Path.resolve raised RuntimeError on it before the input was even read
+    assert main(["data", "convert", str(loop), str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"{loop}: is a symbolic link loop")

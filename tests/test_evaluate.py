@@ -1,5 +1,8 @@
 import argparse
+import errno
 import json
+import os
+import stat
 import sys
 import types
 from pathlib import Path
@@ -131,7 +134,7 @@ def test_bad_scores_file_reports_everything(tmp_path, capsys):
     for expected in [f"{s}:2: id 'x' is duplicated (first on line 1)",
                      f"{s}:3: id 'nope' is not in the data",
                      f"{s}:4: id 'y': expected 3 scores (one per step), got 2",
-                     f"{s}:5: not valid JSON",
+                     f"{s}:5: line: invalid JSON (Expecting",
                      f"{s}:6: id 'z': not a number in [0, 1]: scores[0]=1.5",
                      f"{s}:7: id 'w': not a number in [0, 1]: scores[0]=nan",
                      f"{s}:8: expected an object",
@@ -245,3 +248,94 @@ def test_help_names_real_paths_and_save_scores_needs_model(tmp_path, capsys):
     rc = main(["evaluate", "steps", "--data", str(data), "--scores", str(scores), "--save-scores",
                str(tmp_path / "x.jsonl")])
     assert rc == 1 and "--save-scores: is for --model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- files written whole, bad inputs
+
+def fake_scorer(monkeypatch, returned):
+    class Scorer:
+        max_length, model_limit = 1024, 1024
+        calls = 0
+
+        def score_records(self, records, batch_size):
+            Scorer.calls += 1
+            return returned
+
+    fake = types.ModuleType("dreamprm.scoring")
+    fake.load_scorer = lambda path, step_tag=None, max_length=None: Scorer()
+    monkeypatch.setitem(sys.modules, "dreamprm.scoring", fake)
+    return Scorer
+
+
+def test_outputs_are_whole_files_with_the_usual_mode(tmp_path, monkeypatch, capsys):
+    write_jsonl([rec("a", [1.0, 0.0]), rec("b", [1.0])], tmp_path / "d.jsonl")
+    fake_scorer(monkeypatch, {"a": [0.9, 0.1], "b": [0.8]})
+    out = tmp_path / "out"
+    args = ("steps", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--model", tmp_path,
+            "--save-scores", out / "s.jsonl", "--out", out / "r.json", "--plot", out / "plots")
+    old = os.umask(0o022)
+    try:
+        assert cli(*args) == 0
+    finally:
+        os.umask(old)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["plots/reliability.png", "plots/step_scores.png", "r.json", "s.jsonl"]  # no temp files
+    assert all(stat.S_IMODE((out / f).stat().st_mode) == 0o644 for f in files)
+    assert [json.loads(line)["id"] for line in (out / "s.jsonl").read_text().splitlines()] == ["a", "b"]
+    assert is_png(out / "plots" / "reliability.png") and json.loads((out / "r.json").read_text())["task"] == "steps"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    for f in files:
+        (out / f).write_bytes(b"old")
+    monkeypatch.setattr(os, "fsync", full)
+    capsys.readouterr()
+    assert cli(*args) == 1  # the first write fails; every old file is left as it was
+    err = capsys.readouterr().err
+    assert err == f"dreamprm evaluate steps: --save-scores: cannot write {out / 's.jsonl'}: disk full\n"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == files
+    assert all((out / f).read_bytes() == b"old" for f in files)
+    scores = write_scores(tmp_path / "given.jsonl", {"a": [0.9, 0.1], "b": [0.8]})
+    for flag, path in (("--plot", out / "plots"), ("--out", out / "r.json")):
+        assert cli("steps", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--scores", scores, flag, path) == 1
+        assert f"{flag}: cannot write {path}" in capsys.readouterr().err
+        assert all((out / f).read_bytes() == b"old" for f in files)
+
+
+def test_bad_output_paths_fail_before_scoring(tmp_path, monkeypatch, capsys):
+    write_jsonl([rec("a", [1.0])], tmp_path / "d.jsonl")
+    scorer = fake_scorer(monkeypatch, {"a": [0.9]})
+    (tmp_path / "file").write_text("x")
+    rc = cli("steps", "--data", tmp_path / "d.jsonl", "--model", tmp_path, "--out", tmp_path,
+             "--save-scores", tmp_path, "--plot", tmp_path / "file")
+    err = capsys.readouterr().err
+    assert rc == 1 and scorer.calls == 0
+    assert f"--out {tmp_path}: is a directory; name a file" in err
+    assert f"--save-scores {tmp_path}: is a directory; name a file" in err
+    assert f"--plot {tmp_path / 'file'}: is a file; name a folder" in err
+    rc = cli("steps", "--data", tmp_path / "d.jsonl", "--model", tmp_path, "--out", tmp_path / "file" / "r.json")
+    assert rc == 1 and f"--out {tmp_path / 'file' / 'r.json'}: a parent of it is a file" in capsys.readouterr().err
+
+
+def test_bad_data_and_scores_files_one_message_each(tmp_path, capsys):
+    write_jsonl([rec(f"r{i}", [1.0]) for i in range(5)], tmp_path / "d.jsonl")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    assert cli("steps", "--data", tmp_path / "dir", "--scores", tmp_path / "fifo") == 1
+    err = capsys.readouterr().err
+    assert f"--data {tmp_path / 'dir'}: is a directory, not a data file" in err
+    assert f"--scores {tmp_path / 'fifo'}: is a named pipe (FIFO)" in err
+    s = tmp_path / "s.jsonl"
+    s.write_bytes(b'{"id": "r0", "scores": [0.5]}\n'
+                  b'{"id": "r1", "scores": [' + b"[" * 5000 + b"]" * 5000 + b"]}\n"
+                  b'{"id": "r2", "scores": [' + b"1" * 5000 + b"]}\n"
+                  b'{"id": "r3", "scores": [0.5], "scores": [0.6]}\n'
+                  b'{"id": "r4", "scores": ["\xff"]}\n')
+    assert cli("steps", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--scores", s) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{s}:2: line: JSON nested too deeply" in err and f"{s}:3: line: an integer has more than 4300 digits" in err
+    assert f"{s}:4: line: duplicate key 'scores'" in err and f"{s}:5: line: not valid UTF-8 (byte 0xff" in err
+    s.write_text("\n\n")
+    assert cli("steps", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--scores", s) == 1
+    assert f"--scores {s}: is empty (no scores)" in capsys.readouterr().err

@@ -3,21 +3,29 @@
 Every reader reports every bad record as "FILE:LINE: field: message" and keeps going, so
 one run shows all that is wrong with a file. Files are JSONL (one object a line) or one
 JSON array (ProcessBench); which one is sniffed from the first character, for any format.
+What stops a whole file (not a regular file, compressed, UTF-16, empty) is named once, and
+what Python's json lets through or raises on (duplicate keys, lone surrogates, nesting too
+deep, integers past the digit limit) is a FILE:LINE problem like any other.
 """
 
 from __future__ import annotations
 
+import codecs
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dreamprm.config import DEFAULT_STEP_TAG
-from dreamprm.data.record import Record, record_from_json, record_problems
+from dreamprm.data.record import Record, record_from_json, record_problems, surrogate_problem
 from dreamprm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -73,13 +81,23 @@ def _group(text: str) -> str:
 
 # ---------------------------------------------------------------------------- formats
 
+def _id(d: dict, row: _Row, errs: list, *keys: str) -> str:
+    """The first of keys that is set (a string, or an integer as its string), else the row's
+    FILE:LINE; a key holding anything else (a list, an object, true, 1.5) is an error."""
+    for key in keys:
+        v = _field(d, key, (str, int), errs, required=False)
+        if v is not None:
+            return str(v)
+    return row.default_id
+
+
 def _dreamprm(d: dict, row: _Row) -> list[Record]:
     try:
         return [record_from_json(d)]
     except KeyError as e:
         raise _Bad([f"{k}: missing" for k in e.args[0].split(", ")]) from None
     except ValueError as e:
-        raise _Bad([f"schema: {e}"]) from None
+        raise _Bad([str(e)]) from None
 
 
 _STEP_HEADER = re.compile(r"^###\s*Step\s+(\d+)\b[ \t]*:?[ \t]*", re.MULTILINE)
@@ -97,6 +115,7 @@ def _minif2f(d: dict, row: _Row) -> list[Record]:
     if "informal_prefix" not in d and "formal_statement" not in d:
         errs.append("formal_statement: missing (with informal_prefix it forms the question)")
     outcome = _field(d, "meta_label", (int, float, bool), errs, required=False)
+    rid = _id(d, row, errs, "id", "name")
     steps = []
     if text is not None:
         heads = list(_STEP_HEADER.finditer(text))
@@ -105,7 +124,7 @@ def _minif2f(d: dict, row: _Row) -> list[Record]:
         else:
             if text[:heads[0].start()].strip():
                 errs.append("cot_response: text before ### Step 1")
-            numbers = [int(h.group(1)) for h in heads]
+            numbers = [int(h.group(1)[:12]) for h in heads]  # past 12 digits it is wrong anyway
             if numbers != list(range(1, len(heads) + 1)):
                 errs.append(f"cot_response: step headers numbered {numbers[:10]}, expected 1..{len(heads)}")
             ends = [h.start() for h in heads[1:]] + [len(text)]
@@ -122,7 +141,7 @@ def _minif2f(d: dict, row: _Row) -> list[Record]:
     if errs:
         raise _Bad(errs)
     question = "\n".join(p for p in (prefix.rstrip("\n"), statement) if p)
-    return [Record(id=str(d.get("id") or d.get("name") or row.default_id), question=question,
+    return [Record(id=rid, question=question,
                    steps=steps, labels=labels, outcome=_prob(outcome), domain=d.get("domain"))]
 
 
@@ -132,9 +151,10 @@ def _trl(d: dict, row: _Row) -> list[Record]:
     prompt = _field(d, "prompt", (str,), errs)
     steps = _field(d, "completions", (list,), errs)
     labels = _field(d, "labels", (list,), errs)
+    rid = _id(d, row, errs, "id")
     if errs:
         raise _Bad(errs)
-    return [Record(id=str(d.get("id") or row.default_id), question=prompt, steps=steps,
+    return [Record(id=rid, question=prompt, steps=steps,
                    labels=[_prob(y) for y in labels], domain=d.get("domain"))]
 
 
@@ -145,6 +165,7 @@ def _math_shepherd(d: dict, row: _Row) -> list[Record]:
     errs = []
     text = _field(d, "input", (str,), errs)
     marked = _field(d, "label", (str,), errs)
+    rid = _id(d, row, errs, "id")
     if errs:
         raise _Bad(errs)
     segs = text.split("ки")
@@ -167,7 +188,7 @@ def _math_shepherd(d: dict, row: _Row) -> list[Record]:
     if errs:
         raise _Bad(errs)
     steps = [segs[0][start:].strip()] + [s.strip() for s in segs[1:-1]]
-    return [Record(id=str(d.get("id") or row.default_id), question=segs[0][:start].strip(),
+    return [Record(id=rid, question=segs[0][:start].strip(),
                    steps=steps, labels=labels, domain=d.get("task", d.get("domain")))]
 
 
@@ -205,6 +226,7 @@ def _mr_gsm8k(d: dict, row: _Row) -> list[Record]:
     steps = _field(d, "model_output_steps", (list,), errs)
     graded = _field(d, "model_output_solution_correctness", (str,), errs)
     answer = _field(d, "model_output_answer_correctness", (str,), errs, required=False)
+    rid = _id(d, row, errs, "uuid")
     for key, v in (("model_output_solution_correctness", graded), ("model_output_answer_correctness", answer)):
         if v is not None and v not in ("correct", "wrong"):
             errs.append(f"{key}: expected 'correct' or 'wrong', got {v[:40]!r}")
@@ -219,7 +241,7 @@ def _mr_gsm8k(d: dict, row: _Row) -> list[Record]:
     n = len(steps) if first is None else first - 1
     labels = [1.0] * n + ([0.0] + [None] * (len(steps) - n - 1) if first is not None else [])
     meta = {"first_error": -1 if first is None else first - 1, "group": _group(question)}
-    return [Record(id=str(d.get("uuid") or row.default_id), question=question, steps=steps,
+    return [Record(id=rid, question=question, steps=steps,
                    labels=labels, outcome=None if answer is None else float(answer == "correct"),
                    domain=d.get("domain") or d.get("question_type") or row.path.stem, meta=meta)]
 
@@ -262,6 +284,7 @@ def _prm800k(d: dict, row: _Row) -> list[Record]:
     errs = []
     question = _field(d, "question", (dict,), errs)
     label = _field(d, "label", (dict,), errs)
+    rid = _id(d, row, errs, "id")
     if errs:
         raise _Bad(errs)
     problem = _field(question, "problem", (str,), errs, where="question.")
@@ -275,7 +298,7 @@ def _prm800k(d: dict, row: _Row) -> list[Record]:
             raise _Bad([f"label.steps[{k}]: expected an object with a completions list"])
         chosen, human = s.get("chosen_completion"), s.get("human_completion")
         if chosen is not None:
-            if not isinstance(chosen, int) or not 0 <= chosen < len(comps):
+            if type(chosen) is not int or not 0 <= chosen < len(comps):
                 raise _Bad([f"label.steps[{k}].chosen_completion: {chosen!r} is not an index into "
                             + f"{len(comps)} completions"])
             pick, default = comps[chosen], None
@@ -288,7 +311,7 @@ def _prm800k(d: dict, row: _Row) -> list[Record]:
                 labels.append(0.0)
             break
         rating = pick.get("rating")
-        if rating not in _PRM800K_RATING:
+        if not (rating is None or type(rating) is int) or rating not in _PRM800K_RATING:
             raise _Bad([f"label.steps[{k}]: rating {rating!r} is not -1, 0, 1 or null"])
         steps.append(pick.get("text"))
         labels.append(_PRM800K_RATING[rating] if rating is not None else default)
@@ -296,7 +319,7 @@ def _prm800k(d: dict, row: _Row) -> list[Record]:
         raise _Bad(["label.steps: no step with a chosen or human completion"])
     meta = {"finish_reason": label.get("finish_reason"),
             "ground_truth_answer": question.get("ground_truth_answer"), "group": _group(problem)}
-    return [Record(id=str(d.get("id") or row.default_id), question=problem, steps=steps,
+    return [Record(id=rid, question=problem, steps=steps,
                    labels=labels, domain=d.get("domain"), meta=meta)]
 
 
@@ -451,6 +474,134 @@ def _guess(d: dict) -> list[str]:
 # ---------------------------------------------------------------------------- files
 
 _SPACE = re.compile(r"\s*")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # cheap test before looking for lone surrogates
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+# Leading bytes of files that are not UTF-8 text: (bytes, what the file is, how to make it readable).
+_NOT_TEXT = ((b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip -k FILE)"),
+             (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz -k FILE)"),
+             (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd FILE)"),
+             (b"PK\x03\x04", "a zip archive", "unzip it and pass the data file inside"),
+             (b"PAR1", "a Parquet file", "write it out as JSONL first (pandas: read_parquet(FILE).to_json(OUT, "
+                                         "orient='records', lines=True))"),
+             (codecs.BOM_UTF32_LE, "UTF-32 text (byte-order mark)", "re-encode it as UTF-8 (iconv -f UTF-32 -t UTF-8)"),
+             (codecs.BOM_UTF32_BE, "UTF-32 text (byte-order mark)", "re-encode it as UTF-8 (iconv -f UTF-32 -t UTF-8)"),
+             (codecs.BOM_UTF16_LE, "UTF-16 text (byte-order mark)", "re-encode it as UTF-8 (iconv -f UTF-16 -t UTF-8)"),
+             (codecs.BOM_UTF16_BE, "UTF-16 text (byte-order mark)", "re-encode it as UTF-8 (iconv -f UTF-16 -t UTF-8)"))
+
+
+def file_problem(path) -> str | None:
+    """Why path cannot be a data file (missing, a directory, a FIFO, a symlink loop, ...), or None
+    for a regular file. Only stat is used: opening a FIFO would block until a writer comes."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{path}: is a symbolic link loop (it leads back to itself); point it at a data file"
+        if e.errno == errno.ENOENT and path.is_symlink():
+            return f"{path}: is a symbolic link to {os.readlink(path)}, which does not exist"
+        if e.errno == errno.ENOENT:
+            return f"{path}: no such file"
+        return f"{path}: cannot read: {e.strerror or e}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    if stat.S_ISDIR(mode):
+        try:
+            inside = sorted(p.name for p in path.iterdir() if p.suffix in (".jsonl", ".json"))
+        except OSError:
+            inside = []
+        hint = f" (it holds {', '.join(inside[:3])}{' ...' if len(inside) > 3 else ''})" if inside else ""
+        return f"{path}: is a directory, not a data file; pass one JSONL or JSON file{hint}"
+    return f"{path}: is {kind}, not a data file; write the data to a regular JSONL or JSON file and pass that"
+
+
+def _content_problem(path: Path, data: bytes) -> str | None:
+    """The one message for a file that is not UTF-8 JSON text at all, or has no records."""
+    for magic, what, fix in _NOT_TEXT:
+        if data.startswith(magic):
+            return f"{path}: is {what}, not UTF-8 JSON text; {fix}"
+    nul = data.find(b"\x00", 0, 4096)
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        return (f"{path}:{line}: holds NUL bytes: UTF-16 text without a byte-order mark, "
+                "or not a text file; re-encode it as UTF-8 JSONL")
+    body = data.removeprefix(codecs.BOM_UTF8)
+    if not body:
+        return f"{path}: is empty (no records); pass a file with one JSON record per line"
+    if not body.strip():
+        n = body.count(b"\n") + (not body.endswith(b"\n"))
+        return (f"{path}: is empty: its {n} line(s) are blank (no records); pass a file "
+                "with one JSON record per line")
+    return None
+
+
+def _json_problem(e: Exception) -> str:
+    """What a json error means for the user who wrote the file."""
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply (Python's parser stops near 1000 levels); flatten the record"
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON ({e.msg} at column {e.colno})"
+    if "integer string conversion" in str(e):
+        return (f"an integer has more than {sys.get_int_max_str_digits()} digits (Python's limit for reading "
+                "integers); write it as a string or a float")
+    return f"invalid JSON ({e})"
+
+
+def _decoder(dups: list) -> json.JSONDecoder:
+    """A decoder that appends every duplicate key of an object to dups (plain json keeps the
+    last value silently)."""
+    def obj(pairs):
+        d = dict(pairs)
+        if len(d) < len(pairs):
+            seen: set = set()
+            dups.extend(k for k, _ in pairs if k in seen or seen.add(k))
+        return d
+    return json.JSONDecoder(object_pairs_hook=obj)
+
+
+def _lone_surrogate(value) -> str | None:
+    """'FIELD: ...' for the first string (or key) holding a lone surrogate, walking without recursion."""
+    todo = [("", value)]
+    while todo:
+        where, v = todo.pop()
+        if isinstance(v, str):
+            if bad := surrogate_problem(v):
+                return f"{where or 'line'}: {bad}"
+        elif isinstance(v, dict):
+            for k, x in reversed(v.items()):
+                if bad := surrogate_problem(k):
+                    return f"{where or 'line'}: key {ascii(k)}: {bad}"
+                todo.append((f"{where}.{k}" if where else k, x))
+        elif isinstance(v, list):
+            todo.extend((f"{where}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+def _checked(obj, text: str, dups: list, where: str) -> str | None:
+    """'WHERE: what' for a decoded value that must not be used: a duplicate key, a lone surrogate."""
+    if dups:
+        return (f"{where}: duplicate key {dups[0]!r} in one JSON object (a JSON reader keeps only the last "
+                "value); keep one")
+    if _SURROGATE_ESCAPE.search(text) and (bad := _lone_surrogate(obj)):
+        return bad if where == "line" else f"{where}.{bad}"
+    return None
+
+
+def parse_json(text: str, where: str = "line") -> tuple[object, str | None]:
+    """One JSON value of a file the user wrote, as (value, None) or (None, 'WHERE: what is wrong'):
+    invalid JSON, nesting too deep, an integer past Python's digit limit, a duplicate key, a lone
+    surrogate. The field of a lone surrogate replaces WHERE when it is inside an object."""
+    dups: list = []
+    try:
+        obj = _decoder(dups).decode(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and the int digit limit are ValueErrors
+        return None, f"{where}: {_json_problem(e)}"
+    bad = _checked(obj, text, dups, where)
+    return (None, bad) if bad else (obj, None)
 
 
 def _one_object(path: Path, text: str, first: str) -> str | None:
@@ -461,9 +612,11 @@ def _one_object(path: Path, text: str, first: str) -> str | None:
         return None  # the first line is a whole object: JSONL
     except json.JSONDecodeError:
         pass
+    except (ValueError, RecursionError):
+        return None  # a bad line of its own: the JSONL reader names it
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict):
         return None
@@ -477,10 +630,16 @@ def _one_object(path: Path, text: str, first: str) -> str | None:
 def _rows(path: Path, problems: list) -> tuple[list, bool]:
     """([(row, obj)], fatal): objects of a JSONL file or a JSON array, with their lines.
     Row-level problems (bad JSON on a line) are skippable; fatal ones lose the rest of the file."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        problems.append(f"{path}: cannot read: {e.strerror or e}")
+    bad = file_problem(path)
+    if bad is None:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            bad = f"{path}: cannot read: {e.strerror or e}"
+        else:
+            bad = _content_problem(path, data)
+    if bad:
+        problems.append(bad)
         return [], True
     lines = data.split(b"\n")
     texts = []
@@ -506,33 +665,40 @@ def _rows(path: Path, problems: list) -> tuple[list, bool]:
                 continue
             obj = None
             if t is not None:
-                try:
-                    obj = json.loads(t)
-                    if not isinstance(obj, dict):
-                        problems.append(f"{path}:{n}: line: expected a JSON object, got {type(obj).__name__}")
-                        obj = None
-                except json.JSONDecodeError as e:
-                    problems.append(f"{path}:{n}: line: invalid JSON ({e.msg} at column {e.colno})")
+                obj, why = parse_json(t)
+                if why is None and not isinstance(obj, dict):
+                    why = f"line: expected a JSON object, got {type(obj).__name__}"
+                if why:
+                    problems.append(f"{path}:{n}: {why}")
+                    obj = None
             out.append((_Row(path, n, len(out)), obj))  # unreadable rows keep their index
         return out, False
     if any(t is None for t in texts):
         return [], True
     text = "\n".join(texts)
-    dec, out = json.JSONDecoder(), []
+    dups: list = []
+    dec, out = _decoder(dups), []
     pos, line = text.index("[") + 1, 1
     while True:
         start = _SPACE.match(text, pos).end()
         if text.startswith("]", start) and not out:
             return out, False
         line += text.count("\n", pos, start)
+        dups.clear()
         try:
             obj, end = dec.raw_decode(text, start)
         except json.JSONDecodeError as e:
             problems.append(f"{path}:{e.lineno}: line: invalid JSON ({e.msg} at column {e.colno}); "
                             "the rest of the array was not read")
             return out, True
-        if not isinstance(obj, dict):
-            problems.append(f"{path}:{line}: [{len(out)}]: expected a JSON object, got {type(obj).__name__}")
+        except (ValueError, RecursionError) as e:
+            problems.append(f"{path}:{line}: [{len(out)}]: {_json_problem(e)}; the rest of the array was not read")
+            return out, True
+        where = f"[{len(out)}]"
+        why = (f"{where}: expected a JSON object, got {type(obj).__name__}" if not isinstance(obj, dict)
+               else _checked(obj, text[start:end], dups, where))
+        if why:
+            problems.append(f"{path}:{line}: {why}")
             obj = None
         out.append((_Row(path, line, len(out)), obj))
         pos = _SPACE.match(text, end).end()
@@ -568,6 +734,10 @@ def _read(path, fmt: str, step_tag: str) -> tuple[list[Record], list[str], bool]
     rows, fatal = _rows(path, problems)
     if fatal and not rows:  # nothing was read: a format guess would only add noise
         return [], problems, True
+    if not rows and not problems:
+        return [], [f"{path}: is an empty JSON array (no records)"], True
+    if all(obj is None for _, obj in rows):  # each row named its problem: a format guess would only add noise
+        return [], problems, True
     if fmt == "auto":
         try:
             fmt = detect_format(path, rows)
@@ -593,9 +763,6 @@ def _read(path, fmt: str, step_tag: str) -> tuple[list[Record], list[str], bool]
             problems += [f"{where}: {m}{own}" for m in bad]
             if not bad:
                 records.append(rec)
-    if not rows and not problems:
-        problems.append(f"{path}: no records (empty file)")
-        fatal = True
     return records, problems, fatal
 
 

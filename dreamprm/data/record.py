@@ -7,13 +7,23 @@ that a later change of the layout can keep reading old files.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import re
+import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from dreamprm.checkpoint import fsync_dir, os_problem
 from dreamprm.config import DEFAULT_STEP_TAG
+from dreamprm.errors import DataError
 
 SCHEMA_VERSION = 1
+# Half of a UTF-16 surrogate pair: JSON's "\ud800" escape decodes to one, but it is no character,
+# so UTF-8 encoding (a tokenizer, a file write) fails on it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -43,54 +53,140 @@ def _bad_prob(x) -> bool:
             or math.isnan(x) or not 0.0 <= x <= 1.0)
 
 
+def _kind(v) -> str:
+    """A value for messages: 'null', "str 'abc'", 'list [1, 2]', 'float 1.0'."""
+    if v is None:
+        return "null"
+    return f"{type(v).__name__} {v[:40]!r}" if isinstance(v, str) else f"{type(v).__name__} {str(v)[:40]}"
+
+
+def surrogate_problem(text: str) -> str | None:
+    """What is wrong with a string holding a lone surrogate, or None."""
+    m = _LONE_SURROGATE.search(text)
+    if m is None:
+        return None
+    return (f"lone surrogate \\u{ord(m.group()):04x} at character {m.start() + 1} (half of a UTF-16 pair, not a "
+            "character: it cannot be encoded as UTF-8 or tokenized); fix that \\u escape in the file")
+
+
 def record_problems(rec: Record, step_tag: str = DEFAULT_STEP_TAG) -> list[str]:
     """Everything wrong with one record, as 'field: what' strings (empty when valid)."""
     out = []
     if not isinstance(rec.id, str) or not rec.id:
         out.append("id: must be a non-empty string")
+    elif bad := surrogate_problem(rec.id):
+        out.append(f"id: {bad}")
     if not isinstance(rec.question, str):
         out.append("question: must be a string")
+    elif bad := surrogate_problem(rec.question):
+        out.append(f"question: {bad}")
     elif step_tag and step_tag in rec.question:
         out.append(f"question: contains the step tag {step_tag!r} (steps would be misplaced); remove it from the "
                    "text or train with another --step_tag")
     if not isinstance(rec.steps, list) or not rec.steps:
         out.append("steps: must be a non-empty list of strings")
         return out
-    if not isinstance(rec.labels, list) or len(rec.labels) != len(rec.steps):
-        n = len(rec.labels) if isinstance(rec.labels, list) else "not a list"
-        out.append(f"labels: {n} labels for {len(rec.steps)} steps (need one per step)")
+    if not isinstance(rec.labels, list):
+        out.append(f"labels: expected a list (one label per step), got {_kind(rec.labels)}")
+    elif len(rec.labels) != len(rec.steps):
+        out.append(f"labels: {len(rec.labels)} labels for {len(rec.steps)} steps (need one per step)")
     else:
         for k, y in enumerate(rec.labels):
             if y is not None and _bad_prob(y):
                 out.append(f"labels[{k}]: {y!r} is not a number in [0, 1]")
     for k, s in enumerate(rec.steps):
-        if not isinstance(s, str) or not s.strip():
+        if not isinstance(s, str):
+            out.append(f"steps[{k}]: expected a string, got {_kind(s)}")
+        elif not s.strip():
             out.append(f"steps[{k}]: empty step")
+        elif bad := surrogate_problem(s):
+            out.append(f"steps[{k}]: {bad}")
         elif step_tag and step_tag in s:
             out.append(f"steps[{k}]: contains the step tag {step_tag!r}; remove it from the text")
     if rec.outcome is not None and _bad_prob(rec.outcome):
         out.append(f"outcome: {rec.outcome!r} is not a number in [0, 1]")
     if rec.domain is not None and not isinstance(rec.domain, str):
         out.append("domain: must be a string or null")
+    elif rec.domain is not None and (bad := surrogate_problem(rec.domain)):
+        out.append(f"domain: {bad}")
+    if not isinstance(rec.meta, dict):
+        out.append(f"meta: expected an object or null, got {_kind(rec.meta)}")
     return out
 
 
 def record_from_json(d: dict) -> Record:
-    """Build a Record from the internal JSONL form; raises KeyError/ValueError on bad input."""
+    """Build a Record from the internal JSONL form. KeyError names the missing fields; ValueError
+    ("field: what; field: what") a schema that is not the integer SCHEMA_VERSION or an id that is
+    not a string or an integer (an integer id becomes its string, as it always did)."""
     if not isinstance(d, dict):
         raise ValueError("line is not a JSON object")
+    problems = []
     schema = d.get("schema", SCHEMA_VERSION)
-    if schema != SCHEMA_VERSION:
-        raise ValueError(f"schema {schema!r} is not supported (this dreamprm reads {SCHEMA_VERSION})")
+    if type(schema) is not int:  # 1.0 and true compare equal to 1: not a schema number all the same
+        problems.append(f"schema: expected an integer (this dreamprm reads {SCHEMA_VERSION}), got {_kind(schema)}")
+    elif schema != SCHEMA_VERSION:
+        problems.append(f"schema: {schema} is not supported (this dreamprm reads {SCHEMA_VERSION})")
     missing = [k for k in ("id", "question", "steps") if k not in d]
     if missing:
         raise KeyError(", ".join(missing))
+    rid = d["id"]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        problems.append(f"id: expected a string or an integer, got {_kind(rid)}")
+    if problems:
+        raise ValueError("; ".join(problems))
     steps = d["steps"]
     labels = d.get("labels", [None] * len(steps) if isinstance(steps, list) else None)
-    return Record(id=str(d["id"]), question=d["question"], steps=steps, labels=labels,
-                  outcome=d.get("outcome"), domain=d.get("domain"), meta=d.get("meta") or {})
+    meta = d.get("meta")
+    return Record(id=str(rid), question=d["question"], steps=steps, labels=labels,
+                  outcome=d.get("outcome"), domain=d.get("domain"), meta={} if meta is None else meta)
+
+
+def _write_problem(e: OSError, path: Path) -> str:
+    if e.errno == errno.ENOENT:
+        return f"the folder {path.parent} does not exist"
+    if e.errno == errno.EISDIR:
+        return "it is a directory; name a file"
+    if e.errno == errno.ENOTDIR:
+        return f"{path.parent} is not a folder"
+    return os_problem(e)
+
+
+def write_whole(path, data: bytes) -> None:
+    """Replace path with data whole or not at all, as a file for the user: a temp file in the same
+    folder created 0666 & ~umask (the usual permissions; mkstemp's would be 0600), fsync, rename,
+    fsync the folder. On any failure the temp file is removed and an old file at path is left as it
+    was; the OSError raised names the file and the cause (its strerror is the whole message)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {_write_problem(e, path)}") from e
+        raise
 
 
 def write_jsonl(records, path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)
+    """Write records as the internal JSONL, whole or not at all. Every line is encoded before the
+    file is touched, so a record that cannot be (a lone surrogate, say) raises DataError naming it
+    and leaves no file; OSError (write_whole) for the file itself."""
+    lines = []
+    for k, r in enumerate(records, 1):
+        try:
+            lines.append((json.dumps(r.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
+        except (ValueError, TypeError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+            what = (f"a string holds a lone surrogate ({e.reason}); fix or drop it"
+                    if isinstance(e, UnicodeEncodeError) else f"{type(e).__name__}: {e}")
+            raise DataError([f"{path}: record {k} (id {r.id!r}) cannot be written as UTF-8 JSON: {what}; "
+                             "nothing was written"]) from None
+    write_whole(path, b"".join(lines))

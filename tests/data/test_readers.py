@@ -1,6 +1,7 @@
 """Readers: every format on small inline files, every kind of bad input reported with
 FILE:LINE and the field in one run, auto-detection, and the real files under ../shared."""
 
+import gzip
 import json
 import logging
 import math
@@ -48,8 +49,43 @@ def test_dreamprm_schema_and_missing_fields(tmp_path):
     f = jsonl(tmp_path / "d.jsonl", [{"schema": 9, "id": "a", "question": "q", "steps": ["s"]},
                                      {"id": "b", "labels": [1]}])
     _, problems = read_records(f, "dreamprm")
-    assert at(problems, 1) == ["schema: schema 9 is not supported (this dreamprm reads 1)"]
+    assert at(problems, 1) == ["schema: 9 is not supported (this dreamprm reads 1)"]
     assert at(problems, 2) == ["question: missing", "steps: missing"]
+
+
+def test_dreamprm_schema_must_be_the_integer(tmp_path):
+    base = {"id": "a", "question": "q", "steps": ["s"], "labels": [1]}
+    f = jsonl(tmp_path / "d.jsonl", [{**base, "schema": v} for v in (1.0, True, "1", None)] + [{**base, "schema": 1}])
+    recs, problems = read_records(f, "dreamprm")
+    assert [r.id for r in recs] == ["a"] and len(problems) == 4
+    for line, kind in ((1, "float 1.0"), (2, "bool True"), (3, "str '1'"), (4, "null")):
+        assert at(problems, line) == [f"schema: expected an integer (this dreamprm reads 1), got {kind}"]
+
+
+def test_dreamprm_ids_null_list_or_object_are_rejected(tmp_path):
+    # an integer id stays accepted as its string (as before); null, lists, objects, booleans and
+    # floats were turned into "None", "[1, 2]", ... and are errors now
+    base = {"question": "q", "steps": ["s"], "labels": [1]}
+    f = jsonl(tmp_path / "d.jsonl", [{**base, "id": v} for v in (None, [1, 2], {"a": 1}, True, 1.5, 7, "x")])
+    recs, problems = read_records(f, "dreamprm")
+    assert [r.id for r in recs] == ["7", "x"]
+    for line, kind in ((1, "null"), (2, "list [1, 2]"), (3, "dict {'a': 1}"), (4, "bool True"), (5, "float 1.5")):
+        assert at(problems, line) == [f"id: expected a string or an integer, got {kind}"]
+
+
+@pytest.mark.parametrize("fmt,row,key", [
+    ("trl", {"prompt": "p", "completions": ["a"], "labels": [1]}, "id"),
+    ("math_shepherd", {"input": "Q Step 1: a ки", "label": "Q Step 1: a +"}, "id"),
+    ("minif2f", {"formal_statement": "t", "cot_response": "### Step 1\nx", "cot_steps": [{"pi": 1}]}, "id"),
+    ("mr_gsm8k", {"question": "q", "model_output_steps": ["a"], "model_output_solution_correctness": "correct"},
+     "uuid"),
+])
+def test_optional_ids_typed_in_every_format(tmp_path, fmt, row, key):
+    # absent or null: the FILE:LINE default; 0 is an id (it used to fall back to the default); a list is an error
+    f = jsonl(tmp_path / "d.jsonl", [row, {**row, key: None}, {**row, key: 0}, {**row, key: [1, 2]}])
+    recs, problems = read_records(f, fmt)
+    assert [r.id for r in recs] == ["d.jsonl:1", "d.jsonl:2", "0"]
+    assert at(problems, 4) == [f"{key}: expected a string or an integer, got list '[1, 2]'"]
 
 
 # ---------------------------------------------------------------------------- minif2f
@@ -374,6 +410,132 @@ def test_gsm8k_candidates(tmp_path):
 
 # ---------------------------------------------------------------------------- auto, load_records, summary
 
+
+# ---------------------------------------------------------------------------- what json lets through
+
+GOOD = {"id": "a", "question": "q", "steps": ["s"], "labels": [1]}
+
+
+def raw_row(**fields) -> str:
+    """A dreamprm row as text with some fields written raw (JSON text that json.dumps would not make)."""
+    return "{" + ", ".join(f'"{k}": {v}' for k, v in {**{k: json.dumps(v) for k, v in GOOD.items()},
+                                                        **fields}.items()) + "}"
+
+
+def test_deep_nesting_is_a_line_problem_not_a_recursion_error(tmp_path):
+    deep = "[" * 5000 + "]" * 5000
+    f = jsonl(tmp_path / "d.jsonl", [GOOD, raw_row(id='"b"', meta='{"x": ' + deep + "}")])
+    recs, problems = read_records(f)
+    assert [r.id for r in recs] == ["a"]
+    assert at(problems, 2) == ["line: JSON nested too deeply (Python's parser stops near 1000 levels); "
+                               "flatten the record"]
+    arr = tmp_path / "a.json"
+    arr.write_text("[" + json.dumps(GOOD) + ",\n" + raw_row(id='"b"', meta=deep) + "]")
+    recs, problems = read_records(arr)
+    assert [r.id for r in recs] == ["a"] and len(problems) == 1
+    assert problems[0].startswith(f"{arr}:2: [1]: JSON nested too deeply") and "rest of the array" in problems[0]
+
+
+def test_integer_past_the_digit_limit_is_a_line_problem(tmp_path):
+    f = jsonl(tmp_path / "d.jsonl", [raw_row(meta='{"n": ' + "7" * 5000 + "}"), raw_row(id='"b"', labels="[1e999]")])
+    recs, problems = read_records(f)
+    assert recs == [] and len(problems) == 2
+    assert at(problems, 1) == ["line: an integer has more than 4300 digits (Python's limit for reading integers); "
+                               "write it as a string or a float"]
+    assert at(problems, 2) == ["labels[0]: inf is not a number in [0, 1]"]  # a float overflows to inf: named
+
+
+def test_lone_surrogates_are_rejected_where_they_are(tmp_path):
+    f = jsonl(tmp_path / "d.jsonl", [raw_row(question=r'"q \ud800"'), raw_row(id='"b"', steps=r'["ok", "x\udc00"]'),
+                                     raw_row(id='"c"', meta=r'{"src": {"why": ["\udbff"]}}'),
+                                     raw_row(id='"d"', meta=r'{"k\ud800": 1}'),
+                                     raw_row(id='"e"', steps=r'["pair \ud83d\ude00"]'),
+                                     raw_row(id='"f"', steps=r'["escaped \\ud800 text"]')])
+    recs, problems = read_records(f)
+    assert [(r.id, r.steps) for r in recs] == [("e", ["pair \U0001F600"]), ("f", ["escaped \\ud800 text"])]
+    fix = ("(half of a UTF-16 pair, not a character: it cannot be encoded as UTF-8 or tokenized); fix that \\u "
+           "escape in the file")
+    assert at(problems, 1) == [f"question: lone surrogate \\ud800 at character 3 {fix}"]
+    assert at(problems, 2) == [f"steps[1]: lone surrogate \\udc00 at character 2 {fix}"]
+    assert at(problems, 3) == [f"meta.src.why[0]: lone surrogate \\udbff at character 1 {fix}"]
+    assert at(problems, 4) == [f"meta: key 'k\\ud800': lone surrogate \\ud800 at character 2 {fix}"]
+    # the TRL reader (every format) gets the same check, before its own fields are looked at
+    t = jsonl(tmp_path / "t.jsonl", ['{"prompt": "p", "completions": ["\\ud800"], "labels": [1]}'])
+    assert at(read_records(t, "trl")[1], 1) == [f"completions[0]: lone surrogate \\ud800 at character 1 {fix}"]
+
+
+def test_numeric_step_is_named_not_called_empty(tmp_path):
+    f = jsonl(tmp_path / "d.jsonl", [{**GOOD, "steps": [3, "b", None, ["x"]], "labels": [1, 1, 1, 1]}])
+    assert at(read_records(f)[1], 1) == ["steps[0]: expected a string, got int 3",
+                                         "steps[2]: expected a string, got null",
+                                         "steps[3]: expected a string, got list ['x']"]
+    t = jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "completions": [2.5], "labels": [1]}])
+    assert at(read_records(t, "trl")[1], 1) == ["steps[0]: expected a string, got float 2.5"]
+
+
+def test_duplicate_keys_are_a_line_problem(tmp_path):
+    f = jsonl(tmp_path / "d.jsonl", ['{"id": "a", "question": "q", "steps": ["s"], "labels": [1], "labels": [0]}',
+                                     raw_row(id='"b"', meta='{"g": 1, "g": 2}'), raw_row(id='"c"')])
+    recs, problems = read_records(f)
+    assert [r.id for r in recs] == ["c"]
+    keep = "in one JSON object (a JSON reader keeps only the last value); keep one"
+    assert at(problems, 1) == [f"line: duplicate key 'labels' {keep}"]
+    assert at(problems, 2) == [f"line: duplicate key 'g' {keep}"]
+    arr = tmp_path / "a.json"
+    arr.write_text("[\n" + json.dumps(GOOD) + ",\n" + raw_row(id='"b"', id2='"x"').replace('"id2"', '"id"') + "\n]")
+    recs, problems = read_records(arr)
+    assert [r.id for r in recs] == ["a"] and problems == [f"{arr}:3: [1]: duplicate key 'id' {keep}"]
+
+
+def test_meta_must_be_an_object(tmp_path):
+    f = jsonl(tmp_path / "d.jsonl", [{**GOOD, "meta": "x"}, {**GOOD, "id": "b", "meta": None}])
+    recs, problems = read_records(f)
+    assert [(r.id, r.meta) for r in recs] == [("b", {})]
+    assert at(problems, 1) == ["meta: expected an object or null, got str 'x'"]
+
+
+# ---------------------------------------------------------------------------- whole files, named once
+
+def _link(target):
+    def make(p):
+        p.symlink_to(target if target != "self" else p.name)
+    return make
+
+
+WHOLE_FILE = {
+    "empty": (lambda p: p.write_bytes(b""), "is empty (no records); pass a file with one JSON record per line"),
+    "blank": (lambda p: p.write_bytes(b"\n  \n\t\n"), "is empty: its 3 line(s) are blank (no records)"),
+    "bom only": (lambda p: p.write_bytes(b"\xef\xbb\xbf\n"), "is empty: its 1 line(s) are blank"),
+    "gzip": (lambda p: p.write_bytes(gzip.compress(b'{"id": "a"}\n' * 50)),
+             "is gzip-compressed, not UTF-8 JSON text; decompress it first (gunzip -k FILE)"),
+    "utf-16": (lambda p: p.write_bytes((json.dumps(GOOD) + "\n").encode("utf-16") * 20),
+               "is UTF-16 text (byte-order mark), not UTF-8 JSON text; re-encode it as UTF-8 (iconv -f UTF-16"),
+    "utf-16-be": (lambda p: p.write_bytes(b"\xfe\xff" + (json.dumps(GOOD) + "\n").encode("utf-16-be")),
+                  "is UTF-16 text (byte-order mark)"),
+    "utf-16 no bom": (lambda p: p.write_bytes((json.dumps(GOOD) + "\n").encode("utf-16-le") * 20),
+                      ":1: holds NUL bytes: UTF-16 text without a byte-order mark, or not a text file"),
+    "directory": (lambda p: (p.mkdir(), (p / "train.jsonl").write_text("{}")),
+                  "is a directory, not a data file; pass one JSONL or JSON file (it holds train.jsonl)"),
+    "symlink loop": (_link("self"), "is a symbolic link loop (it leads back to itself)"),
+    "dangling symlink": (_link("nowhere.jsonl"), "is a symbolic link to nowhere.jsonl, which does not exist"),
+    "missing": (lambda p: None, "no such file"),
+    "empty array": (lambda p: p.write_text(" [ ]\n"), "is an empty JSON array (no records)"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["auto", "dreamprm"])
+@pytest.mark.parametrize("case", list(WHOLE_FILE))
+def test_whole_file_problem_is_named_once(tmp_path, case, fmt):
+    # (a FIFO, which `data check` used to hang on, is tests/test_cli_data.py's: a subprocess with a timeout)
+    make, words = WHOLE_FILE[case]
+    f = tmp_path / "data.jsonl"
+    make(f)
+    with pytest.raises(DataError) as e:
+        load_records(f, fmt, skip_invalid=True)  # whole-file problems are never skippable
+    assert len(e.value.problems) == 1 and not e.value.skippable, e.value.problems
+    assert e.value.problems[0].startswith(str(f)) and words in e.value.problems[0], e.value.problems
+    assert "pass --from" not in e.value.problems[0]
+
 SAMPLES = {
     "dreamprm": {"schema": 1, "id": "a", "question": "q", "steps": ["s"], "labels": [1]},
     "minif2f": minif2f_row(),
@@ -408,7 +570,7 @@ def test_auto_detect_fails_clearly(tmp_path):
     unknown = jsonl(tmp_path / "unknown.jsonl", [{"text": "hello"}])
     with pytest.raises(DataError, match="matches no known format"):
         load_records(unknown)
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match="missing.jsonl: no such file"):
         load_records(tmp_path / "missing.jsonl", "trl", skip_invalid=True)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no records"):

@@ -149,3 +149,18 @@ def test_tag_in_question_fails_loudly(bpe_tok, corpus):
     # Record validation names it (readers report it as FILE:LINE at read time, tests/data/test_readers.py).
     with pytest.raises(ValueError, match="record 'q': question: contains the step tag"):
         encode_records([rec(corpus, "q", question="Is " + TAG + " a tag?")], bpe_tok, TAG, 512, False)
+
+
+def test_lone_surrogate_and_numeric_step_are_record_problems(bpe_tok, corpus):
+    # A lone surrogate used to pass `data check` and crash the tokenizer mid-run; a number as a step
+    # was called "empty step". Both are named per record before the tokenizer sees any text.
+    bad = [rec(corpus, "s", steps=["ok", "half \ud800 pair"], labels=[1, 1]),
+           rec(corpus, "q", question="q \udfff"), rec(corpus, "n", steps=[3, "ok"], labels=[1, 1])]
+    with pytest.raises(ValueError, match="3 problems") as e:
+        encode_records(bad, bpe_tok, TAG, 512, False)
+    msg = str(e.value)
+    assert "record 's': steps[1]: lone surrogate \\ud800 at character 6" in msg
+    assert "record 'q': question: lone surrogate \\udfff" in msg
+    assert "record 'n': steps[0]: expected a string, got int 3" in msg
+    ok, _ = encode_records([rec(corpus, "e", steps=["emoji \U0001F600"], labels=[1])], bpe_tok, TAG, 512, False)
+    assert len(ok) == 1  # a real (paired) astral character is fine
