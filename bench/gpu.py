@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_cost  # noqa: E402  (bench/step_cost.py: the measurement itself)
 
 from dreamprm import engine  # noqa: E402
+from dreamprm.hypergrad import StepLoss  # noqa: E402
 from dreamprm import model as prm_model  # noqa: E402
 from dreamprm.tiny import make_tiny_tokenizer  # noqa: E402
 
@@ -209,8 +210,9 @@ def one_run(spec: dict) -> dict:
     rank, world = engine.init_distributed()
     torch.manual_seed(a.seed)
     cfg = step_cost.run_config(a)
-    eng = engine.create_engine(cfg, rank, world, model=build_random_prm(arch, cfg.model, cfg.train.precision, device))
-    n, n_lora = matmul_params(eng.ds.module)
+    prm, tok = build_random_prm(arch, cfg.model, cfg.train.precision, device)
+    eng = engine.create_engine(cfg, rank, world, StepLoss(), tokenizer=tok, model=prm)
+    n, n_lora = matmul_params(eng.module)
     result = step_cost.measure(a, cfg, eng, rank, world)
     kind = "full" if spec["mode"] == "full" else "lora"
     for row in result["rows"]:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,7 +30,7 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
     Raises scoring.ScoringError naming what is missing for an incomplete run or a partial checkpoint,
     and before any loading for an out_dir that is not empty or an --adapter export of a full fine-tune.
     """
-    from dreamprm.checkpoint import shared_state, write_json_atomic
+    from dreamprm.checkpoint import AtomicFolder, shared_state, write_json_atomic
     from dreamprm.model import save_adapter, save_prm
     from dreamprm.scoring import EXPORT_INFO, ScoringError, load_checkpoint_prm, path_kind, resolve_checkpoint
 
@@ -51,11 +49,7 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
                            "export it merged (without --adapter)")
     prm, tok, _ = load_checkpoint_prm(ckpt, precision)
     tag = cfg["model"]["step_tag"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # the export appears whole or not at all
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with AtomicFolder(out) as tmp:  # the export appears whole or not at all (out is empty: checked above)
         if adapter:
             save_adapter(prm, tmp, tok, tag)
         else:
@@ -66,12 +60,6 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
                 "checkpoint": str(ckpt.resolve()), "step": state["step"], "config": cfg,
                 "profile": cfg.get("data", {}).get("profile", "default"), "profiles": state.get("profiles")}
         write_json_atomic(tmp / EXPORT_INFO, info)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -275,13 +275,29 @@ def _lora_targets(model, wanted: list[str]) -> list[str]:
     return found
 
 
-def build_prm(mcfg, precision: str = "fp32"):
+def model_dir(mcfg) -> Path:
+    """The checked model folder of mcfg (config.ModelConfig): name_or_path, or the built-in tiny model."""
+    if mcfg.name_or_path:
+        return check_model_dir(mcfg.name_or_path)
+    from dreamprm.tiny import default_tiny_dir
+
+    return check_model_dir(default_tiny_dir())
+
+
+def load_training_tokenizer(mcfg):
+    """The tokenizer build_prm trains with: load_tokenizer on model_dir(mcfg) with mcfg's step tag."""
+    return load_tokenizer(model_dir(mcfg), mcfg.step_tag, mcfg.trust_remote_code, mcfg.add_step_tag)
+
+
+def build_prm(mcfg, precision: str = "fp32", tokenizer=None):
     """PRM and tokenizer for training, from a local causal-LM or PRM folder (mcfg: config.ModelConfig).
 
     A PRM folder (architectures has Qwen2ForProcessRewardModel, or the weights have score.0.weight) keeps
     its head; a causal-LM folder gets a fresh head from the global RNG (seed before calling). A step tag
     the tokenizer lacks is added with a new embedding row (load_tokenizer, grow_embeddings).
     mcfg.gc_reentrant: reentrant activation checkpointing instead of the default non-reentrant one.
+    tokenizer: load_training_tokenizer(mcfg), loaded earlier by the caller (the trainer reads the data first);
+    None: loaded here.
     """
     problems = []
     if mcfg.mode not in MODES:
@@ -292,16 +308,12 @@ def build_prm(mcfg, precision: str = "fp32"):
         problems.append(f"model.attn_implementation {mcfg.attn_implementation!r} is not one of {ATTN_IMPLEMENTATIONS}")
     if problems:
         raise ModelError("; ".join(problems))
-    if mcfg.name_or_path:
-        path = check_model_dir(mcfg.name_or_path)
-    else:
-        from dreamprm.tiny import default_tiny_dir
-
-        path = check_model_dir(default_tiny_dir())
-    tok = load_tokenizer(path, mcfg.step_tag, mcfg.trust_remote_code, mcfg.add_step_tag)
+    path = model_dir(mcfg)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, mcfg.step_tag, mcfg.trust_remote_code, mcfg.add_step_tag)
     prm, _ = _load(path, precision, mcfg.attn_implementation, mcfg.trust_remote_code, mcfg.mode == "qlora")
-    grow_embeddings(prm.model, tok, path)
-    return prepare_for_training(prm, mcfg), tok
+    grow_embeddings(prm.model, tokenizer, path)
+    return prepare_for_training(prm, mcfg), tokenizer
 
 
 def prepare_for_training(prm: PRM, mcfg) -> PRM:

@@ -1,4 +1,4 @@
-"""The training loop: plain functions around engine.inner_update and engine.meta_update.
+"""The training loop: plain functions around engine.inner_update and bilevel.meta_update.
 
     fit(cfg)
       init process group -> engine (PRM + DeepSpeed) -> data -> weight module
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from dreamprm import checkpoint as ckpt
-from dreamprm import engine, runlock
+from dreamprm import dist, engine, runlock
+from dreamprm.bilevel import fused_meta_gradient, meta_update
 from dreamprm.config import Config, save_config
 from dreamprm.data.loader import BatchStream, collate, with_workers
 from dreamprm.data.mixing import Curriculum, MixtureStream, Source, mixture_probs, parse_sources
@@ -35,7 +36,7 @@ from dreamprm.data.packing import check_attention, collate_packed
 from dreamprm.data.tokenize import domain_table, encode_records, profile_problems, run_profiles
 from dreamprm.errors import CheckpointError, CollectiveError, ConfigError, DataError
 from dreamprm.hypergrad import StepLoss
-from dreamprm.model import resolve_attn
+from dreamprm.model import load_training_tokenizer, resolve_attn
 from dreamprm.train_eval import eval_step_metrics, load_eval_examples
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
@@ -397,7 +398,7 @@ def run_eval(eng, eval_ex, cfg: Config) -> dict:
     module.eval()
     try:
         with torch.no_grad():
-            return eval_step_metrics(lambda b: engine.forward(eng, b, meta=True), eval_ex, cfg.train.batch_size,
+            return eval_step_metrics(lambda b: eng.forward(b, meta=True), eval_ex, cfg.train.batch_size,
                                      eng.rank, eng.world, eng.tokenizer.pad_token_id)
     finally:
         module.train(was_training)
@@ -435,7 +436,7 @@ def fit(cfg: Config, notes=()) -> int:
             err = None
         except runlock.RunLockError as e:
             note, err = None, str(e)
-        note, err = engine.broadcast_object((note, err))
+        note, err = dist.broadcast_object((note, err))
         if err:
             raise runlock.RunLockError(err)
         if note:
@@ -461,7 +462,7 @@ def find_resume(cfg: Config, ckpt_root: Path, rank: int) -> Path | None:
     if rank == 0 and ckpt_root.is_dir():
         for n in ckpt.remove_partial(ckpt_root):
             print0(n, rank=rank)
-    engine.barrier()
+    dist.barrier()
     resume, notes = resolve_resume(cfg, ckpt_root, lambda p: engine.verify_on_every_rank(p)[1])
     for n in notes:
         print0(n, rank=rank)
@@ -475,11 +476,12 @@ def find_resume(cfg: Config, ckpt_root: Path, rank: int) -> Path | None:
 def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bilevel: bool, stop,
          resume: Path | None, universal: Path | None = None) -> int:
     records = read_sources(cfg, needs_meta=bilevel)  # every source's problems, before any model is built
-    eng = engine.create_engine(cfg, rank, world, load_universal=universal is not None)
-    pad_id = eng.tokenizer.pad_token_id
-    data = load_mixture(cfg, eng.tokenizer, rank, needs_meta=bilevel, world=world, records=records)
+    tokenizer = load_training_tokenizer(cfg.model)
+    data = load_mixture(cfg, tokenizer, rank, needs_meta=bilevel, world=world, records=records)
     train_ex, meta_ex, domains = data.train_ex, data.meta_ex, data.domains
-    eng.step_loss = step_loss_spec(cfg, data.pos_fraction)
+    eng = engine.create_engine(cfg, rank, world, step_loss_spec(cfg, data.pos_fraction), tokenizer=tokenizer,
+                               load_universal=universal is not None)
+    pad_id = eng.tokenizer.pad_token_id
     eval_ex = []
     if cfg.run.eval_every:
         eval_ex, se = load_eval_examples(cfg, eng.tokenizer, domains)
@@ -521,7 +523,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                    "epoch some examples are seen twice or not at all; later epochs are as a run on "
                    f"{world} ranks)", rank=rank)
         if universal is not None:
-            engine.barrier()
+            dist.barrier()
             if rank == 0:  # derived from the checkpoint, needed no more
                 err = ckpt.remove_tree(universal.parent)
                 if err:
@@ -532,9 +534,9 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
         note = truncate_metrics(run_dir / "metrics.jsonl", start)
         if note:
             print0(note, rank=rank)
-    engine.barrier()
+    dist.barrier()
 
-    if engine.all_reduce_(torch.tensor([float(stop.signum)])).item() > 0:
+    if dist.all_reduce_(torch.tensor([float(stop.signum)])).item() > 0:
         if rank == 0:
             write_status(run_dir, {"state": "stopped", "step": start})
         print0(f"stopped by signal during startup at update {start}", rank=rank)
@@ -544,7 +546,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
               "last_checkpoint": str(resume) if resume is not None else None}
 
     def checkpoint(step):
-        totals = src_base + engine.all_reduce_(src_total.clone())
+        totals = src_base + dist.all_reduce_(src_total.clone())
         path, notes = engine.save_checkpoint(
             eng, ckpt_root, step,
             shared={"config": cfg.to_dict(), "weights": wmod.state_dict(), "weights_opt": wopt.state_dict(),
@@ -574,10 +576,10 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
         for step in range(start + 1, cfg.train.total_steps + 1):
             meta_step = bilevel and step > cfg.meta.meta_warmup and step % cfg.meta.meta_interval == 0
             fused = meta_step and cfg.meta.hypergrad == "fused"
-            pre = engine.fused_meta_gradient(eng, next(meta_stream), cfg) if fused else None  # v before the update
+            pre = fused_meta_gradient(eng, next(meta_stream), cfg) if fused else None  # v before the update
             # --mix learned: the domain weights sample the batches, so the loss weights are 1
             out = engine.inner_update(eng, train_stream, wmod, cfg.meta.baseline or learned_mix, step,
-                                      v=pre["v"] if fused else None)
+                                      tap=pre["tap"] if fused else None)
             for r in out["recent"]:
                 last_w[r["batch"]["index"].cpu()] = r["weights"].cpu().float()
                 vals = torch.stack([torch.ones(len(r["weights"])), r["features"][:, 0].cpu().float(),
@@ -590,8 +592,8 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
             window["loss"] += out["loss"]
             window["loss_unweighted"] += out["loss_unweighted"]
             if meta_step:
-                meta = engine.meta_update(eng, None if fused else next(meta_stream), out["recent"], wmod, wopt, cfg,
-                                          step, fused=pre)
+                meta = meta_update(eng, None if fused else next(meta_stream), out["recent"], wmod, wopt, cfg, step,
+                                   fused=pre)
                 pre = None  # v's shards are not needed after the weight step
                 if learned_mix:  # the next batches are drawn with the updated domain weights
                     train_stream.set_probs(source_probs(cfg, data, wmod))
@@ -601,7 +603,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
             evals = run_eval(eng, eval_ex, cfg) if eval_ex and step % cfg.run.eval_every == 0 else {}
             if step % log_every == 0 or step == cfg.train.total_steps or evals:
                 row = {**log_row(step, window, meta, eng, wmod, wopt, cfg, time.perf_counter() - t_last),
-                       **source_row(names, engine.all_reduce_(src_window), train_stream), **evals}
+                       **source_row(names, dist.all_reduce_(src_window), train_stream), **evals}
                 t_last = time.perf_counter()
                 window = dict.fromkeys(window, 0)
                 src_window = torch.zeros_like(src_window)
@@ -618,7 +620,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", meta=f"{meta.get('meta_loss', math.nan):.4f}")
-            stopping = engine.all_reduce_(torch.tensor([float(stop.signum)])).item() > 0
+            stopping = dist.all_reduce_(torch.tensor([float(stop.signum)])).item() > 0
             if step % cfg.run.save_every == 0 or step == cfg.train.total_steps or stopping:
                 checkpoint(step)
             if stopping:
@@ -628,7 +630,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                 return 128 + (stop.signum or signal.SIGTERM)
         status["state"] = "finished"
         dump_instance_weights(wmod, train_ex, last_w, run_dir, rank, cfg.meta.baseline, domains)
-        summary = source_row(names, src_base + engine.all_reduce_(src_total.clone()), train_stream)
+        summary = source_row(names, src_base + dist.all_reduce_(src_total.clone()), train_stream)
         status["sources"] = summary
         if wb is not None:
             wb.summary.update(summary)
@@ -645,8 +647,8 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
                rank=rank)
         return 0
     except BaseException as e:
-        if engine.collective_failed(e):  # a lost node or a hung rank: name it, then stop
-            err = CollectiveError(collective_message(e, engine.silent_ranks(min(60, cfg.run.collective_timeout)),
+        if dist.collective_failed(e):  # a lost node or a hung rank: name it, then stop
+            err = CollectiveError(collective_message(e, dist.silent_ranks(min(60, cfg.run.collective_timeout)),
                                                      cfg.run.collective_timeout, step, status["last_checkpoint"]))
             status.update(state="failed", error=str(err))
             raise err from e
@@ -664,7 +666,7 @@ def _fit(cfg: Config, rank: int, world: int, run_dir: Path, ckpt_root: Path, bil
 
 def collective_message(e: BaseException, silent: list[int] | None, timeout_s: int, step: int,
                        last_checkpoint: str | None) -> str:
-    """silent: the ranks a monitored barrier found missing (engine.silent_ranks), None if unknown."""
+    """silent: the ranks a monitored barrier found missing (dist.silent_ranks), None if unknown."""
     text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     if silent:
         who = f"rank {', '.join(map(str, silent))} went silent"
@@ -701,7 +703,7 @@ def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, r
     seen in training, so it is the weight it gave the record when last trained on (null if
     never). last_w holds those, -1 where unseen, max-reduced over ranks.
     """
-    last_w = engine.all_reduce_(last_w.clone(), op=torch.distributed.ReduceOp.MAX)
+    last_w = dist.all_reduce_(last_w.clone(), op=torch.distributed.ReduceOp.MAX)
     if rank != 0:
         return
     w = torch.ones(len(train_ex)) if baseline else wmod.instance_weights()
