@@ -27,6 +27,7 @@ import math
 import torch
 
 from dreamprm import dist, hypergrad, persample
+from dreamprm.config import Config
 from dreamprm.errors import CollectiveError, ModelError, NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def fd_alignments(eng, recent: list, v: MetaGradient, radius: float):
     return [hypergrad.fd_alignments(lp, lm, span).cpu() for lp, lm in zip(losses[1.0], losses[-1.0])], vnorm
 
 
-def _alignments(eng, meta_batch: dict, recent: list, cfg):
+def _alignments(eng, meta_batch: dict, recent: list, cfg: Config):
     """Steps 1 and 2 for exact and finite_diff: (meta loss, ||v||, a_i per micro-batch)."""
     m = cfg.meta
     # No dropout (the +/- passes and the reference must see the same function), but train mode:
@@ -243,7 +244,7 @@ class FusedTap:
                              "inside the training step; use --hypergrad exact, which takes them by the slow path")
 
 
-def fused_meta_gradient(eng, meta_batch: dict, cfg) -> dict:
+def fused_meta_gradient(eng, meta_batch: dict, cfg: Config) -> dict:
     """Fused hypergradient, step 1 of 2 (before the inner update): v on the meta batch at the current
     parameters, and the tap for inner_update(..., tap=result["tap"]), whose own backward yields the alignments."""
     m = cfg.meta
@@ -259,7 +260,7 @@ def fused_meta_gradient(eng, meta_batch: dict, cfg) -> dict:
 # ---------------------------------------------------------------- step 3: the weight step
 
 
-def meta_update(eng, meta_batch: dict | None, recent: list, wmod, wopt, cfg, step: int,
+def meta_update(eng, meta_batch: dict | None, recent: list, wmod, wopt, cfg: Config, step: int,
                 fused: dict | None = None) -> dict:
     """One meta pass (see the module docstring). Leaves the PRM and its optimizer untouched.
 

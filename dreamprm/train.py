@@ -1,8 +1,8 @@
 """The training loop: plain functions around engine.inner_update and bilevel.meta_update.
 
     fit(cfg)
-      init process group -> engine (PRM + DeepSpeed) -> data -> weight module
-      -> resume (latest complete checkpoint) -> for each update:
+      init process group -> tokenizer, data -> engine (PRM + DeepSpeed; the inner loss measured on
+      the data) -> weight module -> resume (latest complete checkpoint) -> for each update:
            inner_update; every meta_interval updates meta_update (--hypergrad fused: the meta
            gradient before inner_update, whose backward also takes the alignments);
            log metrics.jsonl / status.json / wandb; checkpoint every save_every;
