@@ -54,6 +54,7 @@ from dreamprm import engine
 from dreamprm import model as prm_model
 from dreamprm.tiny import make_tiny_tokenizer
 
+from dreamprm.hypergrad import StepLoss
 
 def _bench_module(name: str):
     """bench/ is not a package: load a sibling script by its file path."""
@@ -218,8 +219,9 @@ def one_run(spec: dict) -> dict:
     rank, world = engine.init_distributed()
     torch.manual_seed(a.seed)
     cfg = step_cost.run_config(a)
-    eng = engine.create_engine(cfg, rank, world, model=build_random_prm(arch, cfg.model, cfg.train.precision, device))
-    n, n_lora = matmul_params(eng.ds.module)
+    prm, tok = build_random_prm(arch, cfg.model, cfg.train.precision, device)
+    eng = engine.create_engine(cfg, rank, world, StepLoss(), tokenizer=tok, model=prm)
+    n, n_lora = matmul_params(eng.module)
     result = step_cost.measure(a, cfg, eng, rank, world)
     kind = "full" if spec["mode"] == "full" else "lora"
     for row in result["rows"]:

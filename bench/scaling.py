@@ -3,8 +3,8 @@
     python bench/scaling.py                      # Qwen2.5-7B and 72B shapes, LoRA r=16 and full, 8-256 GPUs
     python bench/scaling.py --tokens 8192 --flops 400e12 --bw_inter 50e9
 
-Nothing is measured: the byte counts are what dreamprm's code paths move and keep (dreamprm/engine.py,
-dreamprm/persample.py), with bf16 weights, fp32 master weights, Adam, ZeRO-3 over all ranks and
+Nothing is measured: the byte counts are what dreamprm's code paths move and keep (dreamprm/bilevel.py,
+dreamprm/engine/, dreamprm/persample.py), with bf16 weights, fp32 master weights, Adam, ZeRO-3 over all ranks and
 micro-batch 1. N = all backbone + head parameters, n = trainable ones (N for full fine-tuning).
 
 Per rank, model states:   full 16 N / W (bf16 weight 2 + bf16 gradient partition 2 + fp32 master 4 + Adam 8)

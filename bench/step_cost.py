@@ -12,7 +12,7 @@ figure is the median over rounds after the warm-up rounds (the max over ranks).
 
 Configurations
   plain                    engine.inner_update with uniform weights (what --baseline trains)
-  <method> k=<k>           k weighted engine.inner_update calls (instance table) + one engine.meta_update,
+  <method> k=<k>           k weighted engine.inner_update calls (instance table) + one bilevel.meta_update,
                            for method exact / finite_diff / fused (whose meta gradient runs before the k-th
                            update and whose alignments come from it) and meta interval k = 1, 5;
                            ms/step = cycle / k
@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from dreamprm import engine, hypergrad, persample, preflight
+from dreamprm import bilevel, dist, engine, hypergrad, persample, preflight
 from dreamprm.config import Config, validate
 from dreamprm.data.loader import collate
 from dreamprm.data.packing import select
@@ -218,7 +218,8 @@ class PeakMemory:
 
 
 class MetaProfile:
-    """Times the phases of engine.meta_update by wrapping the engine's functions (the engine is unchanged).
+    """Times the phases of bilevel.meta_update by wrapping its functions and the engine's forward (nothing else
+    changes).
 
     Inclusive seconds per phase, summed over the meta passes of the active configuration.
     """
@@ -228,12 +229,12 @@ class MetaProfile:
         self.acc: dict[str, dict[str, float]] = {}
         self.passes: dict[str, int] = {}
         self._saved: list = []
-        self._wrap(engine, "meta_gradient", "v")
-        self._wrap(engine, "fused_meta_gradient", "fused_v")
-        self._wrap(engine, "fd_alignments", "align")
-        self._wrap(engine, "exact_alignments", "align")
+        self._wrap(bilevel, "meta_gradient", "v")
+        self._wrap(bilevel, "fused_meta_gradient", "fused_v")
+        self._wrap(bilevel, "fd_alignments", "align")
+        self._wrap(bilevel, "exact_alignments", "align")
         self._wrap(sys.modules[__name__], "darts_alignments", "align")
-        self._wrap(engine, "forward", "forward")  # inner updates run outside call(): not counted
+        self._wrap(eng, "forward", "forward")  # inner updates run outside call(): not counted
         self._wrap(eng.ds.optimizer, "zero_grad", "zero_grad")
         if hasattr(eng.ds.optimizer, "empty_partition_cache"):
             self._wrap(eng.ds.optimizer, "empty_partition_cache", "cache_drop")
@@ -266,7 +267,7 @@ class MetaProfile:
         setattr(owner, name, timed)
 
     def call(self, label, fn, *args):
-        """fn(*args) as part of the meta pass `label` (engine.meta_update ends a pass; fused mode's
+        """fn(*args) as part of the meta pass `label` (bilevel.meta_update ends a pass; fused mode's
         fused_meta_gradient before the update belongs to the same pass)."""
         self.active = label
         sync()
@@ -277,7 +278,7 @@ class MetaProfile:
             sync()
             d = self.acc.setdefault(label, {})
             d["total"] = d.get("total", 0.0) + time.perf_counter() - t
-            if fn in (engine.meta_update, darts_meta_update):
+            if fn in (bilevel.meta_update, darts_meta_update):
                 self.passes[label] = self.passes.get(label, 0) + 1
             self.active = None
 
@@ -313,10 +314,10 @@ def build(a: argparse.Namespace, rank: int, world: int):
         cfg_json = json.loads((Path(tmp) / "config.json").read_text())
         cfg_json["max_position_embeddings"] = max(cfg_json["max_position_embeddings"], a.seq_len)
         (Path(tmp) / "config.json").write_text(json.dumps(cfg_json, indent=2))
-    tmp = engine.broadcast_object(tmp)
+    tmp = dist.broadcast_object(tmp)
     cfg = run_config(a)
     cfg.model.name_or_path = tmp
-    eng = engine.create_engine(cfg, rank, world)
+    eng = engine.create_engine(cfg, rank, world, hypergrad.StepLoss())
     return cfg, eng, tmp
 
 
@@ -360,7 +361,7 @@ def darts_meta_update(eng, meta_batch: dict, recent: list, wmod, wopt, cfg: Conf
     meta_batch = engine.to_device(meta_batch, eng.ds.device)
     lam = [p for p in wmod.parameters() if p.requires_grad]
     with persample.dropout_off(eng.ds.module):
-        v, _ = engine.meta_gradient(eng, meta_batch, cfg.meta.aggregation, cfg.meta.meta_loss)
+        v, _ = bilevel.meta_gradient(eng, meta_batch, cfg.meta.aggregation, cfg.meta.meta_loss)
         eng.ds.optimizer.zero_grad()
         eps = hypergrad.fd_epsilon(cfg.meta.fd_radius, v.norm())
         grads = darts_alignments(eng, recent, v, eps, wmod, lam)
@@ -382,7 +383,7 @@ def darts_alignments(eng, recent: list, v, eps: float, wmod, lam: list) -> list:
             for t, d in local:
                 t.add_(d.to(t.dtype), alpha=move)
         loss = sum((wmod(r["batch"]["index"].cpu(), r["batch"]["domain"].cpu(), r["features"].cpu())
-                    * hypergrad.instance_losses(engine.forward(eng, r["batch"], meta=True), r["batch"]).cpu()
+                    * hypergrad.instance_losses(eng.forward(r["batch"], meta=True), r["batch"]).cpu()
                     ).sum() for r in recent) / n
         grads.append(torch.autograd.grad(loss, lam, allow_unused=True))
     with torch.no_grad():
@@ -407,7 +408,7 @@ def run(a: argparse.Namespace) -> dict:
     try:
         return measure_memory(a, cfg, eng, rank, world) if a.memory_method else measure(a, cfg, eng, rank, world)
     finally:
-        engine.barrier()
+        dist.barrier()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -435,46 +436,46 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
         step[0] += 1
         engine.inner_update(eng, stream, wmod, True, step[0])
 
-    def bilevel(method, k):
+    def bilevel_cycle(method, k):
         def f():
             cfg.meta.hypergrad = "finite_diff" if method == "darts" else method
             for i in range(k):
                 step[0] += 1
                 last = i == k - 1
-                pre = prof.call(f"{method} k={k}", engine.fused_meta_gradient, eng, next(meta_stream), cfg) \
+                pre = prof.call(f"{method} k={k}", bilevel.fused_meta_gradient, eng, next(meta_stream), cfg) \
                     if last and method == "fused" else None
-                out = engine.inner_update(eng, stream, wmod, False, step[0], v=pre["v"] if pre else None)
+                out = engine.inner_update(eng, stream, wmod, False, step[0], tap=pre["tap"] if pre else None)
             if method == "darts":
                 prof.call(f"{method} k={k}", darts_meta_update, eng, next(meta_stream), out["recent"], wmod, wopt,
                           cfg)
             else:
-                prof.call(f"{method} k={k}", engine.meta_update, eng, None if pre else next(meta_stream),
+                prof.call(f"{method} k={k}", bilevel.meta_update, eng, None if pre else next(meta_stream),
                           out["recent"], wmod, wopt, cfg, step[0], pre)
         return f
 
     def fwd():
         with torch.no_grad():
-            engine.forward(eng, next(stream), meta=True)
+            eng.forward(next(stream), meta=True)
 
     def fwd_bwd():
         b = next(stream)
-        grad_of(eng, hypergrad.instance_losses(engine.forward(eng, b, meta=True), b).mean())
+        grad_of(eng, hypergrad.instance_losses(eng.forward(b, meta=True), b).mean())
 
     def meta_fwd_bwd():
         b = next(meta_stream)
-        grad_of(eng, hypergrad.meta_loss(engine.forward(eng, b, meta=True), b, cfg.meta.aggregation,
+        grad_of(eng, hypergrad.meta_loss(eng.forward(b, meta=True), b, cfg.meta.aggregation,
                                          cfg.meta.meta_loss))
 
     def inst_fwd_bwd():
         b = next(stream)
         for i in range(len(b["index"])):
             row = select(b, i)
-            grad_of(eng, hypergrad.instance_losses(engine.forward(eng, row, meta=True), row)[0])
+            grad_of(eng, hypergrad.instance_losses(eng.forward(row, meta=True), row)[0])
 
     # (name, function, updates per cycle); components run in eval mode and exclude the zero_grad after them
     configs = [("plain", plain, 1), ("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 1), ("meta fwd+bwd", meta_fwd_bwd, 1),
                ("instance fwd+bwd", inst_fwd_bwd, 1)]
-    configs += [(f"{m} k={k}", bilevel(m, k), k) for m in methods for k in a.intervals]
+    configs += [(f"{m} k={k}", bilevel_cycle(m, k), k) for m in methods for k in a.intervals]
     components = {"fwd", "fwd+bwd", "meta fwd+bwd", "instance fwd+bwd"}
     times = {name: [] for name, _, _ in configs}
     peaks = dict.fromkeys(times, 0.0)
@@ -482,7 +483,7 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
         for name, fn, k in configs:
             if r < a.warmup and k > 1 and name.replace(f" k={k}", " k=1") in times:
                 continue  # its code path is warmed up by the k=1 cycle of the same method
-            engine.barrier()
+            dist.barrier()
             if name in components:
                 was = module.training
                 module.eval()
@@ -504,7 +505,7 @@ def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> d
     # synchronous steps: a configuration is as slow as its slowest rank
     vec = torch.tensor([statistics.median(times[n]) for n in names] + [min(times[n]) for n in names]
                        + [peaks[n] for n in names], dtype=torch.float64, device=eng.ds.device)
-    vec = engine.all_reduce_(vec, op=torch.distributed.ReduceOp.MAX).cpu().tolist()  # NCCL: device tensors
+    vec = dist.all_reduce_(vec, op=torch.distributed.ReduceOp.MAX).cpu().tolist()  # NCCL: device tensors
     m = len(names)
     med, low, peaks = dict(zip(names, vec[:m])), dict(zip(names, vec[m:2 * m])), dict(zip(names, vec[2 * m:]))
     tokens = a.batch_size * a.seq_len * world  # per update, all ranks
@@ -542,26 +543,26 @@ def measure_memory(a: argparse.Namespace, cfg: Config, eng, rank: int, world: in
     cfg.meta.hypergrad = method = a.memory_method
 
     def cycle(s):
-        pre = engine.fused_meta_gradient(eng, next(meta_stream), cfg) if method == "fused" else None
-        out = engine.inner_update(eng, stream, wmod, False, s, v=pre["v"] if pre else None)
-        engine.meta_update(eng, None if pre else next(meta_stream), out["recent"], wmod, wopt, cfg, s, pre)
+        pre = bilevel.fused_meta_gradient(eng, next(meta_stream), cfg) if method == "fused" else None
+        out = engine.inner_update(eng, stream, wmod, False, s, tap=pre["tap"] if pre else None)
+        bilevel.meta_update(eng, None if pre else next(meta_stream), out["recent"], wmod, wopt, cfg, s, pre)
 
     engine.inner_update(eng, stream, wmod, True, 0)  # optimizer state allocated
-    engine.barrier()
+    dist.barrier()
     before = rss_mb()
     cycle(1)  # warm-up: whatever the first meta pass allocates and keeps counts as "kept", not as peak
-    engine.barrier()
+    dist.barrier()
     kept = rss_mb() - before
     with PeakMemory() as plain:
         for s in (2, 3):
             engine.inner_update(eng, stream, wmod, True, s)
-    engine.barrier()
+    dist.barrier()
     with PeakMemory() as meta:
         for s in (4, 5):
             cycle(s)
     vec = torch.tensor([plain.peak, meta.peak, meta.peak - plain.peak, kept], dtype=torch.float64,
                        device=eng.ds.device)
-    vec = engine.all_reduce_(vec, op=torch.distributed.ReduceOp.MAX).cpu().tolist()
+    vec = dist.all_reduce_(vec, op=torch.distributed.ReduceOp.MAX).cpu().tolist()
     n = sum(p.ds_numel if eng.stage == 3 else p.numel() for p in eng.params)
     return {"method": method, "world": world, "stage": eng.stage, "trainable_params": n,
             "plain_peak_mb": vec[0], "meta_peak_mb": vec[1], "extra_mb": vec[2],
@@ -618,9 +619,10 @@ def format_table(result: dict) -> str:
                      f"{f(r.get('tokens_per_s'), '8.0f'):>8} | {r['peak_mb']:8.0f} | {f(r.get('x_plain'), '7.2f'):>7} "
                      f"| {f(r.get('floor_ms'), '8.1f'):>8} | {f(r.get('x_floor'), '7.3f'):>7} "
                      f"| {f(r.get('x_floor_min'), '13.3f'):>13} |")
-    lines += ["", "floor: finite_diff and darts P + (M_fb + 2 T_f) / k; exact P + (M_fb + T_fb) / k; fused P + M_fb / k "
-              "(P plain, M_fb meta fwd+bwd, T_f fwd, T_fb fwd+bwd of the training batch); x floor (min): the same "
-              "from the fastest round of every row (contention on a shared machine only adds time)"]
+    lines += ["", "floor: finite_diff and darts P + (M_fb + 2 T_f) / k; exact P + (M_fb + T_fb) / k; "
+              "fused P + M_fb / k (P plain, M_fb meta fwd+bwd, T_f fwd, T_fb fwd+bwd of the training batch); "
+              "x floor (min): the same from the fastest round of every row (contention on a shared machine only "
+              "adds time)"]
     bd = [r for r in result["rows"] if "breakdown_ms" in r]
     if bd:
         keys = list(bd[0]["breakdown_ms"])

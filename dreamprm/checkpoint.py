@@ -8,7 +8,8 @@ thins. Everything here is plain Python (plus torch for the file formats), so exp
 slurm/preflight.py read checkpoints without importing deepspeed.
 
 Also here: the one atomic writer (temp file, fsync, rename, fsync of the folder) used for every
-JSON/YAML/text file the run writes, and the wording of OS errors (disk full, read-only, no
+JSON/YAML/text file the run writes, its folder counterpart AtomicFolder (checkpoints, their
+universal form, exports, the SmolLM2 folder), and the wording of OS errors (disk full, read-only, no
 permission) that every writer reports.
 """
 
@@ -102,6 +103,52 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class AtomicFolder:
+    """A folder that appears whole or not at all: written under a temporary name, then renamed.
+
+    begin() removes a leftover temporary folder and makes it afresh; commit() replaces the final
+    folder whole (whatever it held is deleted) and fsyncs the parent; abort() removes the temporary
+    folder. A failed removal raises OSError naming what could not be deleted. As a context manager
+    (one process): begin on entry, commit on success, abort on any exception. A checkpoint save
+    calls the steps itself, because every rank writes into the folder between begin and commit.
+    tmp: the temporary folder (default .<name>.tmp-<pid> next to the final one).
+    """
+
+    def __init__(self, final: Path, tmp: Path | None = None):
+        self.final = Path(final)
+        self.tmp = Path(tmp) if tmp is not None else self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
+
+    def begin(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_or_raise(self.tmp)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def commit(self) -> Path:
+        _remove_or_raise(self.final)
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)  # best effort: the error being handled matters more
+
+    def __enter__(self) -> Path:
+        return self.begin()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def _remove_or_raise(path: Path) -> None:
+    err = remove_tree(path) if path.exists() else None
+    if err:
+        raise OSError(err)
 
 
 def file_digest(path: Path) -> str:

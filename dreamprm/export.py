@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
-from dreamprm.checkpoint import shared_state, write_json_atomic
+from dreamprm.checkpoint import AtomicFolder, shared_state, write_json_atomic
 from dreamprm.errors import DreamPRMError
 
 
@@ -53,11 +51,7 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
                            "export it merged (without --adapter)")
     prm, tok, _ = load_checkpoint_prm(ckpt, precision)
     tag = cfg["model"]["step_tag"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # the export appears whole or not at all
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with AtomicFolder(out) as tmp:  # the export appears whole or not at all (out is empty: checked above)
         if adapter:
             save_adapter(prm, tmp, tok, tag)
         else:
@@ -68,12 +62,6 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
                 "checkpoint": str(ckpt.resolve()), "step": state["step"], "config": cfg,
                 "profile": cfg.get("data", {}).get("profile", "default"), "profiles": state.get("profiles")}
         write_json_atomic(tmp / EXPORT_INFO, info)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

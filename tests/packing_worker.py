@@ -14,11 +14,14 @@ from pathlib import Path
 
 import torch
 
-from dreamprm import engine
+from engine_worker import gathered_state_dict
+
+from dreamprm import bilevel, engine
 from dreamprm.config import load_config
 from dreamprm.data.loader import BatchStream
 from dreamprm.data.packing import is_packed
 from dreamprm.data.sources import collate_fn, run_data
+from dreamprm.hypergrad import StepLoss
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
 
@@ -26,7 +29,7 @@ def main():
     out_dir = Path(sys.argv[1])
     cfg, _ = load_config(sys.argv[2:])
     rank, world = engine.init_distributed()
-    eng = engine.create_engine(cfg, rank, world)
+    eng = engine.create_engine(cfg, rank, world, StepLoss())
     data = run_data(cfg, eng.tokenizer, rank, needs_meta=True, world=world)
     train_ex, meta_ex, domains = data.train_ex, data.meta_ex, data.domains
     pad, coll = eng.tokenizer.pad_token_id, collate_fn(cfg)
@@ -44,14 +47,13 @@ def main():
                 res["losses"][(step, rid)] = r["losses"][i].item()
                 res["weights"][(step, rid)] = r["weights"][i].item()
         cfg.meta.hypergrad = "exact" if step % 2 else "finite_diff"
-        m = engine.meta_update(eng, next(meta), out["recent"], wmod, wopt, cfg, step)
+        m = bilevel.meta_update(eng, next(meta), out["recent"], wmod, wopt, cfg, step)
         res["meta_loss"].append(m["meta_loss"])
         res["align_mean"].append(m["align_mean"])
     torch.save(res, out_dir / f"rank{rank}.pt")
-    if eng.stage == 3:  # the meta pass calls the module directly: release what its hooks still hold
-        eng.ds.optimizer.empty_partition_cache()
-    state = engine.gathered_state_dict(eng, lambda mod: {n: p.detach().float().clone()
-                                                         for n, p in mod.named_parameters() if p.requires_grad})
+    eng.params_changed()  # ZeRO-3: the meta pass calls the module directly; release what its hooks still hold
+    state = gathered_state_dict(eng, lambda mod: {n: p.detach().float().clone()
+                                                  for n, p in mod.named_parameters() if p.requires_grad})
     if rank == 0:
         torch.save({"params": state, "table": wmod.instance_weights().clone()}, out_dir / "final.pt")
 

@@ -126,6 +126,39 @@ def test_atomic_writer_leaves_nothing_behind_when_the_disk_is_full(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
 
 
+def test_atomic_folder_replaces_the_old_one_whole_or_leaves_it(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    leftover = tmp_path / "export.tmp"
+    leftover.mkdir()
+    (leftover / "stale.txt").write_text("from a crashed write")
+    with ck.AtomicFolder(out, tmp=leftover) as tmp:
+        assert tmp == leftover and not any(tmp.iterdir())  # the leftover removed first
+        (tmp / "new.txt").write_text("new")
+        assert (out / "old.txt").is_file()  # nothing replaced before the folder is complete
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # replaced whole, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    with pytest.raises(RuntimeError, match="half-way"):
+        with ck.AtomicFolder(out) as tmp:  # default temporary name: hidden, next to the final folder
+            assert tmp.parent == tmp_path and tmp.name.startswith(".export.tmp")
+            (tmp / "partial.txt").write_text("x")
+            raise RuntimeError("half-way")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # a failed write leaves the old folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # and no temporary one
+
+
+def test_atomic_folder_names_a_leftover_it_cannot_delete(tmp_path, monkeypatch):
+    folder = ck.AtomicFolder(tmp_path / "step_00000001", tmp=tmp_path / "step_00000001.tmp")
+    folder.tmp.mkdir()
+
+    def rmtree(path, onerror):
+        onerror(os.unlink, str(Path(path) / "x"), (OSError, OSError(errno.EACCES, "Permission denied"), None))
+    monkeypatch.setattr(ck.shutil, "rmtree", rmtree)
+    with pytest.raises(OSError, match=f"could not delete {folder.tmp}: .*permission denied"):
+        folder.begin()
+
+
 def test_write_problems_are_named():
     assert ck.os_problem(OSError(errno.ENOSPC, "x")) == "disk full"
     assert ck.os_problem(OSError(errno.EROFS, "x")) == "read-only file system"

@@ -1,4 +1,4 @@
-"""The engine's meta step points where the bilevel objective says, checked independently.
+"""The bilevel meta step points where the bilevel objective says, checked independently.
 
 Everything on the reference side is written here from the definitions, without
 hypergrad.instance_losses / meta_loss / aggregate / weight_objective: a tiny fp64 PRM, the
@@ -8,10 +8,10 @@ hypergradient
     d/d lambda  L_meta(theta - lr * grad_theta sum_i w_i(lambda) l_i(theta) / B)
 
 by autograd through the inner step. As lr -> 0 it equals -lr/B sum_i <grad l_i, grad L_meta>
-dw_i/dlambda, which is what engine.meta_update claims to follow (implicit hypergradient at
+dw_i/dlambda, which is what bilevel.meta_update claims to follow (implicit hypergradient at
 the current parameters, inner lr folded into meta_lr). The engine side is the real
-engine.meta_update (exact and finite_diff) on a stand-in for the DeepSpeed engine that runs
-the same tiny model in one process.
+bilevel.meta_update (exact and finite_diff) on a stand-in for the DeepSpeed engine (the accessors
+bilevel.py reads) that runs the same tiny model in one process.
 
 How the sign was checked: with `return +(weights * alignments.detach()).sum() / n_global` in
 hypergrad.weight_objective, and tests/test_hypergrad.py (the test that restates the formula)
@@ -22,15 +22,15 @@ the sign restored).
 """
 
 import copy
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamprm import engine
+from dreamprm import bilevel
 from dreamprm.config import AGGREGATIONS, Config
+from dreamprm.hypergrad import StepLoss
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
 WEIGHTS = ("instance_table", "domain_table", "instance_net", "instance_domain_table")
@@ -84,12 +84,29 @@ def setup():
     return model, recent, meta, train_domains
 
 
-def stand_in_engine(model):
-    """What meta_update reads from a DeepSpeed engine, for one process and ZeRO stage 0."""
-    ds = types.SimpleNamespace(module=model, device=torch.device("cpu"),
-                               optimizer=types.SimpleNamespace(zero_grad=lambda: None))
-    return engine.Engine(ds=ds, stage=0, rank=0, world=1, tokenizer=None,
-                         params=[p for p in model.parameters() if p.requires_grad])
+class StandInEngine:
+    """What bilevel.meta_update reads from the engine (engine.core.Engine's accessors), for one process
+    and ZeRO stage 0."""
+
+    sharded, world, device, step_loss = False, 1, torch.device("cpu"), StepLoss()
+
+    def __init__(self, model):
+        self.module, self.params = model, [p for p in model.parameters() if p.requires_grad]
+
+    def to_device(self, batch):
+        return batch
+
+    def forward(self, batch, meta=False):
+        return self.module(batch["input_ids"], batch["attention_mask"], batch["tag_pos"])
+
+    def local_tensor(self, p):
+        return p.data
+
+    def params_changed(self):
+        pass
+
+    def zero_grad(self):
+        pass
 
 
 # ---------------------------------------------------------------- the reference, from the definitions
@@ -148,10 +165,10 @@ def unrolled_hypergradient(model, wmod, recent, meta, how, kind, lr):
 
 
 def engine_direction(model, wmod, recent, meta, how, kind, method):
-    """The gradient engine.meta_update hands the weight module's optimizer."""
+    """The gradient bilevel.meta_update hands the weight module's optimizer."""
     cfg = Config()
     cfg.meta.aggregation, cfg.meta.meta_loss, cfg.meta.hypergrad, cfg.meta.fd_radius = how, kind, method, 1e-3
-    engine.meta_update(stand_in_engine(model), meta, recent, wmod, build_weight_optimizer(wmod, cfg.meta), cfg, 1)
+    bilevel.meta_update(StandInEngine(model), meta, recent, wmod, build_weight_optimizer(wmod, cfg.meta), cfg, 1)
     return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten().double()
                       for p in wmod.parameters()])
 
@@ -193,7 +210,7 @@ def test_a_meta_step_moves_the_weights_the_right_way(weights, how):
     p0 = torch.cat([wmod.positive(*a) for a in args]).detach().double()
     cfg = Config()
     cfg.meta.aggregation, cfg.meta.meta_lr = how, 0.05
-    engine.meta_update(stand_in_engine(model), meta, recent, wmod, build_weight_optimizer(wmod, cfg.meta), cfg, 1)
+    bilevel.meta_update(StandInEngine(model), meta, recent, wmod, build_weight_optimizer(wmod, cfg.meta), cfg, 1)
     move = (torch.cat([wmod.positive(*a) for a in args]).detach().double() - p0) * level.double()
     assert move.abs().max() > 1e-4  # the step did move the weights
 
