@@ -621,7 +621,8 @@ def format_table(result: dict) -> str:
                      f"| {f(r.get('x_floor_min'), '13.3f'):>13} |")
     lines += ["", "floor: finite_diff and darts P + (M_fb + 2 T_f) / k; exact P + (M_fb + T_fb) / k; "
               "fused P + M_fb / k (P plain, M_fb meta fwd+bwd, T_f fwd, T_fb fwd+bwd of the training batch); "
-              "x floor (min): the same from the fastest round of every row (contention on a shared machine only adds time)"]
+              "x floor (min): the same from the fastest round of every row (contention on a shared machine only "
+              "adds time)"]
     bd = [r for r in result["rows"] if "breakdown_ms" in r]
     if bd:
         keys = list(bd[0]["breakdown_ms"])
