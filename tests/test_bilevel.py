@@ -31,7 +31,7 @@ def cosine(a, b):
 
 def reference_grads(out: Path, flags: list[str]) -> dict:
     """Single-process torch.autograd evaluation of the same hypergradient formula, in fp32."""
-    from dreamprm.train import step_loss_spec  # imports deepspeed: only in the tests that run it
+    from dreamprm.data.sources import step_loss
     cfg, _ = load_config(flags)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     state = torch.load(out / "prm_state.pt", weights_only=False)
@@ -51,7 +51,7 @@ def reference_grads(out: Path, flags: list[str]) -> dict:
         for acc, g in zip(v, torch.autograd.grad(lm, params)):
             acc += g / len(ranks)
     recent = [x for r in ranks for x in r["recent"]]
-    spec = step_loss_spec(cfg, ranks[0]["pos_fraction"])
+    spec = step_loss(cfg, ranks[0]["pos_fraction"])
     assert spec == ranks[0]["step_loss"]  # the reference computes the loss the engine trained with
     align = []
     for x in recent:

@@ -172,7 +172,7 @@ def create_engine(cfg: Config, rank: int, world: int, step_loss: hypergrad.StepL
                   model=None, load_universal: bool = False) -> Engine:
     """The DeepSpeed engine around the PRM.
 
-    step_loss: the inner loss (train.step_loss_spec, measured on the data). tokenizer: the one
+    step_loss: the inner loss (data.sources.step_loss, measured on the data). tokenizer: the one
     model.training_tokenizer(cfg.model) gives, loaded before the engine to read the data; None: loaded
     here. model: a PRM built elsewhere (bench/gpu.py's random 7B, via model.prepare_for_training), with its
     tokenizer; default: build_prm(cfg.model). load_universal: the run resumes from a DeepSpeed universal
