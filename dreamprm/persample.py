@@ -76,20 +76,6 @@ def dropout_off(model: nn.Module):
             m.attention_dropout = p
 
 
-def saved_bytes(fn) -> tuple[object, int]:
-    """(fn(), bytes of the distinct tensors autograd saved for backward while fn ran)."""
-    seen = {}
-
-    def pack(t):
-        if t.device.type != "meta":
-            seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
-
 def _is_rmsnorm(m: nn.Module) -> bool:
     return (type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")
             and isinstance(getattr(m, "weight", None), nn.Parameter) and getattr(m, "bias", None) is None)

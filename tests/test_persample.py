@@ -15,6 +15,20 @@ from dreamprm.model import build_prm
 from dreamprm.tiny import default_tiny_dir
 
 
+def saved_bytes(fn) -> tuple[object, int]:
+    """(fn(), bytes of the distinct tensors autograd saved for backward while fn ran)."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
 def examples(n=5, seed=0, vocab=540):
     """Random token sequences of different lengths with 1-4 tags each (lengths 9..29)."""
     g = torch.Generator().manual_seed(seed)
@@ -182,14 +196,14 @@ def test_meta_forward_keeps_gradient_checkpointing():
     prm.train()
     batch = collate(examples(4), tok.pad_token_id)
     f = losses_fn(prm)
-    _, inner = persample.saved_bytes(lambda: f(batch))
+    _, inner = saved_bytes(lambda: f(batch))
     with persample.dropout_off(prm):
-        meta1, meta_bytes = persample.saved_bytes(lambda: f(batch))
+        meta1, meta_bytes = saved_bytes(lambda: f(batch))
         meta2 = f(batch)
         assert prm.training
     torch.testing.assert_close(meta1, meta2, rtol=0, atol=0)  # no dropout noise
     assert all(m.training for m in prm.modules() if isinstance(m, nn.Dropout))  # restored
     prm.eval()
-    _, eval_bytes = persample.saved_bytes(lambda: f(batch))
+    _, eval_bytes = saved_bytes(lambda: f(batch))
     assert meta_bytes == inner
     assert eval_bytes > 2 * inner  # what module.eval() did to the meta pass

@@ -180,17 +180,6 @@ def _assemble(rec: Record, prompt: list[int], steps: list[list[int]], tag_id: in
     return Example(ids, tag_pos, labels, outcome, index, domain, len(steps), n, rec.id)
 
 
-def encode_record(rec: Record, tokenizer, tag_id: int, max_length: int, use_chat_template: bool,
-                  index: int, domain: int, profile: Profile | None = None) -> Example | None:
-    """One record -> Example, keeping the longest prefix of whole steps within max_length.
-
-    None when not even the prompt and the first step fit (the caller counts it).
-    """
-    (prompt,) = _prompt_ids([rec.question], tokenizer, use_chat_template, profile)
-    steps = tokenizer(list(rec.steps), add_special_tokens=False)["input_ids"]
-    return _assemble(rec, prompt, steps, tag_id, max_length, index, domain)
-
-
 def encode_records(records: list[Record], tokenizer, step_tag: str, max_length: int,
                    use_chat_template: bool, domains: list[str] | None = None,
                    profile: Profile | None = None) -> tuple[list[Example], EncodeStats]:

@@ -10,7 +10,6 @@ from dreamprm.data.tokenize import (
     Profile,
     check_step_tag,
     domain_table,
-    encode_record,
     encode_records,
     prompt_text,
 )
@@ -94,16 +93,15 @@ def test_profiles_render_the_question(bpe_tok, corpus):
     assert ex_plain[0].input_ids != ex_default[0].input_ids and ex_plain[0].labels == ex_default[0].labels
 
 
-def test_encode_record_matches_encode_records(good_tok, corpus):
-    tid = check_step_tag(good_tok, TAG)
-    (a,), _ = encode_records([rec(corpus)], good_tok, TAG, 512, True)
-    b = encode_record(rec(corpus), good_tok, tid, 512, True, index=0, domain=0)
-    assert a.input_ids == b.input_ids and a.tag_pos == b.tag_pos
+def encode_one(record, tok, max_length, chat):
+    """One record encoded alone (None when it is dropped)."""
+    exs, _ = encode_records([record], tok, TAG, max_length, chat)
+    return exs[0] if exs else None
 
 
 def test_truncation_keeps_whole_steps(good_tok, corpus):
     tid = check_step_tag(good_tok, TAG)
-    full = encode_record(rec(corpus), good_tok, tid, 10_000, False, 0, 0)
+    full = encode_one(rec(corpus), good_tok, 10_000, False)
     for max_len, kept in [(full.tag_pos[1] + 1, 2), (full.tag_pos[2], 2), (full.tag_pos[0] + 1, 1),
                           (len(full.input_ids), 4)]:
         (ex,), st = encode_records([rec(corpus)], good_tok, TAG, max_len, False)
@@ -115,8 +113,7 @@ def test_truncation_keeps_whole_steps(good_tok, corpus):
 
 
 def test_first_step_too_long_drops_and_counts(good_tok, corpus):
-    tid = check_step_tag(good_tok, TAG)
-    full = encode_record(rec(corpus), good_tok, tid, 10_000, False, 0, 0)
+    full = encode_one(rec(corpus), good_tok, 10_000, False)
     long_first = rec(corpus, "long", steps=[" ".join(corpus[1:8])] + corpus[2:5])
     recs = [rec(corpus, "a"), long_first, rec(corpus, "b")]
     exs, st = encode_records(recs, good_tok, TAG, full.tag_pos[0] + 1, False)
@@ -124,7 +121,7 @@ def test_first_step_too_long_drops_and_counts(good_tok, corpus):
     assert st.n_records == 3 and st.n_kept == 2 and st.n_dropped == 1 and st.dropped_ids == ["long"]
     assert st.n_truncated == 2 and st.steps_total == 12 and st.steps_dropped == 3 + 3 + 4
     assert "dropped ids: long" in str(st)
-    assert encode_record(long_first, good_tok, tid, full.tag_pos[0] + 1, False, 0, 0) is None
+    assert encode_one(long_first, good_tok, full.tag_pos[0] + 1, False) is None
 
 
 def test_domain_indexing(bpe_tok, corpus):
