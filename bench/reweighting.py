@@ -61,6 +61,7 @@ the same command with --plot_only); --headline also puts main.png beside results
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -71,6 +72,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from dreamprm.checkpoint import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -190,10 +193,8 @@ def generate(args, seed: int, out: Path) -> dict:
     files = {}
     for name, rows in (("train", train), ("train_clean", train_clean), ("meta", meta), ("test", test), ("bon", bon)):
         files[name] = out / f"{name}.jsonl"
-        tmp = out / f"{name}.jsonl.tmp"  # atomic: a run of another invocation may be reading it
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, files[name])
+        # whole: a run of another invocation may be reading it
+        write_atomic(files[name], "".join(json.dumps(r) + "\n" for r in rows))
     return files
 
 
@@ -434,12 +435,9 @@ def plot(args, results: dict, out: Path) -> list[Path]:
     def save(fig, name):
         fig.tight_layout()
         paths.append(out / name)
-        tmp = out / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, paths[-1])
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        write_atomic(paths[-1], buf.getvalue())
         plt.close(fig)
 
     # weight distributions by corruption kind, one panel per learned method (first seed)
@@ -574,16 +572,6 @@ def shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def write_whole(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -614,15 +602,15 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.artifacts.mkdir(parents=True, exist_ok=True)
     report = write_report(args, results, table, command)
-    write_whole(args.out / "results.md", report.encode())
-    write_whole(args.artifacts / "results.json", json.dumps(
+    write_atomic(args.out / "results.md", report.encode())
+    write_atomic(args.artifacts / "results.json", json.dumps(
         {"command": command, "table": table,
          "runs": {m: {str(s): {k: v for k, v in r.items() if k != "weights_by_kind"} for s, r in by.items()}
                   for m, by in results.items()}}, indent=1).encode())
     figs = plot(args, results, args.artifacts)
     if args.headline and args.out != args.artifacts:
         figs.append(args.out / "main.png")
-        write_whole(figs[-1], (args.artifacts / "main.png").read_bytes())
+        write_atomic(figs[-1], (args.artifacts / "main.png").read_bytes())
     print(report)
     print("figures: " + ", ".join(str(f) for f in figs))
     return 0

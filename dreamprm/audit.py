@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import io
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from dreamprm.checkpoint import fsync_dir, os_problem
+from dreamprm.checkpoint import os_problem, write_atomic
 from dreamprm.config import DEFAULT_STEP_TAG, DEMO_DIR, Source, parse_sources
 from dreamprm.data.mixing import read_sources
 from dreamprm.data.record import Record, write_jsonl
@@ -348,24 +348,6 @@ def select(run: Run, keep: float | None = None, min_weight: float | None = None)
                   "min_kept_weight": min((it.weight for it in kept), default=None), "by_source": by_source}
 
 
-def write_whole(path: Path, write) -> None:
-    """write(tmp) into a temp file next to path, then fsync, mode 0644, rename: path appears whole or not at all."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def write_kept(kept: list[Weighted], out: Path) -> None:
     """The kept records, internal format, learned weight in meta["weight"] (an existing one is replaced)."""
     seen, twice = {}, []
@@ -378,7 +360,7 @@ def write_kept(kept: list[Weighted], out: Path) -> None:
                            "one file needs unique ids: give the records distinct ids in their source files")
     recs = [dataclasses.replace(it.record, meta={**it.record.meta, "weight": it.weight}) for it in kept]
     try:
-        write_whole(out, lambda tmp: write_jsonl(recs, tmp))
+        write_jsonl(recs, out)
     except OSError as e:
         raise WeightsError(f"--out {out}: cannot write: {os_problem(e)}") from None
 
@@ -426,7 +408,9 @@ def write_plots(run: Run, out_dir: Path) -> tuple[list[str], list[str]]:
         names.add(name)
         path = out_dir / f"{name}.png"
         try:
-            write_whole(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+            write_atomic(path, buf.getvalue())
         except OSError as e:
             raise WeightsError(f"--plot {out_dir}: cannot write {path.name}: {os_problem(e)}") from None
         written.append(str(path))

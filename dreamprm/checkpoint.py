@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -73,27 +74,44 @@ def write_problem(e: BaseException, folder: Path) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace path with text whole or not at all: temp file, fsync, rename, fsync the folder.
+def _path_problem(e: OSError, path: Path) -> str:
+    if e.errno == errno.ENOENT:
+        return f"the folder {path.parent} does not exist"
+    if e.errno == errno.EISDIR:
+        return "it is a directory; name a file"
+    if e.errno == errno.ENOTDIR:
+        return f"{path.parent} is not a folder"
+    return os_problem(e)
 
-    On failure the temp file is removed (no 0-byte leftovers on a full disk) and the OSError
-    raised names the file."""
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace path with data (str: UTF-8) whole or not at all: a temp file in the same folder created
+    0666 & ~umask (the usual permissions; mkstemp's would be 0600), fsync, rename, fsync the folder.
+
+    On any failure (a signal included) the temp file is removed and an old file at path is left as it
+    was; the OSError raised names the file and the cause (its strerror is the whole message)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with open(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write {path}: {os_problem(e)}") from e
-    fsync_dir(path.parent)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {_path_problem(e, path)}") from e
+        raise
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def fsync_dir(path: Path) -> None:
@@ -178,7 +196,7 @@ def write_manifest(folder: Path, step: int, world: int, stage: int, parent: str 
 
 
 def write_latest(root: Path, name: str) -> None:
-    write_text_atomic(root / LATEST, name + "\n")
+    write_atomic(root / LATEST, name + "\n")
 
 
 # ---------------------------------------------------------------- reading and verifying

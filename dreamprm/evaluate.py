@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dreamprm import metrics as M
 from dreamprm.data.readers import FORMATS, file_problem, load_records, parse_json
-from dreamprm.data.record import write_whole
+from dreamprm.checkpoint import write_atomic
 from dreamprm.config import AGGREGATIONS, DEFAULT_STEP_TAG
 from dreamprm.errors import DataError, DreamPRMError, EvalError
 
@@ -160,7 +160,7 @@ def write_output(flag: str, path, data: bytes) -> None:
     except OSError as e:
         raise EvalError(f"{flag} {path}: cannot create its folder {path.parent}: {e.strerror or e}") from None
     try:
-        write_whole(path, data)
+        write_atomic(path, data)
     except OSError as e:
         raise EvalError(f"{flag}: {e.strerror or e}") from None
 

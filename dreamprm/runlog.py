@@ -49,7 +49,7 @@ def truncate_metrics(path: Path, step: int) -> str | None:
             raise DataError([f"{path}:{i}: not JSON ({e}); delete that line to resume"]) from e
         if row["step"] <= step:
             keep.append(ln)
-    ckpt.write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+    ckpt.write_atomic(path, "".join(ln + "\n" for ln in keep))
     return note
 
 
@@ -223,4 +223,4 @@ def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, r
         w = torch.where(last_w >= 0, last_w, torch.full_like(last_w, math.nan))
     rows = [{"id": ex.id, "index": ex.index, "domain": domains[ex.domain] if ex.domain else None,  # 0: none
              "weight": None if math.isnan(wi) else wi} for ex, wi in zip(train_ex, w.tolist())]
-    ckpt.write_text_atomic(run_dir / "instance_weights.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    ckpt.write_atomic(run_dir / "instance_weights.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -152,7 +152,7 @@ def open_run_dir(run: Run, guard: RunGuard) -> bool:
     """config.yaml written, metrics past the checkpoint dropped; False if a signal came during start-up."""
     if run.rank == 0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_text_atomic(run.run_dir / "config.yaml", run.cfg.to_yaml())
+        ckpt.write_atomic(run.run_dir / "config.yaml", run.cfg.to_yaml())
         note = truncate_metrics(run.run_dir / "metrics.jsonl", run.state.step)
         if note:
             print0(note)

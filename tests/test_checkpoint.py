@@ -7,6 +7,7 @@ faults (a real run damaged, rolled back, out of disk) are in tests/test_faults.p
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,24 @@ def test_write_problems_are_named():
     assert ck.os_problem(OSError(errno.ENOSPC, "x")) == "disk full"
     assert ck.os_problem(OSError(errno.EROFS, "x")) == "read-only file system"
     assert ck.os_problem(OSError(errno.EACCES, "x")) == "permission denied"
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_write_atomic_creates_with_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        ck.write_atomic(tmp_path / "f", b"data")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == mode and (tmp_path / "f").read_bytes() == b"data"
+
+
+def test_write_atomic_interrupted_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    (tmp_path / "f").write_bytes(b"old")
+
+    def interrupt(fd):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "fsync", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ck.write_atomic(tmp_path / "f", b"new")
+    assert os.listdir(tmp_path) == ["f"] and (tmp_path / "f").read_bytes() == b"old"

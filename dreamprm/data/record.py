@@ -7,16 +7,12 @@ that a later change of the layout can keep reading old files.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
 import re
-import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from dreamprm.checkpoint import fsync_dir, os_problem
+from dreamprm.checkpoint import write_atomic
 from dreamprm.config import DEFAULT_STEP_TAG
 from dreamprm.errors import DataError
 
@@ -141,45 +137,10 @@ def record_from_json(d: dict) -> Record:
                   outcome=d.get("outcome"), domain=d.get("domain"), meta={} if meta is None else meta)
 
 
-def _write_problem(e: OSError, path: Path) -> str:
-    if e.errno == errno.ENOENT:
-        return f"the folder {path.parent} does not exist"
-    if e.errno == errno.EISDIR:
-        return "it is a directory; name a file"
-    if e.errno == errno.ENOTDIR:
-        return f"{path.parent} is not a folder"
-    return os_problem(e)
-
-
-def write_whole(path, data: bytes) -> None:
-    """Replace path with data whole or not at all, as a file for the user: a temp file in the same
-    folder created 0666 & ~umask (the usual permissions; mkstemp's would be 0600), fsync, rename,
-    fsync the folder. On any failure the temp file is removed and an old file at path is left as it
-    was; the OSError raised names the file and the cause (its strerror is the whole message)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"cannot write {path}: {_write_problem(e, path)}") from e
-        raise
-
-
 def write_jsonl(records, path) -> None:
     """Write records as the internal JSONL, whole or not at all. Every line is encoded before the
     file is touched, so a record that cannot be (a lone surrogate, say) raises DataError naming it
-    and leaves no file; OSError (write_whole) for the file itself."""
+    and leaves no file; OSError (checkpoint.write_atomic) for the file itself."""
     lines = []
     for k, r in enumerate(records, 1):
         try:
@@ -189,4 +150,4 @@ def write_jsonl(records, path) -> None:
                     if isinstance(e, UnicodeEncodeError) else f"{type(e).__name__}: {e}")
             raise DataError([f"{path}: record {k} (id {r.id!r}) cannot be written as UTF-8 JSON: {what}; "
                              "nothing was written"]) from None
-    write_whole(path, b"".join(lines))
+    write_atomic(path, b"".join(lines))

@@ -1,11 +1,10 @@
 """record.py: record_from_json's errors (scoring relies on them) and the whole-or-nothing writers."""
 
 import os
-import stat
 
 import pytest
 
-from dreamprm.data.record import Record, record_from_json, write_jsonl, write_whole
+from dreamprm.data.record import Record, record_from_json, write_jsonl
 from dreamprm.errors import DataError
 
 
@@ -17,27 +16,6 @@ def test_record_from_json_names_every_bad_field():
     assert str(e.value) == ("schema: expected an integer (this dreamprm reads 1), got bool True; "
                             "id: expected a string or an integer, got null")
     assert record_from_json({"id": 3, "question": "q", "steps": ["s"], "meta": None}) == Record("3", "q", ["s"], [None])
-
-
-@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_write_whole_creates_with_the_umask(tmp_path, umask, mode):
-    old = os.umask(umask)
-    try:
-        write_whole(tmp_path / "f", b"data")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == mode and (tmp_path / "f").read_bytes() == b"data"
-
-
-def test_write_whole_interrupted_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
-    (tmp_path / "f").write_bytes(b"old")
-
-    def interrupt(fd):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(os, "fsync", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        write_whole(tmp_path / "f", b"new")
-    assert os.listdir(tmp_path) == ["f"] and (tmp_path / "f").read_bytes() == b"old"
 
 
 def test_write_jsonl_checks_every_record_before_writing(tmp_path):
