@@ -30,8 +30,8 @@ import numpy as np
 import yaml
 
 from dreamprm.checkpoint import fsync_dir, os_problem
-from dreamprm.config import DEFAULT_STEP_TAG
-from dreamprm.data.mixing import Source, parse_sources, read_sources
+from dreamprm.config import DEFAULT_STEP_TAG, Source, parse_sources
+from dreamprm.data.mixing import read_sources
 from dreamprm.data.record import Record, write_jsonl
 from dreamprm.errors import WeightsError
 
