@@ -176,7 +176,8 @@ class TrainConfig:
     total_steps: int = opt(2000, "optimizer updates of the PRM", ge=1)
     epochs: float = opt(0.0, "passes over the training examples kept after cuts and drops, instead of "
                         "--total_steps: total_steps = ceil(epochs x examples / (batch_size x grad_accum x ranks)), "
-                        "resolved at start-up and saved in config.yaml; 0 = off", ge=0, finite=True)
+                        "resolved at start-up (kept on resume) and saved in config.yaml; 0 = off. Both in one "
+                        "place are an error; a flag replaces the other one of a recipe", ge=0, finite=True)
     batch_size: int = opt(1, "training examples per rank per micro-batch", ge=1)
     grad_accum: int = opt(1, "micro-batches per PRM update", ge=1)
     lr: float = opt(2e-4, "PRM learning rate", gt=0)
@@ -402,9 +403,16 @@ def parse_config(argv=None) -> tuple[Config, list[str], list[str]]:
         if isinstance(value, list) and dest in ("data.train_file", "data.meta_file") and len(value) == 1:
             value = value[0]  # one source: a plain string, as before
         setattr(getattr(cfg, sec), name, value)
-    if cfg.train.epochs and "train.total_steps" in given:
-        problems.append(f"--epochs {cfg.train.epochs:g}: {given['train.total_steps']} sets total_steps too; give one "
-                        "of the two (--epochs computes total_steps from the training data)")
+    te, ts = given.get("train.epochs"), given.get("train.total_steps")
+    if cfg.train.epochs and ts:  # a flag overrides the recipe, as everywhere; one level giving both is an error
+        if te.startswith("--") == ts.startswith("--"):
+            problems.append(f"--epochs {cfg.train.epochs:g}: {ts} sets total_steps too; give one of the two "
+                            "(--epochs computes total_steps from the training data)")
+        elif te.startswith("--"):
+            notes.append(f"--epochs {cfg.train.epochs:g} replaces total_steps of {ts}")
+        else:
+            notes.append(f"--total_steps {cfg.train.total_steps} replaces epochs of {te}")
+            cfg.train.epochs = 0.0
     return cfg, problems + validate(cfg), notes + warnings(cfg)
 
 
@@ -448,15 +456,15 @@ def validate(cfg: Config) -> list[str]:
             and t.precision == "bf16"):
         p.append("--hypergrad: finite_diff with --mode full in bf16 loses the perturbation to bf16 "
                  "rounding (see docs); use --hypergrad exact, --mode lora, or --precision fp32")
-    if not m.step_tag.strip():
-        p.append(f"--step_tag: {m.step_tag!r} is blank; keep the default {DEFAULT_STEP_TAG} or pick a tag that "
-                 "occurs nowhere in the data")
-    elif "\n" in m.step_tag:  # TRL's step separator: dreamprm marks steps with a token found nowhere else
+    if "\n" in m.step_tag:  # TRL's step separator: dreamprm marks steps with a token found nowhere else
         p.append(f"--step_tag: {m.step_tag!r} contains a newline. dreamprm places the tag after every step and "
                  "finds the steps by it, so it must occur nowhere else, and newlines occur inside steps, questions "
                  "and chat templates (steps keep them: a step is one list item, not one line). TRL-style data "
                  f"needs no separator: --train_format trl reads its step lists; keep --step_tag {DEFAULT_STEP_TAG} "
                  "(added as a special token when the tokenizer lacks it)")
+    elif not m.step_tag.strip():
+        p.append(f"--step_tag: {m.step_tag!r} is blank; keep the default {DEFAULT_STEP_TAG} or pick a tag that "
+                 "occurs nowhere in the data")
     p += _source_problems(cfg)
     if d.train_file and not d.meta_file and not meta.baseline:
         p.append("--meta_file: bilevel training needs a meta file with outcome labels "
