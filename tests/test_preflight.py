@@ -152,3 +152,13 @@ def test_max_length_is_capped_at_the_model_limit_with_one_note(tmp_path):
     assert notes[-1:] == [f"max_length: --max_length 4096 is more than the model takes (256 positions, "
                           f"{model / 'config.json'}); using 256 for training, evaluation and export"]
     assert preflight.model_length_limit({"n_positions": 77}) == 77 and preflight.model_length_limit({}) is None
+
+
+def test_a_deepspeed_json_that_contradicts_the_config_names_where_the_value_comes_from(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"gradient_clipping": 0.5, "train_batch_size": 16}))
+    cfg, _, _ = parse_config(["--deepspeed", str(ds), "--batch_size", "2", "--grad_accum", "2"])
+    batch, clip = preflight.check_ds_json(cfg, ds, world=2)
+    assert clip == (f"--deepspeed: {ds} sets gradient_clipping=0.5 but the run config gives 1.0 (--grad_clip); "
+                    "remove gradient_clipping from the JSON or set it to \"auto\"")
+    assert "sets train_batch_size=16 but the run config gives 8 (batch_size=2 x grad_accum=2 x world=2)" in batch

@@ -149,3 +149,14 @@ def test_tag_in_question_fails_loudly(bpe_tok, corpus):
     # Record validation names it (readers report it as FILE:LINE at read time, tests/data/test_readers.py).
     with pytest.raises(ValueError, match="record 'q': question: contains the step tag"):
         encode_records([rec(corpus, "q", question="Is " + TAG + " a tag?")], bpe_tok, TAG, 512, False)
+
+
+def test_a_byte_level_single_token_tag_is_one_token():
+    """TRL's "\\n" is one token of a byte-level BPE (spelt "Ċ"): the check says so instead of "not one token"
+    (the config refuses newline tags for their own reason: test_config)."""
+    from dreamprm.tiny import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    (nl,) = tok.encode("\n", add_special_tokens=False)
+    assert tok.convert_tokens_to_ids("\n") != nl  # what the check used to compare with
+    assert check_step_tag(tok, "\n") == nl
