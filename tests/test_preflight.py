@@ -38,8 +38,8 @@ def test_files_and_folders_the_config_names_are_checked_here_not_in_the_config(t
     assert preflight.path_problems(cfg, 1) == [
         f"--eval_file: {tmp_path / 'e.jsonl'} does not exist", f"--deepspeed: {tmp_path / 'ds.json'} does not exist",
         f"--train_file: {tmp_path / 'a.jsonl'} does not exist", f"--meta_file: {tmp_path / 'm.jsonl'} does not exist",
-        f"--model_name / --name_or_path: {tmp_path / 'model'} is not a local folder (dreamprm never downloads: put a HF checkpoint "
-        "there, e.g. with `huggingface-cli download`)",
+        f"--model_name / --name_or_path: {tmp_path / 'model'} is not a local folder (dreamprm never downloads: "
+        "put a HF checkpoint there, e.g. with `huggingface-cli download`)",
         f"--resume_from: {tmp_path / 'ckpt'} is not a checkpoint folder (or use auto / none)"]
 
 

@@ -93,7 +93,7 @@ def test_the_examples_whose_files_are_here_pass_the_preflight():
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        for line, args, world in TRAINING:
+        for _line, args, world in TRAINING:
             cfg, problems, _ = parse_config(args)
             if preflight.path_problems(cfg, int(world)):  # placeholder files (a.jsonl), or a 7B model folder
                 continue
@@ -104,11 +104,11 @@ def test_the_examples_whose_files_are_here_pass_the_preflight():
     assert ran >= (6 if (ROOT / "../shared/realdata").is_dir() else 4)  # the demo ones; the mix ones with the data
 
 
-def test_the_other_dreamprm_commands_parse(monkeypatch):
+def test_the_other_dreamprm_commands_parse():
     """Every `dreamprm ...` command's flags are the CLI's (argparse exits 2 on a wrong one)."""
     parser = cli.build_parser()
     n = 0
-    for line, argv in commands():
+    for _line, argv in commands():
         if argv[0] != "dreamprm" or argv[1] == "train":
             continue
         parser.parse_args(argv[1:])
