@@ -24,8 +24,8 @@ from pathlib import Path
 
 from dreamprm import preflight
 from dreamprm.audit import add_weights_parser
-from dreamprm.config import DEFAULT_STEP_TAG, parse_config
-from dreamprm.data.readers import FORMATS, format_summary, load_records, summary
+from dreamprm.config import DEFAULT_STEP_TAG, FORMAT_CHOICES, ArgParser, parse_config, says_once
+from dreamprm.data.readers import format_summary, load_records, summary
 from dreamprm.data.record import write_jsonl
 from dreamprm.data.tokenize import length_report
 from dreamprm.errors import ConfigError, DataError, DreamPRMError
@@ -110,7 +110,7 @@ def add_data_parser(subparsers) -> None:
     sub = data.add_subparsers(dest="data_command", required=True)
 
     def common(p):
-        p.add_argument("--from", dest="fmt", default="auto", choices=["auto", *FORMATS],
+        p.add_argument("--from", dest="fmt", default="auto", choices=FORMAT_CHOICES,
                        help="input format (default: guessed from the first record's keys)")
         p.add_argument("--step-tag", default=DEFAULT_STEP_TAG,
                        help="step separator token; a step containing it is an error (default: %(default)s)")
@@ -137,7 +137,7 @@ def add_data_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreamprm", description="Process reward model training.")
+    parser = ArgParser(prog="dreamprm", description="Process reward model training.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_data_parser(subparsers)
     add_evaluate_parser(subparsers)
@@ -156,7 +156,8 @@ def train(argv: list[str]) -> int:
     try:
         notes += preflight.check(cfg, problems)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if says_once():  # every rank of a launcher finds the same problems: one machine prints them once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.train.device == "cpu":  # before torch starts CUDA or DeepSpeed picks its accelerator
         os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -17,6 +17,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_origin, get_type_hints
@@ -47,6 +49,32 @@ CURRICULA = ("none", "steps", "length", "difficulty")
 CURRICULUM_SCHEDULES = ("linear", "sqrt")
 STEP_LOSSES = ("ce", "balanced_ce", "focal")
 PROFILE_NAMES = ("default", "plain", "problem_solution", "custom")  # data.tokenize.PROFILES + custom
+# The reader formats (data.readers.FORMATS maps each to its reader _<name>); "auto" guesses from the keys.
+READER_FORMATS = ("dreamprm", "minif2f", "trl", "math_shepherd", "processbench", "prm800k", "minif2f_attempts",
+                  "gsm8k_candidates", "mr_gsm8k", "prmbench")
+FORMAT_CHOICES = ("auto", *READER_FORMATS)
+MODEL_FLAG = "--model_name / --name_or_path"  # model.name_or_path's two flags: messages name both
+
+
+def says_once() -> bool:
+    """Whether this process prints a problem that every rank of a launcher finds alike: the first rank of
+    each machine (LOCAL_RANK 0, or no launcher), so that a config error prints once, not once per rank."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the problem and where --help is, not the whole usage), printed once
+    under a launcher, and no abbreviated flags (`--total_step 3` is an error, not --total_steps). Subparsers
+    are of the same class (argparse's default)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        if says_once():
+            self._print_message(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n", sys.stderr)
+        self.exit(2)
 
 
 def opt(default, help, choices=None, alias=(), sources=False, ge=None, gt=None, le=None, lt=None, finite=False):
@@ -90,9 +118,10 @@ class DataConfig:
     meta_file: str = opt("", "meta (held-out, outcome-labelled) data for the hypergradient; repeatable like "
                          "--train_file", alias=("--meta_json_file",), sources=True)
     eval_file: str = opt("", "optional held-out step-labelled file evaluated every eval_every steps")
-    train_format: str = opt("auto", "format of train_file (see `dreamprm data convert --help`)")
-    meta_format: str = opt("auto", "format of meta_file")
-    eval_format: str = opt("auto", "format of eval_file")
+    train_format: str = opt("auto", "format of train_file (auto = guessed from the first record's keys; "
+                            "see `dreamprm data convert --help`)", FORMAT_CHOICES)
+    meta_format: str = opt("auto", "format of meta_file", FORMAT_CHOICES)
+    eval_format: str = opt("auto", "format of eval_file", FORMAT_CHOICES)
     max_length: int = opt(4096, "tokens per example, capped at the model's max_position_embeddings; "
                           "longer solutions are cut at a step boundary", ge=1)
     skip_invalid: bool = opt(False, "drop invalid records (reported by file:line) instead of failing")
@@ -123,7 +152,8 @@ class ModelConfig:
     name_or_path: str = opt("", "local HF causal-LM or PRM folder; empty = a tiny Qwen2 built locally (demo, tests)",
                             alias=("--model_name",))
     step_tag: str = opt(DEFAULT_STEP_TAG, "step tag token placed after every step (one token of the tokenizer, "
-                        "or added: see add_step_tag)")
+                        "or added: see add_step_tag); it must occur nowhere in the text, so it may not contain a "
+                        "newline or be blank (steps keep their newlines)")
     add_step_tag: bool = opt(True, "a step_tag that is not one token is added as a special token with a new "
                              "embedding row (mean of the others); off = such a tag is an error")
     mode: str = opt("lora", "what trains: full fine-tune, LoRA, or QLoRA (4-bit base, one GPU)", MODES)
@@ -144,6 +174,10 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     total_steps: int = opt(2000, "optimizer updates of the PRM", ge=1)
+    epochs: float = opt(0.0, "passes over the training examples kept after cuts and drops, instead of "
+                        "--total_steps: total_steps = ceil(epochs x examples / (batch_size x grad_accum x ranks)), "
+                        "resolved at start-up (kept on resume) and saved in config.yaml; 0 = off. Both in one "
+                        "place are an error; a flag replaces the other one of a recipe", ge=0, finite=True)
     batch_size: int = opt(1, "training examples per rank per micro-batch", ge=1)
     grad_accum: int = opt(1, "micro-batches per PRM update", ge=1)
     lr: float = opt(2e-4, "PRM learning rate", gt=0)
@@ -278,7 +312,8 @@ def _yaml_with_lines(path: Path):
     return data, lines
 
 
-def apply_yaml(cfg: Config, path: Path, problems: list[str]) -> None:
+def apply_yaml(cfg: Config, path: Path, problems: list[str], given: dict | None = None) -> None:
+    """Set the recipe's options on cfg; given (if passed) gets "section.key" -> "FILE:LINE" of each."""
     try:
         data, lines = _yaml_with_lines(path)
     except (OSError, yaml.YAMLError) as e:
@@ -307,6 +342,8 @@ def apply_yaml(cfg: Config, path: Path, problems: list[str]) -> None:
             v = _coerce(value, hints[key], f"{kwhere}: {sec}.{key}", problems, meta["sources"])
             if v is not None:
                 setattr(obj, key, v)
+                if given is not None:
+                    given[f"{sec}.{key}"] = kwhere
 
 
 def _sections():
@@ -314,7 +351,7 @@ def _sections():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="launch/train.py",
         description="Train a process reward model with bilevel instance reweighting. "
                     "Options come from --config (YAML, nested by section) and these flags, "
@@ -349,7 +386,7 @@ def parse_config(argv=None) -> tuple[Config, list[str], list[str]]:
     The problems are those of the config alone (validate); dreamprm.preflight.check adds what
     lies outside it and reports both at once. Notes: e.g. that the demo recipe is used."""
     args = vars(build_parser().parse_args(argv))
-    cfg, problems, notes = Config(), [], []
+    cfg, problems, notes, given = Config(), [], [], {}
     recipe = args.pop("config", None)
     args.pop("local_rank", None)
     if recipe is None and "data.train_file" not in args:
@@ -359,13 +396,34 @@ def parse_config(argv=None) -> tuple[Config, list[str], list[str]]:
         if not Path(recipe).is_file():
             problems.append(f"--config: {recipe} does not exist")
         else:
-            apply_yaml(cfg, Path(recipe), problems)
+            apply_yaml(cfg, Path(recipe), problems, given)
     for dest, value in args.items():
+        given[dest] = "--" + dest.split(".")[1]
         sec, name = dest.split(".")
         if isinstance(value, list) and dest in ("data.train_file", "data.meta_file") and len(value) == 1:
             value = value[0]  # one source: a plain string, as before
         setattr(getattr(cfg, sec), name, value)
-    return cfg, problems + validate(cfg), notes
+    te, ts = given.get("train.epochs"), given.get("train.total_steps")
+    if cfg.train.epochs and ts:  # a flag overrides the recipe, as everywhere; one level giving both is an error
+        if te.startswith("--") == ts.startswith("--"):
+            problems.append(f"--epochs {cfg.train.epochs:g}: {ts} sets total_steps too; give one of the two "
+                            "(--epochs computes total_steps from the training data)")
+        elif te.startswith("--"):
+            notes.append(f"--epochs {cfg.train.epochs:g} replaces total_steps of {ts}")
+        else:
+            notes.append(f"--total_steps {cfg.train.total_steps} replaces epochs of {te}")
+            cfg.train.epochs = 0.0
+    return cfg, problems + validate(cfg), notes + warnings(cfg)
+
+
+def warnings(cfg: Config) -> list[str]:
+    """What the config allows but a user rarely means (printed, the run goes on)."""
+    t, out = cfg.train, []
+    if t.warmup_steps and not t.epochs and t.warmup_steps >= t.total_steps:
+        out.append(f"warning: --warmup_steps {t.warmup_steps} >= --total_steps {t.total_steps}: the learning rate "
+                   f"never reaches --lr {t.lr:g} (it ends at {t.lr * t.total_steps / t.warmup_steps:.3g}); lower "
+                   "--warmup_steps")
+    return out
 
 
 def load_config(argv=None) -> tuple[Config, list[str]]:
@@ -398,8 +456,15 @@ def validate(cfg: Config) -> list[str]:
             and t.precision == "bf16"):
         p.append("--hypergrad: finite_diff with --mode full in bf16 loses the perturbation to bf16 "
                  "rounding (see docs); use --hypergrad exact, --mode lora, or --precision fp32")
-    if not m.step_tag:
-        p.append("--step_tag: must not be empty")
+    if "\n" in m.step_tag:  # TRL's step separator: dreamprm marks steps with a token found nowhere else
+        p.append(f"--step_tag: {m.step_tag!r} contains a newline. dreamprm places the tag after every step and "
+                 "finds the steps by it, so it must occur nowhere else, and newlines occur inside steps, questions "
+                 "and chat templates (steps keep them: a step is one list item, not one line). TRL-style data "
+                 f"needs no separator: --train_format trl reads its step lists; keep --step_tag {DEFAULT_STEP_TAG} "
+                 "(added as a special token when the tokenizer lacks it)")
+    elif not m.step_tag.strip():
+        p.append(f"--step_tag: {m.step_tag!r} is blank; keep the default {DEFAULT_STEP_TAG} or pick a tag that "
+                 "occurs nowhere in the data")
     p += _source_problems(cfg)
     if d.train_file and not d.meta_file and not meta.baseline:
         p.append("--meta_file: bilevel training needs a meta file with outcome labels "
@@ -504,6 +569,8 @@ def parse_sources(value, flag: str, default_format: str) -> tuple[list[Source], 
             weight = 1.0
         if not (math.isfinite(weight) and weight >= 0):
             problems.append(f"{flag} {path}: weight={kv.get('weight')} must be a finite number >= 0")
+        if kv.get("format") not in (None, "", *FORMAT_CHOICES):
+            problems.append(f"{flag} {path}: format={kv['format']!r} is not one of {', '.join(FORMAT_CHOICES)}")
         name = str(kv.get("name") or Path(path).stem)
         out.append(Source(flag, path, name, str(kv.get("format") or default_format),
                           None if kv.get("domain") in (None, "") else str(kv["domain"]), weight,

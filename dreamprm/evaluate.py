@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from dreamprm import metrics as M
-from dreamprm.data.readers import FORMATS, file_problem, load_records, parse_json
 from dreamprm.checkpoint import write_atomic
-from dreamprm.config import AGGREGATIONS, DEFAULT_STEP_TAG
+from dreamprm.config import AGGREGATIONS, DEFAULT_STEP_TAG, FORMAT_CHOICES
+from dreamprm.data.readers import file_problem, load_records, parse_json
 from dreamprm.errors import DataError, DreamPRMError, EvalError
 
 TASKS = {
@@ -53,7 +53,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         t = tasks.add_parser(name, help=help_, description=help_)
         t.add_argument("--data", nargs="+", required=True, metavar="FILE",
                        help="data file(s); for processbench one file per split")
-        t.add_argument("--from", dest="fmt", default="auto", choices=["auto", *FORMATS],
+        t.add_argument("--from", dest="fmt", default="auto", choices=FORMAT_CHOICES,
                        help="input format of --data (default: guessed from the first record's keys)")
         t.add_argument("--skip-invalid", action="store_true",
                        help="leave out invalid records (the reader names them in a warning) "
@@ -71,8 +71,12 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         t.add_argument("--save-scores", "--save_scores", metavar="FILE",
                        help="with --model: also write the scores as the JSONL that --scores reads")
         t.add_argument("--max-length", "--max_length", type=int, metavar="N",
-                       help="with --model: longest solution in tokens (default: the max_length the model was "
-                            "trained with; never more than the model's max_position_embeddings)")
+                       help="with --model: longest solution in tokens (default: the model's limit, its "
+                            "max_position_embeddings, with a note when that is above the length it was trained "
+                            "at; never more than the limit)")
+        t.add_argument("--limit", type=int, metavar="N",
+                       help="with --model: score and evaluate only the first N records of each --data file (a quick "
+                            "look without a hand-made subset file)")
         t.add_argument("--too-long", "--too_long", choices=("error", "cut", "skip"), default="error",
                        help="with --model, a solution longer than max_length: error (default) lists them; cut "
                             "scores the steps that fit (as training cuts) and evaluates that prefix; skip leaves "
@@ -109,13 +113,22 @@ def evaluate(args) -> dict:
     _check_args(args)
     args.model_step_tag = args.step_tag  # None: the tag recorded with the model
     files = load_data(args.data, args.fmt, args.step_tag or DEFAULT_STEP_TAG, args.skip_invalid)
+    if args.limit is not None:
+        files = [(p, recs[:args.limit]) for p, recs in files]
     records = [r for _, recs in files for r in recs]
     if args.scores:
         scores = read_scores(args.scores, records)
     else:
         from dreamprm.scoring import load_scorer  # needs torch and a model; not for --scores
         scorer = load_scorer(args.model, step_tag=args.model_step_tag, max_length=args.max_length)
-        print(f"max_length {scorer.max_length} (model limit {scorer.model_limit})")
+        trained = scorer.max_length  # without --max-length: the trained length, capped at the model's limit
+        if args.max_length is None and scorer.model_limit and scorer.model_limit > trained:
+            # a model trained short (every CPU smoke) still scores the solutions it can take; say it is beyond
+            scorer.max_length = scorer.model_limit
+            print(f"max_length {scorer.max_length} (the model's limit); it was trained at {trained} tokens, so "
+                  f"longer solutions are scored beyond its training length (--max-length {trained} keeps to it)")
+        else:
+            print(f"max_length {scorer.max_length} (model limit {scorer.model_limit})")
         if args.too_long != "error":
             files, too_long = fit_files(scorer, files, args.too_long)
             records = [r for _, recs in files for r in recs]
@@ -185,7 +198,10 @@ def _check_args(args) -> None:
         problems.append(f"--model {args.model}: no such file or directory")
     if args.max_length is not None and args.max_length < 1:
         problems.append(f"--max-length {args.max_length}: must be >= 1")
-    for flag, given in (("--max-length", args.max_length is not None), ("--too-long", args.too_long != "error")):
+    if args.limit is not None and args.limit < 1:
+        problems.append(f"--limit {args.limit}: must be >= 1 (records per --data file)")
+    for flag, given in (("--max-length", args.max_length is not None), ("--too-long", args.too_long != "error"),
+                        ("--limit", args.limit is not None)):
         if given and not args.model:
             problems.append(f"{flag}: is for --model (saved --scores are used as they are)")
     if args.save_scores and not args.model:

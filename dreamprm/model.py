@@ -95,8 +95,8 @@ def check_model_dir(path) -> Path:
     p = Path(path).expanduser()
     want = ("a Hugging Face model folder holds config.json, the weights (*.safetensors) and the tokenizer "
             "files (tokenizer.json / tokenizer_config.json). dreamprm never downloads: fetch one with "
-            "`huggingface-cli download ORG/NAME --local-dir DIR` and pass DIR, or leave model.name_or_path "
-            "empty for the built-in tiny model")
+            "`huggingface-cli download ORG/NAME --local-dir DIR` and pass DIR, or leave --model_name / "
+            "--name_or_path (model.name_or_path) empty for the built-in tiny model")
     if not p.is_dir():
         raise ModelError(f"model folder {str(path)!r} does not exist ({p.resolve()}); {want}")
     ggufs = sorted(f.name for f in p.glob("*.gguf"))

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from dreamprm import checkpoint
-from dreamprm.config import CHECKPOINTS_DIR, Config, parse_sources
+from dreamprm.config import CHECKPOINTS_DIR, MODEL_FLAG, Config, parse_sources
 from dreamprm.data.mixing import read_sources
 from dreamprm.errors import ConfigError, RunLockError
 from dreamprm.tiny import TINY_MAX_POSITIONS
@@ -64,7 +64,7 @@ def path_problems(cfg: Config, world: int | None = None) -> list[str]:
                + parse_sources(d.meta_file, "--meta_file", d.meta_format)[0])
     p += [f"{s.flag}: {s.path} does not exist" for s in sources if not Path(s.path).is_file()]
     if cfg.model.name_or_path and not Path(cfg.model.name_or_path).is_dir():
-        p.append(f"--model_name: {cfg.model.name_or_path} is not a local folder (dreamprm never downloads: "
+        p.append(f"{MODEL_FLAG}: {cfg.model.name_or_path} is not a local folder (dreamprm never downloads: "
                  "put a HF checkpoint there, e.g. with `huggingface-cli download`)")
     if r.resume_from not in ("auto", "none") and not Path(r.resume_from).is_dir():
         p.append(f"--resume_from: {r.resume_from} is not a checkpoint folder (or use auto / none)")
@@ -124,12 +124,14 @@ def machine_problems(cfg: Config) -> list[str]:
     return p
 
 
-# DeepSpeed JSON keys that the run config owns; a JSON that sets them differently is an error.
+# DeepSpeed JSON keys that the run config owns, with where the config's value comes from; a JSON that sets
+# them differently is an error.
 _DS_OWNED = {
-    "train_micro_batch_size_per_gpu": lambda c, w: c.train.batch_size,
-    "gradient_accumulation_steps": lambda c, w: c.train.grad_accum,
-    "train_batch_size": lambda c, w: c.train.batch_size * c.train.grad_accum * w,
-    "gradient_clipping": lambda c, w: c.train.grad_clip,
+    "train_micro_batch_size_per_gpu": (lambda c, w: c.train.batch_size, lambda c, w: "--batch_size"),
+    "gradient_accumulation_steps": (lambda c, w: c.train.grad_accum, lambda c, w: "--grad_accum"),
+    "train_batch_size": (lambda c, w: c.train.batch_size * c.train.grad_accum * w,
+                         lambda c, w: f"batch_size={c.train.batch_size} x grad_accum={c.train.grad_accum} x world={w}"),
+    "gradient_clipping": (lambda c, w: c.train.grad_clip, lambda c, w: "--grad_clip"),
 }
 
 
@@ -140,11 +142,10 @@ def check_ds_json(cfg: Config, path: Path, world: int) -> list[str]:
     except (OSError, json.JSONDecodeError) as e:
         return [f"--deepspeed: {path}: not valid JSON: {e}"]
     p = []
-    for key, want in _DS_OWNED.items():
+    for key, (want, origin) in _DS_OWNED.items():
         if key in ds and ds[key] != "auto" and ds[key] != want(cfg, world):
             p.append(f"--deepspeed: {path} sets {key}={ds[key]} but the run config gives {want(cfg, world)} "
-                     f"(batch_size={cfg.train.batch_size} x grad_accum={cfg.train.grad_accum} x "
-                     f"world={world}); remove {key} from the JSON or set it to \"auto\"")
+                     f"({origin(cfg, world)}); remove {key} from the JSON or set it to \"auto\"")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             p.append(f"--deepspeed: {path} has an {key!r} block; dreamprm builds the optimizer and "

@@ -18,6 +18,7 @@ from dreamprm import checkpoint as ckpt
 from dreamprm import dist, engine
 from dreamprm.config import Config
 from dreamprm.errors import CheckpointError
+from dreamprm.runlog import print0
 
 # Fields that must agree between a checkpoint and the run resuming it.
 RESUME_MUST_MATCH = [("data", "train_file"), ("data", "meta_file"), ("data", "max_length"),
@@ -26,11 +27,6 @@ RESUME_MUST_MATCH = [("data", "train_file"), ("data", "meta_file"), ("data", "ma
                      ("data", "mix"), ("data", "curriculum"), ("data", "profile"), ("data", "system_prompt"),
                      ("data", "prompt_template"),
                      ("train", "batch_size"), ("train", "grad_accum"), ("train", "seed")]
-
-
-def print0(*args, rank: int = 0) -> None:
-    if rank == 0:
-        print(*args, flush=True)
 
 
 def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path | None, list[str]]:

@@ -164,13 +164,22 @@ def finished_note(cfg, ckpt_root: Path) -> str | None:
         step = json.loads((path / MANIFEST).read_text())["step"]
     except (TypeError, OSError, ValueError, KeyError, CheckpointError):
         return None
-    total = cfg.train.total_steps
+    total, flag = cfg.train.total_steps, "--total_steps"
+    if cfg.train.epochs:  # total_steps was resolved when the run started: the checkpoint's config has it
+        try:
+            saved = ckpt.shared_state(path)["config"]["train"]
+        except (OSError, RuntimeError, KeyError):
+            return None
+        if saved.get("epochs") != cfg.train.epochs:  # other epochs: resolved again once the data is read
+            return None
+        total, flag = saved["total_steps"], "--epochs"
     if step < total:
         return None
-    return (f"{cfg.run.output_dir} is finished: checkpoint {path.name} is at update {step} and --total_steps is "
+    more = f"--epochs {2 * cfg.train.epochs:g}" if cfg.train.epochs else f"--total_steps {2 * step}"
+    return (f"{cfg.run.output_dir} is finished: checkpoint {path.name} is at update {step} and total_steps is "
             f"{total}, so there is nothing to train; nothing was changed. To train further, run the same command "
-            f"with a larger --total_steps (e.g. --total_steps {2 * step}); it resumes from update {step}. To start "
-            "over, use another --output_dir.")
+            f"with a larger {flag} (e.g. {more}); it resumes from update {step}. To start over, use another "
+            "--output_dir.")
 
 
 def collective_message(e: BaseException, silent: list[int] | None, timeout_s: int, step: int,
@@ -216,8 +225,8 @@ class RunGuard:
                 self._take_lock()
                 self.finished = finished_note(self.cfg, self.run_dir / "checkpoints")
                 if not self.finished:
-                    self.status = {"state": "starting", "step": None, "total_steps": self.cfg.train.total_steps,
-                                   "last_checkpoint": None}
+                    total = None if self.cfg.train.epochs else self.cfg.train.total_steps  # None: --epochs, unresolved
+                    self.status = {"state": "starting", "step": None, "total_steps": total, "last_checkpoint": None}
                     self.write()
         except BaseException:
             self._release()

@@ -24,8 +24,23 @@ from dreamprm.errors import DataError
 
 
 def print0(*args, rank: int = 0) -> None:
+    """print on rank 0. A stdout that went away (Ctrl+C under `deepspeed ... | tee log` ends tee too) must not
+    turn a clean stop into a failure: it is pointed at /dev/null and the run goes on to its checkpoint."""
     if rank == 0:
-        print(*args, flush=True)
+        try:
+            print(*args, flush=True)
+        except BrokenPipeError:
+            to_devnull(sys.stdout)
+
+
+def to_devnull(stream) -> None:
+    """Point a stream's file descriptor at /dev/null (what is still buffered, and all later writes, go there)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, stream.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stream): nothing to point
+        pass
 
 
 def truncate_metrics(path: Path, step: int) -> str | None:
@@ -53,15 +68,26 @@ def truncate_metrics(path: Path, step: int) -> str | None:
     return note
 
 
+def wandb_mode(cfg) -> str:
+    """online / offline / disabled. WANDB_MODE=disabled in the environment wins over the recipe (turning
+    logging off for one run needs no edit); auto = online with an API key, else offline."""
+    if cfg.run.disable_wandb or cfg.run.wandb_mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+        return "disabled"
+    if cfg.run.wandb_mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return cfg.run.wandb_mode
+
+
 def start_wandb(cfg, run_dir: Path, rank: int):
-    if rank != 0 or cfg.run.disable_wandb or cfg.run.wandb_mode == "disabled":
+    mode = wandb_mode(cfg)
+    if rank != 0 or mode == "disabled":
         return None
     import wandb
-    mode = cfg.run.wandb_mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    # quiet and silent: wandb's banner, sync hints and run summary were most of a demo's output (its
+    # offline run is under RUN/wandb; `wandb sync` uploads it)
     return wandb.init(project=cfg.run.project_name, name=cfg.run.experiment_name or run_dir.name,
-                      config=cfg.to_dict(), dir=str(run_dir), mode=mode, resume="allow")
+                      config=cfg.to_dict(), dir=str(run_dir), mode=mode, resume="allow",
+                      settings=wandb.Settings(quiet=True, silent=True))
 
 
 def weight_stats(wmod, baseline: bool) -> dict:
@@ -129,6 +155,7 @@ class RunLog:
                             disable=not sys.stderr.isatty())
         self.t_start = self.t_last = time.perf_counter()
         self.tokens_total = 0
+        self.printed = start  # the update of the last progress line printed
         self.meta: dict = {}  # the last meta pass's statistics
         self.window = {"n": 0, "tokens": 0, "loss": 0.0, "loss_unweighted": 0.0, "meta_n": 0, "meta_loss": 0.0}
         self.src_window = torch.zeros(len(names), 3, dtype=torch.float64)
@@ -173,17 +200,36 @@ class RunLog:
         if self.bar is not None and self.bar.disable:
             print0(progress_line(row, self.cfg.train.total_steps, step - self.start,
                                  time.perf_counter() - self.t_start))
+            self.printed = step
         self.status.update(step=step, loss=row["loss"], meta_loss=row.get("meta_loss"))
         self.write_status()
 
-    def tick(self, out: dict) -> None:
-        if self.bar is not None:
+    def tick(self, out: dict, step: int) -> None:
+        """After update `step` and its metrics row, if any: the bar moves on; without a bar (a log file), the
+        first update of the process gets a progress line at once, so a log with a large log_every shows that
+        training runs (metrics.jsonl keeps its rows every log_every updates)."""
+        if self.bar is None:
+            return
+        if not self.bar.disable:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{out['loss']:.4f}", meta=f"{self.meta.get('meta_loss', math.nan):.4f}")
+        elif step == self.start + 1 and self.printed != step:
+            seconds = time.perf_counter() - self.t_start
+            row = {"step": step, "loss": out["loss"], "tokens_per_s": self.tokens_total / max(seconds, 1e-9),
+                   **({"meta_loss": self.meta["meta_loss"]} if self.meta else {})}
+            print0(progress_line(row, self.cfg.train.total_steps, 1, seconds))
+            self.printed = step
+
+    def close_bar(self) -> None:
+        """Before the end-of-run lines: a bar left open on a terminal redraws over them."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def summary(self, totals: torch.Tensor, train_stream, step: int) -> None:
         """The end of a finished run: per-source totals (into status.json and wandb) and one line."""
         summary = source_row(self.names, totals, train_stream)
+        self.close_bar()
         self.status["sources"] = summary
         if self.wandb is not None:
             self.wandb.summary.update(summary)
@@ -200,8 +246,7 @@ class RunLog:
                f"{self.run_dir / 'instance_weights.jsonl'}", rank=self.rank)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.close_bar()
         if self.wandb is not None:
             self.wandb.finish()
 

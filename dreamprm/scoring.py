@@ -107,7 +107,8 @@ class Scorer:
                 "missing steps. Not scored: "
                 + ", ".join(too_long[:10]) + (f" and {len(too_long) - 10} more" if len(too_long) > 10 else "")
                 + ". Leave them out or cut them (Scorer.fit_to_length; `dreamprm evaluate --too-long cut` or "
-                "`skip`), or pass a larger max_length up to the model's limit")
+                f"`skip`), or pass a larger max length up to the model's limit ({self.model_limit}): `dreamprm "
+                "evaluate --max-length N`, load_scorer(..., max_length=N)")
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
         out = {}
         with torch.no_grad():

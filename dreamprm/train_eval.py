@@ -24,7 +24,8 @@ def load_eval_examples(cfg, tokenizer, domains: list[str]):
     domains: the run's domain table; eval domains outside it are added (the eval does not use them).
     """
     d = cfg.data
-    recs = load_records(d.eval_file, d.eval_format, step_tag=cfg.model.step_tag, skip_invalid=d.skip_invalid)
+    recs = load_records(d.eval_file, d.eval_format, step_tag=cfg.model.step_tag, skip_invalid=d.skip_invalid,
+                        format_flag="--eval_format")
     if not any(y is not None for r in recs for y in r.labels):
         raise DataError([f"--eval_file {d.eval_file}: no record has step labels; the evaluation during "
                          "training measures step AUROC / F1 / calibration on labelled steps"])

@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True, allow_abbrev=False)
     ap.add_argument("--nodes", type=int, required=True, help="nodes of the job")
     ap.add_argument("--ranks_per_node", type=int, required=True, help="training processes per node")
     shape, train_argv = ap.parse_known_args(argv)

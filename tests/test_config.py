@@ -206,3 +206,69 @@ def test_run_sources_are_the_demo_files_without_a_train_file():
     cfg.data.train_file = "x.jsonl,bogus=1"
     with pytest.raises(ConfigError, match="unknown source key"):
         run_sources(cfg)
+
+
+def test_argument_errors_are_one_line_with_a_pointer_to_help_and_abbreviations_are_refused(capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for argv, what in ((["--total_step", "3"], "unrecognized arguments: --total_step 3"),
+                       (["--mode", "nope"], "argument --mode: invalid choice: 'nope'"),
+                       (["--lr", "abc"], "argument --lr: invalid float value: 'abc'")):
+        with pytest.raises(SystemExit) as e:
+            parse_config(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert what in err and "see `launch/train.py --help`" in err
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another rank of a launcher: rank 0 of the machine says it
+    with pytest.raises(SystemExit):
+        parse_config(["--total_step", "3"])
+    assert capsys.readouterr().err == ""
+
+
+def test_format_names_are_validated_with_every_other_option(tmp_path, capsys):
+    from dreamprm.config import FORMAT_CHOICES, READER_FORMATS
+    from dreamprm.data.readers import FORMATS
+
+    assert tuple(FORMATS) == READER_FORMATS  # the one list of names, each with its reader
+    for flag in ("--train_format", "--meta_format", "--eval_format"):
+        with pytest.raises(SystemExit):
+            parse_config([flag, "procesbench"])
+        assert f"argument {flag}: invalid choice: 'procesbench'" in capsys.readouterr().err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  meta_format: procesbench\n")
+    _, problems, _ = parse_config(["--config", str(recipe)])
+    assert problems == [f"--meta_format: 'procesbench' is not one of {', '.join(FORMAT_CHOICES)}"]
+    _, problems, _ = parse_config(["--train_file", "a.jsonl,format=procesbench", "--baseline"])
+    assert problems == [f"--train_file a.jsonl: format='procesbench' is not one of {', '.join(FORMAT_CHOICES)}"]
+
+
+def test_epochs_or_total_steps_one_place_one_of_them(tmp_path):
+    _, problems, _ = parse_config(["--epochs", "1", "--total_steps", "3"])
+    assert problems == ["--epochs 1: --total_steps sets total_steps too; give one of the two (--epochs computes "
+                        "total_steps from the training data)"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  total_steps: 50\n  epochs: 2\n")
+    _, problems, _ = parse_config(["--config", str(recipe)])
+    assert problems and problems[0].startswith(f"--epochs 2: {recipe}:2 sets total_steps too")
+    recipe.write_text("train:\n  total_steps: 50\n")
+    cfg, problems, notes = parse_config(["--config", str(recipe), "--epochs", "1.5"])
+    assert problems == [] and cfg.train.epochs == 1.5 and f"--epochs 1.5 replaces total_steps of {recipe}:2" in notes
+    recipe.write_text("train:\n  epochs: 2\n")
+    cfg, problems, notes = parse_config(["--config", str(recipe), "--total_steps", "7"])
+    assert problems == [] and (cfg.train.epochs, cfg.train.total_steps) == (0, 7)
+    assert f"--total_steps 7 replaces epochs of {recipe}:2" in notes
+    assert "--epochs: must be a finite number >= 0 (got -1.0)" in parse_config(["--epochs", "-1"])[1]
+
+
+def test_warmup_at_least_total_steps_is_a_warning():
+    cfg, problems, notes = parse_config(["--warmup_steps", "100", "--total_steps", "3", "--lr", "4e-5"])
+    assert problems == []
+    assert ("warning: --warmup_steps 100 >= --total_steps 3: the learning rate never reaches --lr 4e-05 (it ends "
+            "at 1.2e-06); lower --warmup_steps") in notes
+    assert not [n for n in parse_config(["--warmup_steps", "2", "--total_steps", "3"])[2] if "warmup" in n]
+
+
+def test_a_newline_step_tag_is_refused_with_the_real_reason():
+    _, problems, _ = parse_config(["--step_tag", "\n"])
+    assert len(problems) == 1 and "contains a newline" in problems[0] and "not one token" not in problems[0]
+    assert "steps keep them" in problems[0] and "--train_format trl" in problems[0]
+    assert "is blank" in parse_config(["--step_tag", " "])[1][0]

@@ -339,3 +339,34 @@ def test_bad_data_and_scores_files_one_message_each(tmp_path, capsys):
     s.write_text("\n\n")
     assert cli("steps", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--scores", s) == 1
     assert f"--scores {s}: is empty (no scores)" in capsys.readouterr().err
+
+
+def test_model_default_max_length_is_the_model_limit_and_limit_takes_the_first_records(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """A model trained short (every CPU smoke) scores up to its limit, saying so; --limit N scores N records."""
+    write_jsonl([rec("a", [1.0, 0.0]), rec("b", [1.0]), rec("c", [0.0])], tmp_path / "d.jsonl")
+    seen = []
+
+    class Scorer:
+        def __init__(self, max_length):
+            self.max_length, self.model_limit = min(max_length or 128, 1024), 1024  # trained at 128
+
+        def score_records(self, records, batch_size):
+            seen.append((self.max_length, [r.id for r in records]))
+            return {r.id: [0.9] * len(r.steps) for r in records}
+
+    fake = types.ModuleType("dreamprm.scoring")
+    fake.load_scorer = lambda path, step_tag=None, max_length=None: Scorer(max_length)
+    monkeypatch.setitem(sys.modules, "dreamprm.scoring", fake)
+    data = ("steps", "--data", tmp_path / "d.jsonl", "--from", "dreamprm", "--model", tmp_path)
+    assert cli(*data, "--limit", "2") == 0
+    assert seen[-1] == (1024, ["a", "b"])
+    assert ("max_length 1024 (the model's limit); it was trained at 128 tokens, so longer solutions are scored "
+            "beyond its training length (--max-length 128 keeps to it)") in capsys.readouterr().out
+    assert cli(*data, "--max-length", "128") == 0
+    assert seen[-1] == (128, ["a", "b", "c"])
+    assert cli(*data, "--limit", "0") == 1
+    assert "--limit 0: must be >= 1" in capsys.readouterr().err
+    assert cli("steps", "--data", tmp_path / "d.jsonl", "--scores", tmp_path / "d.jsonl", "--limit", "1") == 1
+    assert "--limit: is for --model" in capsys.readouterr().err
+

@@ -38,8 +38,8 @@ def test_files_and_folders_the_config_names_are_checked_here_not_in_the_config(t
     assert preflight.path_problems(cfg, 1) == [
         f"--eval_file: {tmp_path / 'e.jsonl'} does not exist", f"--deepspeed: {tmp_path / 'ds.json'} does not exist",
         f"--train_file: {tmp_path / 'a.jsonl'} does not exist", f"--meta_file: {tmp_path / 'm.jsonl'} does not exist",
-        f"--model_name: {tmp_path / 'model'} is not a local folder (dreamprm never downloads: put a HF checkpoint "
-        "there, e.g. with `huggingface-cli download`)",
+        f"--model_name / --name_or_path: {tmp_path / 'model'} is not a local folder (dreamprm never downloads: "
+        "put a HF checkpoint there, e.g. with `huggingface-cli download`)",
         f"--resume_from: {tmp_path / 'ckpt'} is not a checkpoint folder (or use auto / none)"]
 
 
@@ -152,3 +152,13 @@ def test_max_length_is_capped_at_the_model_limit_with_one_note(tmp_path):
     assert notes[-1:] == [f"max_length: --max_length 4096 is more than the model takes (256 positions, "
                           f"{model / 'config.json'}); using 256 for training, evaluation and export"]
     assert preflight.model_length_limit({"n_positions": 77}) == 77 and preflight.model_length_limit({}) is None
+
+
+def test_a_deepspeed_json_that_contradicts_the_config_names_where_the_value_comes_from(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"gradient_clipping": 0.5, "train_batch_size": 16}))
+    cfg, _, _ = parse_config(["--deepspeed", str(ds), "--batch_size", "2", "--grad_accum", "2"])
+    batch, clip = preflight.check_ds_json(cfg, ds, world=2)
+    assert clip == (f"--deepspeed: {ds} sets gradient_clipping=0.5 but the run config gives 1.0 (--grad_clip); "
+                    "remove gradient_clipping from the JSON or set it to \"auto\"")
+    assert "sets train_batch_size=16 but the run config gives 8 (batch_size=2 x grad_accum=2 x world=2)" in batch

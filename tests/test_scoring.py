@@ -82,6 +82,9 @@ def test_solutions_are_never_cut(scorer):
     with pytest.raises(ScoringError, match=rf"2 solution\(s\) do not fit in max_length {fits} .*Not scored: "
                        r"'long1' \(not even its first step fits\), 'long2' \(1 of 2 steps fit\)\."):
         short.score_records(recs)
+    with pytest.raises(ScoringError, match=r"up to the model's limit \(\d+\): `dreamprm evaluate --max-length N`, "
+                       r"load_scorer\(\.\.\., max_length=N\)"):
+        short.score_records(recs)
     assert set(short.score_records(recs[:3])) == {"r0", "r1", "r2"}
 
 

@@ -166,3 +166,15 @@ def test_builder_errors_say_what_to_install_or_pass(tmp_path, monkeypatch, capsy
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "config.json").write_text("{}")
     assert not smollm2.is_built(tmp_path / "partial")
+
+
+def test_the_conversion_bar_stays_out_of_redirected_logs(capsys):
+    from tqdm.auto import tqdm
+
+    from dreamprm.smollm2 import no_bar_in_logs
+
+    assert not sys.stderr.isatty()  # captured, as a log file is
+    with no_bar_in_logs():
+        for _ in tqdm(range(30), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert capsys.readouterr().err == ""

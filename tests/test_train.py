@@ -187,3 +187,57 @@ def test_fused_hypergradient_trains_with_accumulation(tmp_path):
     assert all(m is not None and m == m for m in metas[1::2])  # a meta pass at updates 2 and 4
     w = torch.tensor([json.loads(ln)["weight"] for ln in (out / "instance_weights.jsonl").open()])
     assert w.std() > 0  # the weights moved
+
+
+def test_a_model_folder_without_weights_leaves_status_failed_with_the_error(tmp_path):
+    """status.json from the first moment: a run that fails before its first update says so."""
+    from dreamprm.tiny import default_tiny_dir
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in default_tiny_dir().iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            (model / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "run"
+    p = train("--model_name", model, "--output_dir", out, "--total_steps", 2, *FAST)
+    assert p.returncode == 1 and "lacks weights" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and "lacks weights" in status["error"] and str(model) in status["error"]
+    assert not (out / "LOCK").exists()
+
+
+def test_ctrl_c_after_the_log_reader_went_away_still_stops_cleanly(tmp_path):
+    """`deepspeed ... | tee log` and Ctrl+C: tee dies first; the run checkpoints and says `stopped`, not
+    `failed` with BrokenPipeError. With log_every far away, the first update still prints a progress line."""
+    out = tmp_path / "run"
+    args = [sys.executable, "launch/train.py", "--total_steps", "400", "--save_every", "1000", "--output_dir",
+            str(out), *FAST, "--log_every", "1000"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("update 1/400  loss "):
+            break
+    proc.stdout.close()  # the reader (tee) is gone
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "BrokenPipeError" not in stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and checkpoint.latest(out / "checkpoints").name == f"step_{status['step']:08d}"
+    assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
+
+
+def test_epochs_resolve_total_steps_once_from_the_examples_kept(tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    p = train("--epochs", "0.05", "--output_dir", out, *FAST)  # 240 demo examples, 2 per update
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert ("--epochs 0.05: 240 training examples, 2 per update (batch_size 2 x grad_accum 1 x 1 ranks) -> "
+            "total_steps 6") in p.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert (saved["epochs"], saved["total_steps"]) == (0.05, 6)
+    assert json.loads((out / "status.json").read_text())["total_steps"] == 6
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    p = train("--epochs", "0.05", "--output_dir", out, *FAST)
+    assert p.returncode == 0 and "is finished: checkpoint step_00000006 is at update 6" in p.stdout
+    assert "--epochs 0.1" in p.stdout

@@ -26,7 +26,9 @@ def read_sources(train: list[Source], meta: list[Source], step_tag: str, skip_in
 
     def read(s):
         try:
-            return load_records(s.path, s.format, step_tag=step_tag, skip_invalid=skip_invalid)
+            flag = {"--train_file": "--train_format", "--meta_file": "--meta_format"}.get(s.flag, "--train_format")
+            return load_records(s.path, s.format, step_tag=step_tag, skip_invalid=skip_invalid,
+                                format_flag=f"{flag} (or format=F in the {s.flag} spec)")
         except DataError as e:
             # reader problems start with FILE:LINE; the flag (and source name) go in front
             problems.extend(f"{s.flag} {q}" if q.startswith(s.path) else f"{s.where()}: {q}" for q in e.problems)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamprm.config import DEFAULT_STEP_TAG
+from dreamprm.config import DEFAULT_STEP_TAG, READER_FORMATS
 from dreamprm.data.record import Record, record_from_json, record_problems, surrogate_problem
 from dreamprm.errors import DataError
 
@@ -438,9 +438,9 @@ def _gsm8k_candidates(d: dict, row: _Row) -> list[Record]:
     return out
 
 
-FORMATS = {"dreamprm": _dreamprm, "minif2f": _minif2f, "trl": _trl, "math_shepherd": _math_shepherd,
-           "processbench": _processbench, "prm800k": _prm800k, "minif2f_attempts": _minif2f_attempts,
-           "gsm8k_candidates": _gsm8k_candidates, "mr_gsm8k": _mr_gsm8k, "prmbench": _prmbench}
+# The names' one home is config.READER_FORMATS (the config validates --train_format with them); the reader
+# of format F is _F above.
+FORMATS = {name: globals()[f"_{name}"] for name in READER_FORMATS}
 
 
 def _guess(d: dict) -> list[str]:
@@ -711,23 +711,24 @@ def _rows(path: Path, problems: list) -> tuple[list, bool]:
         pos += 1
 
 
-def detect_format(path, rows: list | None = None) -> str:
-    """The format named by the keys of the file's first record; DataError if none or several."""
+def detect_format(path, rows: list | None = None, format_flag: str = "--from") -> str:
+    """The format named by the keys of the file's first record; DataError if none or several, saying to pass
+    format_flag (the flag that names the format where the file was given: --from, --train_format, ...)."""
     path = Path(path)
     if rows is None:
         rows, _ = _rows(path, [])
     first = next((obj for _, obj in rows if obj is not None), None)
     if first is None:
-        raise DataError([f"{path}: cannot tell the format: no readable JSON object; pass --from"])
+        raise DataError([f"{path}: cannot tell the format: no readable JSON object; pass {format_flag}"])
     found = _guess(first)
     if len(found) != 1:
         what = "matches " + ", ".join(found) if found else "matches no known format"
         raise DataError([f"{path}: cannot tell the format: the first record (keys {sorted(first)[:12]}) "
-                         + f"{what}; pass --from one of {', '.join(FORMATS)}"])
+                         + f"{what}; pass {format_flag} one of {', '.join(FORMATS)}"])
     return found[0]
 
 
-def _read(path, fmt: str, step_tag: str) -> tuple[list[Record], list[str], bool]:
+def _read(path, fmt: str, step_tag: str, format_flag: str = "--from") -> tuple[list[Record], list[str], bool]:
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
     path, problems = Path(path), []
@@ -740,7 +741,7 @@ def _read(path, fmt: str, step_tag: str) -> tuple[list[Record], list[str], bool]
         return [], problems, True
     if fmt == "auto":
         try:
-            fmt = detect_format(path, rows)
+            fmt = detect_format(path, rows, format_flag)
         except DataError as e:
             return [], problems + e.problems, True
     records, seen = [], {}
@@ -773,12 +774,12 @@ def read_records(path, fmt: str = "auto", step_tag: str = DEFAULT_STEP_TAG) -> t
 
 
 def load_records(path, fmt: str = "auto", step_tag: str = DEFAULT_STEP_TAG,
-                 skip_invalid: bool = False) -> list[Record]:
+                 skip_invalid: bool = False, format_flag: str = "--from") -> list[Record]:
     """The records of a file, or DataError listing every problem. With skip_invalid, invalid
     records are left out and named in a warning; problems that stop the file from being read
     to its end (missing file, unknown format, broken JSON array) and a file with no valid
-    record still raise."""
-    records, problems, fatal = _read(path, fmt, step_tag)
+    record still raise. format_flag: the flag a message tells to pass when the format cannot be guessed."""
+    records, problems, fatal = _read(path, fmt, step_tag, format_flag)
     if problems and (fatal or not skip_invalid or not records):
         raise DataError(problems, skippable=not fatal and bool(records))
     if problems:

@@ -111,6 +111,8 @@ def check_step_tag(tokenizer, tag: str) -> int:
            f"or choose another --step_tag that is one token of {name}")
     ids = tokenizer.encode(tag, add_special_tokens=False)
     tid = tokenizer.convert_tokens_to_ids(tag)
+    if len(ids) == 1 and tid != ids[0] and tokenizer.decode(ids) == tag:
+        tid = ids[0]  # one token all the same: a byte-level vocabulary spells it otherwise ("\n" is "Ċ")
     if len(ids) != 1 or tid is None or tid != ids[0] or tid == tokenizer.unk_token_id:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise ModelError(f"step tag {tag!r} is not one token of the tokenizer {name}: it encodes to {ids} "

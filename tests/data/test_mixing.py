@@ -85,3 +85,16 @@ def test_bad_streams_are_refused():
         stream([1, 5], [0.5, 0.5], world=2)
     with pytest.raises(ValueError, match="not a distribution"):
         stream([5, 5], [0.5, -0.5])
+
+
+def test_a_training_file_of_unknown_format_names_the_training_flags_not_the_data_commands(tmp_path):
+    from dreamprm.config import Source
+    from dreamprm.data.mixing import read_sources
+
+    f = tmp_path / "odd.jsonl"
+    f.write_text('{"text": "hello"}\n')
+    _, _, problems = read_sources([Source("--train_file", str(f), "odd", "auto", None)],
+                                  [Source("--meta_file", str(f), "odd", "auto", None)], "<extra_0>", False)
+    assert len(problems) == 2 and not any("--from" in p for p in problems)
+    assert "pass --train_format (or format=F in the --train_file spec) one of dreamprm, " in problems[0]
+    assert "pass --meta_format (or format=F in the --meta_file spec) one of" in problems[1]

@@ -161,3 +161,14 @@ def test_lone_surrogate_and_numeric_step_are_record_problems(bpe_tok, corpus):
     assert "record 'n': steps[0]: expected a string, got int 3" in msg
     ok, _ = encode_records([rec(corpus, "e", steps=["emoji \U0001F600"], labels=[1])], bpe_tok, TAG, 512, False)
     assert len(ok) == 1  # a real (paired) astral character is fine
+
+
+def test_a_byte_level_single_token_tag_is_one_token():
+    """TRL's "\\n" is one token of a byte-level BPE (spelt "Ċ"): the check says so instead of "not one token"
+    (the config refuses newline tags for their own reason: test_config)."""
+    from dreamprm.tiny import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    (nl,) = tok.encode("\n", add_special_tokens=False)
+    assert tok.convert_tokens_to_ids("\n") != nl  # what the check used to compare with
+    assert check_step_tag(tok, "\n") == nl
