@@ -122,3 +122,21 @@ def test_dreamprm_train_help_is_launch_train_help():
     b = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout and "--epochs" in a.stdout
+
+
+def test_the_module_map_names_every_module_of_the_package():
+    """"Where things live" must name each file of dreamprm/ (a new module gets its line, a removed one loses it)."""
+    section = README.split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    pkg = ROOT / "dreamprm"
+    missing = []
+    for p in sorted(pkg.rglob("*.py")):
+        rel = p.relative_to(pkg)
+        if p.name == "__init__.py" or rel.parts[0] == "demo":
+            continue
+        named = (f"`{p.name}`" in section or f"{p.stem}.py" in section or f"dreamprm/{rel.as_posix()}" in section)
+        if not named:
+            missing.append(rel.as_posix())
+    assert not missing, f"README 'Where things live' does not name {missing}"
+    for name in section.split("`"):
+        if name.startswith("dreamprm/") and name.endswith(".py"):
+            assert (ROOT / name).is_file(), f"README 'Where things live' names {name}, which does not exist"
