@@ -20,7 +20,7 @@ SPECIAL_TOKENS = [PAD, IM_START, IM_END, STEP_TAG]
 VOCAB_SIZE = 640
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-TINY_VERSION = 1  # bump when the files written below change, so caches are rebuilt
+TINY_VERSION = 2  # bump when the files written below change, so caches are rebuilt
 TINY_MAX_POSITIONS = 1024  # the tiny model's max_position_embeddings (config.py reads it without torch)
 
 CHAT_TEMPLATE = (
@@ -77,9 +77,12 @@ def make_tiny_tokenizer():
     return fast
 
 
-def make_tiny_checkpoint(out_dir, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, seed=0,
+def make_tiny_checkpoint(out_dir, hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, seed=0,
                          prm=False) -> Path:
     """Write a random Qwen2 checkpoint plus tokenizer to out_dir.
+
+    The default head size (hidden / heads = 32) is one real backbones use: vLLM's CPU attention takes
+    32, 64, 80, ... only, and the demo's export must serve there.
 
     prm=False: a causal-LM checkpoint (Qwen2ForCausalLM). prm=True: the Qwen2ForProcessRewardModel layout
     (keys model.*, score.0.*, score.2.*; architectures ["Qwen2ForProcessRewardModel"]), written directly

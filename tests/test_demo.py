@@ -25,4 +25,5 @@ def test_demo_default_command_down_weights_the_noisy_domain(tmp_path):
     mean = {d: statistics.fmean(w) for d, w in by_domain.items()}
     assert set(mean) == {"clean", "noisy"} and len(by_domain["noisy"]) == 120
     assert abs(statistics.fmean(by_domain["clean"] + by_domain["noisy"]) - 1) < 1e-5  # mean 1 over training
-    assert mean["noisy"] < 0.85 and mean["clean"] > 1.15, mean
+    # the demo ends at 0.80 / 1.20 (README); uniform weights (1 / 1) or a swapped order fail
+    assert mean["noisy"] < 0.9 and mean["clean"] > 1.1, mean

@@ -5,6 +5,7 @@ One trained run is shared by every test here (about 30 s on 2 CPU cores).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,50 @@ def test_export_layout(exported):
     with safe_open(str(adapter / "score.safetensors"), "pt") as sf:
         assert sf.metadata()["step_tag"] == TAG
     assert Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]).is_dir()
+
+
+def test_merged_export_carries_a_usage_card_whose_snippets_run(exported, recs):
+    """README.md in the merged folder: the right tag id, and its input and transformers snippets, run as
+    written, give training's token ids and load_scorer's scores."""
+    from dreamprm.data.tokenize import encode_records
+
+    merged = exported[0]
+    card = (merged / "README.md").read_text()
+    scorer = load_scorer(merged)
+    tid = scorer.tokenizer.convert_tokens_to_ids(TAG)
+    assert json.loads((merged / "config.json").read_text())["dreamprm_step_tag_id"] == tid
+    assert f"step tag: `{TAG}`, token id **{tid}**" in card and "151651" in card  # vLLM's default, the pitfall
+    assert f'dtype="float32", pooler_config=PoolerConfig(step_tag_id={tid}))' in card
+    assert f"--pooler-config '{{\"step_tag_id\": {tid}}}'" in card
+    blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(blocks) == 4 and "load_scorer(MODEL)" in blocks[1] and "trust_remote_code=True" in blocks[2]
+    ns = {}
+    exec(blocks[0], ns)  # the input recipe
+    assert ns["MODEL"] == str(merged.resolve())
+    examples, _ = encode_records(recs, scorer.tokenizer, TAG, 10**6, True)
+    ref = scorer.score_records(recs, 4)
+    exec("\n".join(blocks[2].splitlines()[:-1]), ns)  # the transformers snippet, less its last line
+    for ex, rec in zip(examples, recs):
+        ids = ns["prm_input"](rec.question, rec.steps)
+        assert ids == ex.input_ids
+        got = ns["model"].step_scores(torch.tensor([ids]))[0]
+        assert max(abs(a - b) for a, b in zip(got, ref[rec.id], strict=True)) <= ATOL
+
+
+def test_usage_card_for_a_plain_prompt_and_another_backbone():
+    """No chat template, a custom profile, a backbone without a PRM class or modeling file: the card says so."""
+    from dreamprm.export import usage_card
+
+    info = {"step_tag": "<s_t>", "checkpoint": "/r/checkpoints/step_00000007", "step": 7, "mode": "lora",
+            "max_length": 256, "chat_template": False, "profile": "problem_solution",
+            "profiles": {"problem_solution": {"name": "problem_solution", "chat": False, "system": "",
+                                              "template": "Problem: {question}\nSolution:"}}}
+    conf = {"dreamprm_step_tag_id": 9, "dtype": "bfloat16", "architectures": ["LlamaForCausalLM"]}
+    card = usage_card(Path("/out/prm"), conf, info, tokenizer=None)
+    assert "token id **9**" in card and "STEP_TAG_ID = 9  # <s_t>" in card and "MODEL = \"/out/prm\"" in card
+    assert 'ids = tok("Problem: {question}\\nSolution:".replace("{question}", question) + "\\n").input_ids' in card
+    assert "apply_chat_template" not in card and "PoolerConfig" not in card and "trust_remote_code" not in card
+    assert "Not servable as a PRM" in card and "load the folder with dreamprm" in card
 
 
 def test_merged_export_gives_the_same_scores_in_plain_transformers(exported, recs):

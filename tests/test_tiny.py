@@ -55,6 +55,8 @@ def test_checkpoint_files_and_reload(tmp_path, tok, prm):
     out = make_tiny_checkpoint(tmp_path / "m", prm=prm)
     cfg = AutoConfig.from_pretrained(out, local_files_only=True)
     assert cfg.model_type == "qwen2" and cfg.hidden_size == 64 and cfg.num_hidden_layers == 2
+    # a head size vLLM's CPU attention takes (32, 64, 80, ...; 16 fails on the first forward pass)
+    assert cfg.hidden_size // cfg.num_attention_heads == 32 and cfg.num_key_value_heads == 1
     assert cfg.vocab_size >= len(tok) and cfg.vocab_size % 64 == 0
     sd = load_file(str(out / "model.safetensors"))
     if prm:
