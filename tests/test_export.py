@@ -337,4 +337,6 @@ def test_scores_that_do_not_match_the_data_or_the_model(run, exported, recs, tmp
     long = Record(id="long", question="q", steps=["1 + 1 = 2. " * 300], labels=[1.0])  # > 1024 positions
     write_jsonl([long], data)
     assert cli.main(["evaluate", "steps", "--data", str(data), "--model", str(run[0])]) == 1
-    assert "do not fit in max_length 512" in capsys.readouterr().err  # the length the run trained with
+    # the default is the model's limit (1024), not the length the run trained with (512): issue 24, item 9
+    err = capsys.readouterr().err
+    assert "do not fit in max_length 1024" in err and "--max-length" in err
