@@ -37,7 +37,8 @@ def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path
     """The checkpoint to resume from and notes about the ones passed over.
 
     --resume_from auto: `latest`, else the newest intact checkpoint of its lineage, saying why
-    (checkpoint.resume_candidates); a named checkpoint is used as it is or refused.
+    (checkpoint.resume_candidates: `latest` is a hint, a damaged or stale one is passed over with a note);
+    a named checkpoint is used as it is or refused.
     problems_of(path) -> list of problems (default: checkpoint.verify reading every checksum);
     the trainer passes engine.verify_on_every_rank, which shares the reading among the ranks."""
     if problems_of is None:
@@ -49,7 +50,7 @@ def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path
                 return [str(e)]
     r = cfg.run.resume_from
     if r == "none":
-        if ckpt.latest(ckpt_root) is not None or ckpt.complete(ckpt_root):
+        if (ckpt_root / ckpt.LATEST).exists() or ckpt.complete(ckpt_root):
             raise CheckpointError(f"--resume_from none but {ckpt_root} holds checkpoints; pick another "
                                   "--output_dir, delete them, or resume with --resume_from auto")
         return None, []
@@ -58,8 +59,8 @@ def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path
         if problems:
             raise CheckpointError(problems[0])
         return Path(r), []
-    notes = []
-    for cand in ckpt.resume_candidates(ckpt_root):
+    cands, notes = ckpt.resume_candidates(ckpt_root)
+    for cand in cands:
         problems = problems_of(cand)
         if not problems:
             return cand, notes
