@@ -90,7 +90,8 @@ def check_resume_config(cfg: Config, saved: dict) -> None:
         return (saved.get(s) or {}).get(k, getattr(getattr(default, s), k))
 
     def differs(fields):
-        return [(k, was(s, k), getattr(getattr(cfg, s), k)) for s, k in fields if was(s, k) != getattr(getattr(cfg, s), k)]
+        now = [(k, was(s, k), getattr(getattr(cfg, s), k)) for s, k in fields]
+        return [(k, old, new) for k, old, new in now if old != new]
 
     diff = [f"--{k}: checkpoint has {old!r}, this run {new!r}" for k, old, new in differs(RESUME_MUST_MATCH)]
     diff += [f"--{k}: checkpoint has {old!r}, this run {new!r} (a resumed run takes it from the checkpoint's "
