@@ -152,3 +152,28 @@ def test_max_length_is_capped_at_the_model_limit_with_one_note(tmp_path):
     assert notes[-1:] == [f"max_length: --max_length 4096 is more than the model takes (256 positions, "
                           f"{model / 'config.json'}); using 256 for training, evaluation and export"]
     assert preflight.model_length_limit({"n_positions": 77}) == 77 and preflight.model_length_limit({}) is None
+
+
+@pytest.mark.parametrize("text,says", [
+    ('{"bf16": true}', '"bf16" is true; it must be an object (e.g. "bf16": {"enabled": "auto"})'),
+    ("[1, 2]", "the top level is a list; a DeepSpeed config is a JSON object"),
+    ('{"zero_optimization": 3}', '"zero_optimization" is 3; it must be an object (e.g. "zero_optimization": '
+                                 '{"stage": 3})'),
+    ('{"zero_optimization": {"stage": "3"}}', 'zero_optimization.stage is "3"; it must be 0, 1, 2 or 3'),
+    ('{"fp16": "off"}', '"fp16" is "off"; it must be an object')])
+def test_a_deepspeed_json_with_values_of_the_wrong_type_is_named(tmp_path, text, says):
+    ds = tmp_path / "ds.json"
+    ds.write_text(text)
+    problems = preflight.check_ds_json(Config(), ds, 1)
+    assert len(problems) == 1 and problems[0].startswith(f"--deepspeed: {ds}: {says}"), problems
+
+
+def test_an_output_dir_that_is_a_file_is_named(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    for out in (f, f / "run"):
+        cfg, problems, _ = parse_config(["--output_dir", str(out)])
+        assert problems == []
+        assert preflight.path_problems(cfg, 1) == [f"--output_dir: {f} is a file, not a folder"
+                                                   + ("" if out == f else f" (on the way to {out})")
+                                                   + "; pass the run directory (it is created if missing)"]
