@@ -24,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from dreamprm.checkpoint import shared_state, write_json_atomic
+from dreamprm.checkpoint import fsync_dir, shared_state, write_json_atomic
 from dreamprm.errors import DreamPRMError
 
 
@@ -68,13 +68,31 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
                 "checkpoint": str(ckpt.resolve()), "step": state["step"], "config": cfg,
                 "profile": cfg.get("data", {}).get("profile", "default"), "profiles": state.get("profiles")}
         write_json_atomic(tmp / EXPORT_INFO, info)
+        seal(tmp)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def seal(folder: Path) -> None:
+    """Before the export folder is renamed into place: every file durable (fsync) and with the usual
+    permissions (0666 and folders 0777, less the umask: writers such as safetensors create 0600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in sorted(folder.rglob("*")):
+        if p.is_dir():
+            os.chmod(p, 0o777 & ~mask)
+            continue
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(p, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+    fsync_dir(folder)
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
