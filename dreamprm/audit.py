@@ -30,13 +30,12 @@ import numpy as np
 import yaml
 
 from dreamprm.checkpoint import fsync_dir, os_problem
-from dreamprm.config import DEFAULT_STEP_TAG
-from dreamprm.data.mixing import Source, parse_sources, read_sources
+from dreamprm.config import DEFAULT_STEP_TAG, DEMO_DIR, Source, parse_sources
+from dreamprm.data.mixing import read_sources
 from dreamprm.data.record import Record, write_jsonl
 from dreamprm.errors import WeightsError
 
 WEIGHTS_FILE = "instance_weights.jsonl"
-DEMO_TRAIN = Path(__file__).parent / "demo" / "train.jsonl"  # train.train_sources' demo source (no torch here)
 QUANTILES = (("min", 0), ("10%", 10), ("50%", 50), ("90%", 90), ("max", 100))
 WIDTH = 110  # characters of one question or step line in the text report
 SHOWN = 20  # ids or problem lines named in one message
@@ -146,7 +145,7 @@ def _training_records(cfg: dict, cfg_path: Path) -> tuple[list[Source], list[lis
     """The run's training sources and their records as training read them (each source's domain= applied)."""
     d = cfg.get("data", {})
     if not d.get("train_file"):
-        sources = [Source("--train_file", str(DEMO_TRAIN), "train", "minif2f", None)]
+        sources = [Source("--train_file", str(DEMO_DIR / "train.jsonl"), "train", "minif2f", None)]
     else:
         sources, problems = parse_sources(d["train_file"], "--train_file", str(d.get("train_format", "auto")))
         if problems:
