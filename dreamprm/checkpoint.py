@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from dreamprm.errors import CheckpointError
@@ -54,7 +55,9 @@ def os_problem(e: BaseException) -> str:
     """A short cause for a failed write: 'disk full', 'read-only file system', ..."""
     code = getattr(e, "errno", None)
     return {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-            errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(code, f"{type(e).__name__}: {e}")
+            errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted (an immutable folder? lsattr -d shows it, chattr -i clears it)"
+            }.get(code, f"{type(e).__name__}: {e}")
 
 
 def write_problem(e: BaseException, folder: Path) -> str:
@@ -70,6 +73,10 @@ def write_problem(e: BaseException, folder: Path) -> str:
         return "read-only file system"
     if st.f_bavail * st.f_frsize < 64 << 20:  # under 64 MiB left after a failed write
         return "disk full"
+    try:  # no permission, an immutable folder: torch then says "parent directory does not exist"
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as probe:
+        return f"{os_problem(probe)}: {folder}"
     return f"{type(e).__name__}: {e}"
 
 

@@ -207,3 +207,16 @@ def test_write_problems_are_named():
     assert ck.os_problem(OSError(errno.ENOSPC, "x")) == "disk full"
     assert ck.os_problem(OSError(errno.EROFS, "x")) == "read-only file system"
     assert ck.os_problem(OSError(errno.EACCES, "x")) == "permission denied"
+
+
+def test_a_writer_that_loses_the_errno_gets_the_real_cause_of_an_immutable_folder(tmp_path, monkeypatch):
+    # torch's C++ writer says "Parent directory ... does not exist" for a `chattr +i` folder; the probe
+    # write says what it is (simulated: chattr needs root and a file system that has the attribute)
+    def immutable(dir):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(dir))
+    monkeypatch.setattr(ck.tempfile, "TemporaryFile", immutable)
+    e = RuntimeError(f"Parent directory {tmp_path}/step_00000003.tmp does not exist.")
+    assert ck.write_problem(e, tmp_path) == (f"operation not permitted (an immutable folder? lsattr -d shows it, "
+                                             f"chattr -i clears it): {tmp_path}")
+    monkeypatch.undo()
+    assert ck.write_problem(e, tmp_path) == f"RuntimeError: {e}"  # a writable folder: the error as it is
