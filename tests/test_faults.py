@@ -261,3 +261,46 @@ def test_5_a_held_lock_is_found_before_the_model_is_built(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+SHIMS = {  # just enough Slurm for slurm/minif2f.sbatch on one machine: srun runs the step, scancel signals it
+    "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\necho $$ >> "$SHIM_DIR/steps"\nexec "$@"\n',
+    "scancel": '#!/bin/bash\nfor p in $(cat "$SHIM_DIR/steps"); do kill -TERM "$p" 2>/dev/null; done\n',
+    "scontrol": '#!/bin/bash\necho localhost\n'}
+
+
+def test_7_sigterm_of_a_job_under_torchrun_exits_143_as_a_single_process_does(tmp_path):
+    import socket
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, text in SHIMS.items():
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = {**ENV, "PATH": f"{shims}:{ENV['PATH']}", "SHIM_DIR": str(tmp_path), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NAME": "t", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost",
+           "GPUS_PER_NODE": "1", "CONFIG": "dreamprm/demo/demo.yaml", "DS_CONFIG": "", "OUTPUT_DIR": str(out),
+           "PYTHON": sys.executable, "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "",
+           "EXTRA_ARGS": "--total_steps 400 --save_every 2 " + " ".join(FAST)}
+    job = subprocess.Popen(["bash", "slurm/minif2f.sbatch"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and job.poll() is None:
+            st = out / "status.json"
+            if st.is_file() and (json.loads(st.read_text()).get("step") or 0) >= 3:
+                break
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)  # preemption / scancel: Slurm signals the batch script
+        log, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped", (status, log[-3000:])
+    assert job.returncode == 143, log[-3000:]
+    assert "training exited with status" in log and ck.latest(out / "checkpoints") is not None
