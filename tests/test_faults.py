@@ -304,3 +304,31 @@ def test_7_sigterm_of_a_job_under_torchrun_exits_143_as_a_single_process_does(tm
     assert status["state"] == "stopped", (status, log[-3000:])
     assert job.returncode == 143, log[-3000:]
     assert "training exited with status" in log and ck.latest(out / "checkpoints") is not None
+
+
+def test_6_a_damaged_or_stale_latest_resumes_from_the_newest_checkpoint_and_a_changed_model_is_refused(tmp_path):
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    p = train("--total_steps", 3, "--save_every", 1, "--keep_last", 5, "--output_dir", out, *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (ckpts / ck.LATEST).write_text("")  # empty (a crash of an older writer, a full disk, a hand edit)
+    p = train("--total_steps", 4, "--save_every", 1, "--keep_last", 5, "--output_dir", out, *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"{ckpts / ck.LATEST} is empty: resuming from {ck.tag(3)}" in p.stdout
+    assert f"resumed from {ckpts / ck.tag(3)}" in p.stdout
+    ck.write_latest(ckpts, ck.tag(2))  # edited back: step_4 continues from step_2 and is newer
+    p = train("--total_steps", 5, "--save_every", 1, "--keep_last", 5, "--output_dir", out, *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"names {ck.tag(2)}, but {ck.tag(4)} continues from it" in p.stdout
+    assert f"resumed from {ckpts / ck.tag(4)}" in p.stdout and ck.latest(ckpts).name == ck.tag(5)
+    # a changed model definition: refused before anything is loaded, naming the flag; status says failed
+    for flags, says in ((["--mode", "lora", "--lora_alpha", "64"], "--lora_alpha: checkpoint has 32, this run 64"),
+                        (["--precision", "bf16"], "--precision: checkpoint has 'fp32', this run 'bf16'"),
+                        (["--lora_targets", "q_proj"], "--lora_targets: checkpoint has"),
+                        (["--lr", "0.01"], "--lr: checkpoint has 0.001, this run 0.01 (a resumed run takes it")):
+        p = train("--total_steps", 6, "--output_dir", out, *FAST, *flags)
+        assert p.returncode == 1 and says in p.stderr and "Traceback" not in p.stderr, (flags, p.stderr[-3000:])
+        assert "ranks 1, ZeRO stage" not in p.stdout  # before the model was built
+        status = json.loads((out / "status.json").read_text())
+        assert status["state"] == "failed" and says in status["error"]
+    assert ck.latest(ckpts).name == ck.tag(5)
