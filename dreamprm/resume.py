@@ -23,7 +23,9 @@ from dreamprm.errors import CheckpointError
 # adapters, precision, the weight module), how text is encoded (profiles, templates, step tag, length),
 # the loss they were trained under, and the data and its order (sources, batches, seed).
 RESUME_MUST_MATCH = [("data", "train_file"), ("data", "meta_file"), ("data", "train_format"), ("data", "meta_format"),
-                     ("data", "max_length"), ("data", "mix"), ("data", "curriculum"), ("data", "profile"),
+                     ("data", "max_length"), ("data", "mix"), ("data", "mix_alpha"), ("data", "curriculum"),
+                     ("data", "curriculum_start"), ("data", "curriculum_steps"), ("data", "curriculum_schedule"),
+                     ("data", "profile"),
                      ("data", "system_prompt"), ("data", "prompt_template"),
                      ("model", "name_or_path"), ("model", "mode"), ("model", "lora_r"), ("model", "lora_alpha"),
                      ("model", "lora_dropout"), ("model", "lora_targets"), ("model", "step_tag"),
