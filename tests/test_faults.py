@@ -173,7 +173,7 @@ def start_two_ranks(out: Path, *flags) -> subprocess.Popen:
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         st = out / "status.json"
-        if st.is_file() and json.loads(st.read_text()).get("step", 0) >= 3:
+        if st.is_file() and (json.loads(st.read_text()).get("step") or 0) >= 3:  # None while starting
             break
         time.sleep(0.2)
     return proc
@@ -244,7 +244,8 @@ def test_5_a_held_lock_is_found_before_the_model_is_built(tmp_path):
                      "--output_dir", out, *FAST]
         p = subprocess.run(preflight, cwd=ROOT, env={**ENV, "SLURM_JOB_ID": "8"}, capture_output=True, text=True,
                            timeout=300)
-        assert p.returncode == 1 and f"in use by pid {holder.pid}" in p.stderr and "Slurm job 7" in p.stderr
+        # exit 2: the lock is one of dreamprm.preflight's problems (slurm/preflight.py's docstring)
+        assert p.returncode == 2 and f"in use by pid {holder.pid}" in p.stderr and "Slurm job 7" in p.stderr
         p = train("--total_steps", 1, "--output_dir", out, *FAST, env={**ENV, "SLURM_JOB_ID": "8"})
         assert p.returncode == 1 and f"in use by pid {holder.pid}" in p.stderr
         assert "ranks 1, ZeRO stage" not in p.stdout  # refused before the model was built
