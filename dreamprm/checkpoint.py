@@ -4,7 +4,8 @@ A checkpoint is a folder RUN/checkpoints/step_NNNNNNNN written by engine.save_ch
 step_N.tmp and renamed when whole. Its MANIFEST.json, written last, lists every file with its
 size and SHA-256 and names the checkpoint it continues from ("parent"): following parents from
 the checkpoint resume starts at gives the run's current lineage, which is what resume falls back
-along and what pruning thins. `latest` is a hint to where that start is (resume_candidates). Everything here is plain Python (plus torch for the file formats), so export, scoring and
+along and what pruning thins. `latest` is a hint to where that start is (resume_candidates).
+Everything here is plain Python (plus torch for the file formats), so export, scoring and
 slurm/preflight.py read checkpoints without importing deepspeed.
 
 Also here: the one atomic writer (temp file, fsync, rename, fsync of the folder) used for every
