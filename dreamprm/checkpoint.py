@@ -3,8 +3,9 @@
 A checkpoint is a folder RUN/checkpoints/step_NNNNNNNN written by engine.save_checkpoint into
 step_N.tmp and renamed when whole. Its MANIFEST.json, written last, lists every file with its
 size and SHA-256 and names the checkpoint it continues from ("parent"): following parents from
-`latest` gives the run's current lineage, which is what resume falls back along and what pruning
-thins. Everything here is plain Python (plus torch for the file formats), so export, scoring and
+the checkpoint resume starts at gives the run's current lineage, which is what resume falls back
+along and what pruning thins. `latest` is a hint to where that start is (resume_candidates).
+Everything here is plain Python (plus torch for the file formats), so export, scoring and
 slurm/preflight.py read checkpoints without importing deepspeed.
 
 Also here: the one atomic writer (temp file, fsync, rename, fsync of the folder) used for every
@@ -22,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 
 from dreamprm.errors import CheckpointError
@@ -32,6 +34,7 @@ LATEST = "latest"
 HASH = "sha256"
 MANIFEST_FORMAT = 2  # 1: sizes only (no checksums, no parent)
 _TAG = re.compile(r"step_(\d+)")
+_RANK_FILE = re.compile(r"dreamprm_rank(\d+)\.pt")
 
 
 def tag(step: int) -> str:
@@ -55,7 +58,9 @@ def os_problem(e: BaseException) -> str:
     """A short cause for a failed write: 'disk full', 'read-only file system', ..."""
     code = getattr(e, "errno", None)
     return {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-            errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(code, f"{type(e).__name__}: {e}")
+            errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted (an immutable folder? lsattr -d shows it, chattr -i clears it)"
+            }.get(code, f"{type(e).__name__}: {e}")
 
 
 def write_problem(e: BaseException, folder: Path) -> str:
@@ -71,6 +76,10 @@ def write_problem(e: BaseException, folder: Path) -> str:
         return "read-only file system"
     if st.f_bavail * st.f_frsize < 64 << 20:  # under 64 MiB left after a failed write
         return "disk full"
+    try:  # no permission, an immutable folder: torch then says "parent directory does not exist"
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as probe:
+        return f"{os_problem(probe)}: {folder}"
     return f"{type(e).__name__}: {e}"
 
 
@@ -203,7 +212,8 @@ def write_latest(root: Path, name: str) -> None:
 
 
 def read_manifest(ckpt: Path) -> dict:
-    """The manifest of a checkpoint folder; CheckpointError if the folder is missing or partial."""
+    """The manifest of a checkpoint folder; CheckpointError if the folder is missing or partial, or the
+    manifest's own step, parent or world do not fit the folder it sits in (copied from another checkpoint)."""
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist")
     path = ckpt / MANIFEST
@@ -212,15 +222,37 @@ def read_manifest(ckpt: Path) -> dict:
                               f"resume from an earlier one with --resume_from, or delete it")
     try:
         man = json.loads(path.read_text())
-        if not isinstance(man.get("files"), dict):
+        if not isinstance(man, dict) or not isinstance(man.get("files"), dict):
             raise ValueError("no file list")
         for name, entry in man["files"].items():
             if not (isinstance(entry, int) or (isinstance(entry, dict) and isinstance(entry.get("bytes"), int))):
                 raise ValueError(f"entry of {name} has no size")
-    except (ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is corrupt ({e}); resume from an earlier "
                               f"checkpoint with --resume_from") from e
+    misfit = manifest_misfit(ckpt, man)
+    if misfit:
+        raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} {misfit} (a manifest copied from another "
+                              f"checkpoint?); resume from an earlier checkpoint with --resume_from")
     return man
+
+
+def manifest_misfit(ckpt: Path, man: dict) -> str | None:
+    """What in a manifest contradicts its folder: the step of its name, a parent that is not an earlier
+    step_N, a world that is not the rank files it lists. None if it fits."""
+    own = step_of(ckpt.name)
+    step, world, parent = man.get("step"), man.get("world"), man.get("parent")
+    if own is not None and step != own:
+        return f"says step {step!r} but sits in {ckpt.name}"
+    if not (isinstance(world, int) and not isinstance(world, bool) and world >= 1):
+        return f"says world {world!r}, not a number of ranks"
+    if parent is not None and (not isinstance(parent, str) or step_of(parent) is None
+                               or (own is not None and step_of(parent) >= own)):
+        return f"names parent {parent!r}, not an earlier checkpoint (step_N below {ckpt.name})"
+    ranks = {int(m.group(1)) for n in man["files"] if (m := _RANK_FILE.fullmatch(n))}
+    if ranks and ranks != set(range(world)):
+        return f"says world {world} but lists the data positions of ranks {sorted(ranks)}"
+    return None
 
 
 def file_problems(ckpt: Path, man: dict, part: int = 0, parts: int = 1) -> list[str]:
@@ -257,16 +289,29 @@ def verify(ckpt: Path) -> dict:
     return man
 
 
-def latest(root: Path) -> Path | None:
-    """The checkpoint `latest` names (it may be damaged: see resume_candidates), or None."""
+def pointer(root: Path) -> tuple[Path | None, str | None]:
+    """What `latest` says: (the complete checkpoint it names, None), or (None, why it is no use: missing,
+    unreadable, empty, garbled, naming no complete checkpoint). It is a hint: resume_candidates decides."""
     ptr = root / LATEST
-    if not ptr.is_file():
-        return None
-    name = ptr.read_text().strip()
+    if not ptr.exists():
+        return None, f"{ptr} is missing"
+    try:
+        name = ptr.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{ptr} cannot be read ({os_problem(e) if isinstance(e, OSError) else 'not text'})"
+    if not name:
+        return None, f"{ptr} is empty"
     if step_of(name) is None:
-        raise CheckpointError(f"{ptr} holds {name!r}, not a checkpoint name (step_N); write the name of the "
-                              f"checkpoint to resume from into it, or use --resume_from")
-    return root / name
+        return None, f"{ptr} holds {name[:80]!r}, not a checkpoint name (step_N)"
+    if not (root / name / MANIFEST).is_file():
+        return None, f"{ptr} names {name}, which is {'incomplete' if (root / name).is_dir() else 'not there'}"
+    return root / name, None
+
+
+def latest(root: Path) -> Path | None:
+    """The checkpoint --resume_from auto starts from (resume_candidates; it may be damaged), or None."""
+    cands, _ = resume_candidates(root)
+    return cands[0] if cands else None
 
 
 def complete(root: Path) -> list[Path]:
@@ -275,28 +320,76 @@ def complete(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: step_of(p.name), reverse=True)
 
 
+def _parent(ckpt: Path) -> str | None:
+    try:
+        parent = json.loads((ckpt / MANIFEST).read_text()).get("parent")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return parent if isinstance(parent, str) else None
+
+
 def lineage(root: Path, start: Path) -> list[Path]:
     """start and its ancestors by manifest "parent", newest first, as far as manifests allow."""
     out, seen, cur = [], set(), start
     while cur is not None and cur.name not in seen and (cur / MANIFEST).is_file():
         out.append(cur)
         seen.add(cur.name)
-        try:
-            parent = json.loads((cur / MANIFEST).read_text()).get("parent")
-        except (OSError, ValueError):
-            break
+        parent = _parent(cur)
         cur = root / parent if parent else None
     return out
 
 
-def resume_candidates(root: Path) -> list[Path]:
-    """Where auto-resume looks, in order: `latest`, then its lineage. Where the chain breaks
-    (a parent with a missing or unreadable manifest, or a manifest without parents from an
-    older dreamprm), every complete checkpoint at or below that step follows, newest first."""
-    head = latest(root)
-    if head is None:  # no pointer (deleted by hand?): every complete checkpoint
-        return complete(root)
-    chain = lineage(root, head) or [head]
+def _written(ckpt: Path) -> tuple[float, int]:
+    """Sort key "most recently written": the manifest's mtime (written last), then the step."""
+    try:
+        return (ckpt / MANIFEST).stat().st_mtime, step_of(ckpt.name)
+    except OSError:
+        return 0.0, step_of(ckpt.name)
+
+
+def heads(root: Path) -> list[Path]:
+    """The newest checkpoint of every lineage (one no other complete checkpoint names as parent), the most
+    recently written first. A child written before the folder it names does not count: that folder was
+    rewritten by another history (a rollback run that reached the same step)."""
+    found = complete(root)
+    when = {p.name: _written(p)[0] for p in found}
+    named = {par for p in found if (par := _parent(p)) in when and when[par] <= when[p.name]}
+    return sorted((p for p in found if p.name not in named), key=_written, reverse=True)
+
+
+def resume_candidates(root: Path) -> tuple[list[Path], list[str]]:
+    """Where auto-resume looks, in order, and notes on why it does not start where `latest` points.
+
+    `latest` is a hint. Naming a complete checkpoint P: the newest checkpoint descending from P (a
+    crash between a save and the pointer, or a pointer edited back; a legitimate rollback run wrote its
+    own checkpoint, so the abandoned later history does not descend from the pointer), else P. Missing,
+    unreadable, empty, garbled or naming no complete checkpoint: the most recently written head of the
+    lineages, naming the others. Then that checkpoint's lineage; where the chain breaks (a parent with a
+    missing or unreadable manifest, or a manifest without parents from an older dreamprm), every complete
+    checkpoint at or below that step follows, newest first."""
+    found = complete(root)
+    ptr, why = pointer(root)
+    notes = []
+    if ptr is not None:
+        later = [p for p in heads(root) if p != ptr and ptr in lineage(root, p) and _written(p) > _written(ptr)]
+        start = later[0] if later else ptr
+        if later:
+            others = f" (other later histories from it, not resumed: {', '.join(p.name for p in later[1:])})" \
+                if later[1:] else ""
+            notes.append(f"{root / LATEST} names {ptr.name}, but {start.name} continues from it and was written "
+                         f"later: resuming from {start.name}{others}")
+    elif not found:
+        if (root / LATEST).exists():  # checkpoints were written here once: never start afresh silently
+            notes.append(f"{why}, and {root} holds no complete checkpoint")
+        return [], notes
+    else:
+        hs = heads(root) or found
+        start = hs[0]
+        others = f"; other histories, not resumed: {', '.join(p.name for p in hs[1:])} (pass --resume_from " \
+                 "to pick one)" if hs[1:] else ""
+        notes.append(f"{why}: resuming from {start.name}, the most recently written newest checkpoint of a "
+                     f"lineage{others}")
+    chain = lineage(root, start) or [start]
     try:
         man = json.loads((chain[-1] / MANIFEST).read_text())
         if "parent" in man:  # None: the first checkpoint of the run, nothing older belongs
@@ -305,8 +398,8 @@ def resume_candidates(root: Path) -> list[Path]:
             below = step_of(chain[-1].name) - 1
     except (OSError, ValueError, KeyError, TypeError):
         below = step_of(chain[-1].name) - 1
-    older = [p for p in complete(root) if below is not None and step_of(p.name) <= below and p not in chain]
-    return chain + older
+    older = [p for p in found if below is not None and step_of(p.name) <= below and p not in chain]
+    return chain + older, notes
 
 
 def shared_state(ckpt: Path) -> dict:

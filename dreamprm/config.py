@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,7 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "gradient-norm clipping of the PRM (0 = off)", ge=0)
     precision: str = opt("bf16", "bf16 or fp32 (fp16 is not supported: its loss scaling breaks "
                          "meta gradients)", PRECISIONS)
-    seed: int = opt(42, "random seed")
+    seed: int = opt(42, "random seed", ge=0, le=2**32 - 1)
     device: str = opt("auto", "auto = the GPU(s) when visible, else the CPU; cuda = fail unless a GPU is "
                       "visible; cpu = train on the CPU even where GPUs are (hides them from torch)", DEVICES)
     step_loss: str = opt("ce", "per-step loss: ce (soft-label cross-entropy), balanced_ce (classes weighted to "
@@ -288,6 +289,11 @@ def _coerce(value, typ, where: str, problems: list[str], sources: bool = False):
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
+            return float(value)  # 1e-4: YAML 1.1 wants a dot (1.0e-4); it is meant as a number
+        if isinstance(value, str):
+            problems.append(f"{where}: {value!r} is not a float (write a number, e.g. 1.0e-4; not quoted)")
+            return None
     elif typ is list or get_origin(typ) is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
@@ -297,25 +303,44 @@ def _coerce(value, typ, where: str, problems: list[str], sources: bool = False):
     return None
 
 
-def _yaml_with_lines(path: Path):
-    """Load YAML keeping the line of every top-level and section key for error messages."""
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-4, 5E3: strings to YAML 1.1
+
+
+def _yaml_with_lines(path: Path, problems: list[str]):
+    """Load YAML keeping the line of every top-level and section key for error messages; a key given twice
+    in one mapping (YAML keeps the last silently) is a problem naming both lines."""
     text = path.read_text(encoding="utf-8")
     node = yaml.compose(text)
     data = yaml.safe_load(text) or {}
     lines = {}
+
+    def keys(mapping, prefix):
+        seen = {}
+        for k, v in mapping.value:
+            if not isinstance(k, yaml.ScalarNode):  # a list as key: apply_yaml names it as an unknown option
+                continue
+            line = k.start_mark.line + 1
+            if k.value in seen:
+                problems.append(f"{path}:{line}: {'.'.join((*prefix, str(k.value)))} is given twice (also at line "
+                                f"{seen[k.value]}); keep one")
+            seen[k.value] = line
+            lines[(*prefix, k.value)] = line
+            if not prefix and isinstance(v, yaml.MappingNode):
+                keys(v, (k.value,))
+
     if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            lines[(k.value,)] = k.start_mark.line + 1
-            if isinstance(v, yaml.MappingNode):
-                for k2, _ in v.value:
-                    lines[(k.value, k2.value)] = k2.start_mark.line + 1
+        keys(node, ())
     return data, lines
 
 
 def apply_yaml(cfg: Config, path: Path, problems: list[str], given: dict | None = None) -> None:
     """Set the recipe's options on cfg; given (if passed) gets "section.key" -> "FILE:LINE" of each."""
     try:
-        data, lines = _yaml_with_lines(path)
+        data, lines = _yaml_with_lines(path, problems)
+    except UnicodeDecodeError as e:
+        problems.append(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 4]!r}); save the "
+                        "recipe as UTF-8")
+        return
     except (OSError, yaml.YAMLError) as e:
         problems.append(f"{path}: cannot read YAML: {e}")
         return
@@ -393,7 +418,9 @@ def parse_config(argv=None) -> tuple[Config, list[str], list[str]]:
         recipe = str(DEMO_RECIPE)
         notes.append(f"no --config and no --train_file: running the built-in demo ({DEMO_RECIPE.name})")
     if recipe is not None:
-        if not Path(recipe).is_file():
+        if Path(recipe).is_dir():
+            problems.append(f"--config: {recipe} is a directory; pass a YAML recipe file (e.g. recipes/minif2f.yaml)")
+        elif not Path(recipe).is_file():
             problems.append(f"--config: {recipe} does not exist")
         else:
             apply_yaml(cfg, Path(recipe), problems, given)
@@ -439,11 +466,14 @@ def validate(cfg: Config) -> list[str]:
     """Every problem of the config itself, each naming its flag and the fix."""
     p = []
     d, m, t, meta, r = cfg.data, cfg.model, cfg.train, cfg.meta, cfg.run
-    for sec, f, _ in _fields():
+    for sec, f, typ in _fields():
         md, value = f.metadata, getattr(getattr(cfg, sec), f.name)
         if md["choices"] and value not in md["choices"]:
             p.append(f"--{f.name}: {value!r} is not one of {', '.join(md['choices'])}")
-        if (md["bounds"] or md["finite"]) and not _in_bounds(value, md):
+        if typ is float and isinstance(value, float) and not math.isfinite(value):  # every float: NaN, inf never mean
+            want = _bounds_text({**md, "finite": True}) if md["bounds"] else "a finite number"  # anything here
+            p.append(f"--{f.name}: must be {want} (got {value})")
+        elif (md["bounds"] or md["finite"]) and not _in_bounds(value, md):
             p.append(f"--{f.name}: must be {_bounds_text(md)} (got {value})")
     if not (t.pos_fraction == 0 or 0 < t.pos_fraction < 1):  # 0 has a meaning of its own: say it
         p.append(f"--pos_fraction: must be in (0, 1), or 0 to measure it on the training data (got {t.pos_fraction})")
@@ -469,6 +499,8 @@ def validate(cfg: Config) -> list[str]:
     if d.train_file and not d.meta_file and not meta.baseline:
         p.append("--meta_file: bilevel training needs a meta file with outcome labels "
                  "(or pass --baseline to train without reweighting)")
+    if not r.output_dir.strip():
+        p.append("--output_dir: must not be empty (the run directory: config, metrics, checkpoints)")
     if r.eval_every and not d.eval_file:
         p.append("--eval_every: set --eval_file too, or --eval_every 0")
     if r.resume_step and r.resume_from == "none":

@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
-from dreamprm.checkpoint import AtomicFolder, shared_state, write_atomic, write_json_atomic
+from dreamprm.checkpoint import AtomicFolder, fsync_dir, shared_state, write_atomic, write_json_atomic
 from dreamprm.errors import DreamPRMError
 
 
@@ -68,7 +69,24 @@ def export(run_dir, out_dir, adapter: bool = False, checkpoint: str | None = Non
         if not adapter:
             conf = json.loads((tmp / "config.json").read_text())
             write_atomic(tmp / CARD, usage_card(out.resolve(), conf, info, tok))
+        seal(tmp)
     return out
+
+
+def seal(folder: Path) -> None:
+    """Before the export folder is renamed into place: every file durable (fsync) and with the usual
+    permissions (0666 and folders 0777, less the umask: writers such as safetensors create 0600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in sorted(folder.rglob("*")):
+        if p.is_dir():
+            os.chmod(p, 0o777 & ~mask)
+            continue
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(p, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+    fsync_dir(folder)
 
 
 CARD = "README.md"  # the merged export's usage file (a model card)

@@ -66,6 +66,12 @@ def path_problems(cfg: Config, world: int | None = None) -> list[str]:
     if cfg.model.name_or_path and not Path(cfg.model.name_or_path).is_dir():
         p.append(f"{MODEL_FLAG}: {cfg.model.name_or_path} is not a local folder (dreamprm never downloads: "
                  "put a HF checkpoint there, e.g. with `huggingface-cli download`)")
+    out = Path(r.output_dir)
+    blocker = next((q for q in (out, *out.parents) if q.exists()), None)
+    if r.output_dir.strip() and blocker is not None and not blocker.is_dir():
+        inside = "" if blocker == out else f" (on the way to {out})"
+        p.append(f"--output_dir: {blocker} is a file, not a folder{inside}; pass the run directory (it is created "
+                 "if missing)")
     if r.resume_from not in ("auto", "none") and not Path(r.resume_from).is_dir():
         p.append(f"--resume_from: {r.resume_from} is not a checkpoint folder (or use auto / none)")
     if t.deepspeed and Path(t.deepspeed).is_file():
@@ -135,13 +141,27 @@ _DS_OWNED = {
 }
 
 
+# DeepSpeed JSON blocks that must be objects, with an example of each for the message.
+_DS_OBJECTS = {"zero_optimization": '{"stage": 3}', "bf16": '{"enabled": "auto"}', "fp16": '{"enabled": false}',
+               "activation_checkpointing": "{}", "checkpoint": "{}", "comms_logger": "{}", "flops_profiler": "{}"}
+
+
 def check_ds_json(cfg: Config, path: Path, world: int) -> list[str]:
     """The DeepSpeed JSON's settings that contradict the run config on `world` ranks."""
     try:
-        ds = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return [f"--deepspeed: {path}: not valid JSON: {e}"]
-    p = []
+    if not isinstance(ds, dict):
+        return [f"--deepspeed: {path}: the top level is a {type(ds).__name__}; a DeepSpeed config is a JSON object "
+                "({\"zero_optimization\": {\"stage\": 3}, ...})"]
+    p = [f"--deepspeed: {path}: \"{key}\" is {json.dumps(ds[key])}; it must be an object (e.g. \"{key}\": "
+         f"{example})" for key, example in _DS_OBJECTS.items() if key in ds and not isinstance(ds[key], dict)]
+    if p:
+        return p
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        return [f"--deepspeed: {path}: zero_optimization.stage is {json.dumps(stage)}; it must be 0, 1, 2 or 3"]
     for key, (want, origin) in _DS_OWNED.items():
         if key in ds and ds[key] != "auto" and ds[key] != want(cfg, world):
             p.append(f"--deepspeed: {path} sets {key}={ds[key]} but the run config gives {want(cfg, world)} "
@@ -155,7 +175,6 @@ def check_ds_json(cfg: Config, path: Path, world: int) -> list[str]:
         if enabled not in (None, "auto") and enabled != (cfg.train.precision == flag):
             p.append(f"--deepspeed: {path} sets {key}.enabled={enabled} but --precision is "
                      f"{cfg.train.precision}; set it to \"auto\" or remove it")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
     if cfg.model.mode == "qlora" and stage == 3:
         p.append("--mode qlora cannot run under ZeRO-3 (4-bit weights are not partitioned: "
                  "bitsandbytes/peft known issue); use ds_configs/zero2.json or one GPU without --deepspeed")

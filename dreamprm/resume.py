@@ -20,20 +20,32 @@ from dreamprm.config import Config
 from dreamprm.errors import CheckpointError
 from dreamprm.runlog import print0
 
-# Fields that must agree between a checkpoint and the run resuming it.
-RESUME_MUST_MATCH = [("data", "train_file"), ("data", "meta_file"), ("data", "max_length"),
-                     ("model", "name_or_path"), ("model", "mode"), ("model", "lora_r"),
-                     ("model", "step_tag"), ("meta", "weights"), ("meta", "baseline"),
-                     ("data", "mix"), ("data", "curriculum"), ("data", "profile"), ("data", "system_prompt"),
-                     ("data", "prompt_template"),
-                     ("train", "batch_size"), ("train", "grad_accum"), ("train", "seed")]
-
+# Fields that must agree between a checkpoint and the run resuming it: what the parameters mean (model,
+# adapters, precision, the weight module), how text is encoded (profiles, templates, step tag, length),
+# the loss they were trained under, and the data and its order (sources, batches, seed).
+RESUME_MUST_MATCH = [("data", "train_file"), ("data", "meta_file"), ("data", "train_format"), ("data", "meta_format"),
+                     ("data", "max_length"), ("data", "mix"), ("data", "mix_alpha"), ("data", "curriculum"),
+                     ("data", "curriculum_start"), ("data", "curriculum_steps"), ("data", "curriculum_schedule"),
+                     ("data", "profile"),
+                     ("data", "system_prompt"), ("data", "prompt_template"),
+                     ("model", "name_or_path"), ("model", "mode"), ("model", "lora_r"), ("model", "lora_alpha"),
+                     ("model", "lora_dropout"), ("model", "lora_targets"), ("model", "step_tag"),
+                     ("model", "add_step_tag"), ("model", "chat_template"), ("model", "trust_remote_code"),
+                     ("train", "precision"), ("train", "step_loss"), ("train", "hard_labels"),
+                     ("train", "focal_gamma"), ("train", "pos_fraction"),
+                     ("train", "batch_size"), ("train", "grad_accum"), ("train", "seed"),
+                     ("meta", "weights"), ("meta", "baseline"), ("meta", "table_optimizer"), ("meta", "net_hidden")]
+# Fields whose value a resumed run takes from the checkpoint's optimizer and scheduler state (the
+# learning rates, weight decay and the schedule's shape): a new value would not take effect, so it is refused.
+RESUME_FROM_STATE = [("train", "lr"), ("train", "weight_decay"), ("train", "lr_schedule"), ("train", "warmup_steps"),
+                     ("meta", "meta_lr")]
 
 def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from and notes about the ones passed over.
 
     --resume_from auto: `latest`, else the newest intact checkpoint of its lineage, saying why
-    (checkpoint.resume_candidates); a named checkpoint is used as it is or refused.
+    (checkpoint.resume_candidates: `latest` is a hint, a damaged or stale one is passed over with a note);
+    a named checkpoint is used as it is or refused.
     problems_of(path) -> list of problems (default: checkpoint.verify reading every checksum);
     the trainer passes engine.verify_on_every_rank, which shares the reading among the ranks."""
     if problems_of is None:
@@ -45,7 +57,7 @@ def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path
                 return [str(e)]
     r = cfg.run.resume_from
     if r == "none":
-        if ckpt.latest(ckpt_root) is not None or ckpt.complete(ckpt_root):
+        if (ckpt_root / ckpt.LATEST).exists() or ckpt.complete(ckpt_root):
             raise CheckpointError(f"--resume_from none but {ckpt_root} holds checkpoints; pick another "
                                   "--output_dir, delete them, or resume with --resume_from auto")
         return None, []
@@ -54,8 +66,8 @@ def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path
         if problems:
             raise CheckpointError(problems[0])
         return Path(r), []
-    notes = []
-    for cand in ckpt.resume_candidates(ckpt_root):
+    cands, notes = ckpt.resume_candidates(ckpt_root)
+    for cand in cands:
         problems = problems_of(cand)
         if not problems:
             return cand, notes
@@ -68,16 +80,25 @@ def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path
 
 
 def check_resume_config(cfg: Config, saved: dict) -> None:
+    """CheckpointError naming every flag of RESUME_MUST_MATCH and RESUME_FROM_STATE whose value differs from
+    the checkpoint's config. Called before anything of the checkpoint is loaded."""
     default = Config()  # an option the checkpoint predates had its default value then
 
     def was(s, k):
-        return saved.get(s, {}).get(k, getattr(getattr(default, s), k))
+        return (saved.get(s) or {}).get(k, getattr(getattr(default, s), k))
 
-    diff = [f"--{k}: checkpoint has {was(s, k)!r}, this run {getattr(getattr(cfg, s), k)!r}"
-            for s, k in RESUME_MUST_MATCH if was(s, k) != getattr(getattr(cfg, s), k)]
+    def differs(fields):
+        now = [(k, was(s, k), getattr(getattr(cfg, s), k)) for s, k in fields]
+        return [(k, old, new) for k, old, new in now if old != new]
+
+    diff = [f"--{k}: checkpoint has {old!r}, this run {new!r}" for k, old, new in differs(RESUME_MUST_MATCH)]
+    diff += [f"--{k}: checkpoint has {old!r}, this run {new!r} (a resumed run takes it from the checkpoint's "
+             "optimizer and scheduler state: the new value would not take effect)"
+             for k, old, new in differs(RESUME_FROM_STATE)]
     if diff:
         raise CheckpointError("cannot resume: the run config differs from the checkpoint's:\n  "
-                              + "\n  ".join(diff) + "\nuse the same settings or a new --output_dir")
+                              + "\n  ".join(diff) + "\nuse the checkpoint's values (its config.yaml), or start a "
+                              "new run in another --output_dir")
 
 
 def find_resume(cfg: Config, ckpt_root: Path, rank: int) -> Path | None:

@@ -16,6 +16,7 @@ how to clear it. slurm/preflight.py calls check() before any rank starts.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -29,9 +30,11 @@ import torch
 from dreamprm import checkpoint as ckpt
 from dreamprm import dist
 from dreamprm.checkpoint import MANIFEST, os_problem, write_json_atomic
-from dreamprm.errors import CheckpointError, CollectiveError, RunLockError
+from dreamprm.errors import CheckpointError, CollectiveError, DreamPRMError, RunLockError
 
 LOCK = "LOCK"
+# OS errors of a run directory that the user fixes (space, a read-only mount, permissions, chattr +i)
+_RUN_DIR_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _owner() -> dict:
@@ -264,6 +267,15 @@ class RunGuard:
                     err = CollectiveError(collective_message(
                         e, dist.silent_ranks(min(60, self.cfg.run.collective_timeout)),
                         self.cfg.run.collective_timeout, self.status.get("step"), self.status.get("last_checkpoint")))
+                    self.status.update(state="failed", error=str(err))
+                    self.write()
+                    raise err from e
+                if isinstance(e, OSError) and e.errno in _RUN_DIR_FAULTS:  # the machine's, not a bug: no traceback
+                    what = f"{os_problem(e)}: {e.filename}" if e.filename else (e.strerror or os_problem(e))
+                    err = DreamPRMError(
+                        f"{what} (run directory {self.run_dir}); the run stopped at "
+                        f"update {self.status.get('step')}; its last checkpoint is "
+                        f"{self.status.get('last_checkpoint') or 'none'}. Fix it and run the same command to resume")
                     self.status.update(state="failed", error=str(err))
                     self.write()
                     raise err from e

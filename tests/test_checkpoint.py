@@ -71,16 +71,93 @@ def test_manifests_of_the_sizes_only_format_still_verify(tmp_path):
         ck.verify(d)
 
 
+def written_in_order(root: Path) -> None:
+    """Manifest mtimes one second apart in the order the folders were made (file times are coarse)."""
+    for i, d in enumerate(sorted(root.glob("step_*/" + ck.MANIFEST), key=lambda m: m.stat().st_mtime_ns)):
+        os.utime(d, (1_000_000 + i, 1_000_000 + i))
+
+
+def names(root: Path) -> list[str]:
+    return [p.name for p in ck.resume_candidates(root)[0]]
+
+
 def test_resume_candidates_follow_the_lineage_after_a_rollback(tmp_path):
     # history A: 2 -> 4 -> 6; rolled back to 2, history B: 2 -> 3 -> 5
     for step, parent in ((2, None), (4, 2), (6, 4), (3, 2), (5, 3)):
         fake(tmp_path, step, parent)
+    written_in_order(tmp_path)
     ck.write_latest(tmp_path, ck.tag(5))
-    assert [p.name for p in ck.resume_candidates(tmp_path)] == [ck.tag(5), ck.tag(3), ck.tag(2)]
+    assert ck.resume_candidates(tmp_path) == ([tmp_path / ck.tag(s) for s in (5, 3, 2)], [])
     (tmp_path / ck.tag(3) / ck.MANIFEST).unlink()  # chain broken: older complete ones, newest first
-    assert [p.name for p in ck.resume_candidates(tmp_path)] == [ck.tag(5), ck.tag(2)]
+    assert names(tmp_path) == [ck.tag(5), ck.tag(2)]
+    # no pointer: the most recently written head (5, not the higher step 6 of the abandoned history)
     (tmp_path / ck.LATEST).unlink()
-    assert [p.name for p in ck.resume_candidates(tmp_path)] == [ck.tag(6), ck.tag(5), ck.tag(4), ck.tag(2)]
+    cands, notes = ck.resume_candidates(tmp_path)
+    assert [p.name for p in cands] == [ck.tag(5), ck.tag(2)]
+    assert f"{tmp_path / ck.LATEST} is missing: resuming from {ck.tag(5)}" in notes[0]
+    assert f"other histories, not resumed: {ck.tag(6)}" in notes[0]
+
+
+@pytest.mark.parametrize("content,why", [("", "is empty"), ("\n\n", "is empty"), ("step_7\x00garbage", "not a "
+                                         "checkpoint name"), (b"\xff\xfe\x00", "cannot be read"),
+                                         ("step_00000009", "which is not there")])
+def test_a_damaged_pointer_falls_back_to_the_newest_checkpoint_and_says_why(tmp_path, content, why):
+    for step in (3, 6):
+        fake(tmp_path, step, step - 3 or None)
+    written_in_order(tmp_path)
+    ptr = tmp_path / ck.LATEST
+    ptr.write_bytes(content if isinstance(content, bytes) else content.encode())
+    cands, notes = ck.resume_candidates(tmp_path)
+    assert [p.name for p in cands] == [ck.tag(6), ck.tag(3)] and ck.latest(tmp_path) == tmp_path / ck.tag(6)
+    assert len(notes) == 1 and why in notes[0] and f"resuming from {ck.tag(6)}" in notes[0], notes
+
+
+def test_a_pointer_naming_an_incomplete_folder_and_no_checkpoint_at_all_is_an_error(tmp_path):
+    (tmp_path / ck.tag(4)).mkdir()  # a folder without a manifest
+    ck.write_latest(tmp_path, ck.tag(4))
+    cands, notes = ck.resume_candidates(tmp_path)
+    assert cands == [] and "which is incomplete" in notes[0] and "holds no complete checkpoint" in notes[0]
+
+
+def test_a_pointer_older_than_a_checkpoint_descending_from_it_is_passed_over(tmp_path):
+    # 3 -> 6 -> 9, pointer edited back to 6 (or the job died between writing step_9 and the pointer)
+    for step in (3, 6, 9):
+        fake(tmp_path, step, step - 3 or None)
+    written_in_order(tmp_path)
+    ck.write_latest(tmp_path, ck.tag(6))
+    cands, notes = ck.resume_candidates(tmp_path)
+    assert [p.name for p in cands] == [ck.tag(9), ck.tag(6), ck.tag(3)]
+    assert f"names {ck.tag(6)}, but {ck.tag(9)} continues from it" in notes[0]
+
+
+def test_a_legitimate_rollback_is_not_undone_by_the_abandoned_later_history(tmp_path):
+    # 10 -> 20 -> 30 -> 40; --resume_from step_20 wrote 25 (parent 20): latest = 25
+    for step, parent in ((10, None), (20, 10), (30, 20), (40, 30), (25, 20)):
+        fake(tmp_path, step, parent)
+    written_in_order(tmp_path)
+    ck.write_latest(tmp_path, ck.tag(25))
+    assert ck.resume_candidates(tmp_path) == ([tmp_path / ck.tag(s) for s in (25, 20, 10)], [])
+    # the rollback run went on to rewrite step_30 (parent 25): the old step_40 names step_30 but is older
+    import shutil
+    shutil.rmtree(tmp_path / ck.tag(30))
+    fake(tmp_path, 30, 25)
+    os.utime(tmp_path / ck.tag(30) / ck.MANIFEST, (2_000_000, 2_000_000))
+    ck.write_latest(tmp_path, ck.tag(30))
+    assert names(tmp_path) == [ck.tag(s) for s in (30, 25, 20, 10)]
+    (tmp_path / ck.LATEST).unlink()
+    assert names(tmp_path) == [ck.tag(s) for s in (30, 25, 20, 10)]
+
+
+@pytest.mark.parametrize("edit,says", [({"step": 6}, "says step 6 but sits in step_00000009"),
+                                       ({"parent": "step_00000012"}, "names parent 'step_00000012'"),
+                                       ({"world": 0}, "says world 0"),
+                                       ({"world": 2}, "says world 2 but lists the data positions of ranks [0]")])
+def test_a_manifest_that_does_not_fit_its_folder_is_named(tmp_path, edit, says):
+    d = fake(tmp_path, 9, 6, files={ck.SHARED_STATE: b"s", ck.rank_file(0): b"r"})
+    man = json.loads((d / ck.MANIFEST).read_text())
+    (d / ck.MANIFEST).write_text(json.dumps({**man, **edit}))
+    with pytest.raises(CheckpointError, match="MANIFEST.json " + says.replace("[", "\\[").replace("]", "\\]")):
+        ck.verify(d)
 
 
 def test_pruning_keeps_the_new_the_resumed_and_other_histories(tmp_path):
@@ -185,3 +262,16 @@ def test_write_atomic_interrupted_leaves_the_old_file_and_no_temp(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         ck.write_atomic(tmp_path / "f", b"new")
     assert os.listdir(tmp_path) == ["f"] and (tmp_path / "f").read_bytes() == b"old"
+
+
+def test_a_writer_that_loses_the_errno_gets_the_real_cause_of_an_immutable_folder(tmp_path, monkeypatch):
+    # torch's C++ writer says "Parent directory ... does not exist" for a `chattr +i` folder; the probe
+    # write says what it is (simulated: chattr needs root and a file system that has the attribute)
+    def immutable(dir):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(dir))
+    monkeypatch.setattr(ck.tempfile, "TemporaryFile", immutable)
+    e = RuntimeError(f"Parent directory {tmp_path}/step_00000003.tmp does not exist.")
+    assert ck.write_problem(e, tmp_path) == (f"operation not permitted (an immutable folder? lsattr -d shows it, "
+                                             f"chattr -i clears it): {tmp_path}")
+    monkeypatch.undo()
+    assert ck.write_problem(e, tmp_path) == f"RuntimeError: {e}"  # a writable folder: the error as it is

@@ -162,7 +162,8 @@ def test_the_config_alone_looks_at_no_file_or_folder(tmp_path):
 @pytest.mark.parametrize("flag,value,says", [
     ("max_length", 0, "must be >= 1 (got 0)"), ("num_workers", -1, "must be >= 0 (got -1)"),
     ("lora_alpha", 0, "must be > 0 (got 0)"), ("lora_dropout", 1.0, "must be in [0, 1) (got 1.0)"),
-    ("curriculum_start", 0.0, "must be in (0, 1] (got 0.0)"), ("lr", float("nan"), "must be > 0 (got nan)"),
+    ("curriculum_start", 0.0, "must be in (0, 1] (got 0.0)"),
+    ("lr", float("nan"), "must be a finite number > 0 (got nan)"),
     ("mix_alpha", float("inf"), "must be a finite number >= 0 (got inf)"),
     ("collective_timeout", 0, "must be >= 1 (got 0)"),
     ("resume_step", -1, "must be >= 0 (got -1)"), ("eval_every", -1, "must be >= 0 (got -1)")])
@@ -272,3 +273,43 @@ def test_a_newline_step_tag_is_refused_with_the_real_reason():
     assert len(problems) == 1 and "contains a newline" in problems[0] and "not one token" not in problems[0]
     assert "steps keep them" in problems[0] and "--train_format trl" in problems[0]
     assert "is blank" in parse_config(["--step_tag", " "])[1][0]
+
+
+@pytest.mark.parametrize("flag,value", [("--grad_clip", "nan"), ("--lr", "inf"), ("--meta_lr", "nan"),
+                                        ("--pos_fraction", "nan"), ("--fd_radius", "inf"),
+                                        ("--weight_decay=-inf", None), ("--lora_dropout", "nan")])
+def test_nan_or_inf_in_any_float_option_is_refused_naming_the_flag(flag, value):
+    with pytest.raises(ConfigError, match=f"{flag.split('=')[0]}: must be a finite number.* \\(got"):
+        load_config([flag] + ([value] if value else []))
+
+
+@pytest.mark.parametrize("argv,says", [(["--seed", "-1"], "--seed: must be in [0, 4294967295]"),
+                                       (["--output_dir", ""], "--output_dir: must not be empty"),
+                                       (["--output_dir", "  "], "--output_dir: must not be empty")])
+def test_a_negative_seed_and_an_empty_output_dir_are_refused(argv, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(argv)
+    assert says in str(e.value)
+
+
+def test_yaml_faults_get_one_message_naming_file_and_line(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("run:\n  project_name: caf\xe9\n".encode("latin-1"))
+    _, problems, _ = parse_config(["--config", str(latin1)])
+    assert len(problems) == 1 and f"{latin1}: not UTF-8 text (byte 24" in problems[0]
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\nmeta:\n  meta_lr: 0.1\nmeta:\n  meta_lr: 0.2\n")
+    _, problems, _ = parse_config(["--config", str(dup)])
+    assert f"{dup}:3: train.lr is given twice (also at line 2); keep one" in problems
+    assert f"{dup}:6: meta is given twice (also at line 4); keep one" in problems
+    _, problems, _ = parse_config(["--config", str(tmp_path)])
+    assert problems == [f"--config: {tmp_path} is a directory; pass a YAML recipe file (e.g. recipes/minif2f.yaml)"]
+
+
+def test_yaml_1e_minus_4_is_read_as_the_number_it_means(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 1e-4\nmeta:\n  meta_lr: 5E-2\n  fd_radius: 'small'\n")
+    cfg, problems, _ = parse_config(["--config", str(recipe)])
+    assert (cfg.train.lr, cfg.meta.meta_lr) == (1e-4, 5e-2)
+    assert problems == [f"{recipe}:5: meta.fd_radius: 'small' is not a float (write a number, e.g. 1.0e-4; "
+                        "not quoted)"]

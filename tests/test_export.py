@@ -104,6 +104,25 @@ def test_export_layout(exported):
     with safe_open(str(adapter / "score.safetensors"), "pt") as sf:
         assert sf.metadata()["step_tag"] == TAG
     assert Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]).is_dir()
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in [*merged.iterdir(), *adapter.iterdir()]:  # model.safetensors was 0600, every other file 0644
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+def test_an_export_folder_is_sealed_with_the_usual_permissions(tmp_path):
+    from dreamprm.export import seal
+    (tmp_path / "sub").mkdir(mode=0o700)
+    for name in ("model.safetensors", "sub/x.json"):
+        (tmp_path / name).write_text("x")
+        os.chmod(tmp_path / name, 0o600)
+    old = os.umask(0o022)
+    try:
+        seal(tmp_path)
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in (tmp_path / "model.safetensors", tmp_path / "sub" / "x.json",
+                                                    tmp_path / "sub")] == ["0o644", "0o644", "0o755"]
 
 
 def test_merged_export_carries_a_usage_card_whose_snippets_run(exported, recs):

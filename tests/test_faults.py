@@ -173,7 +173,7 @@ def start_two_ranks(out: Path, *flags) -> subprocess.Popen:
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         st = out / "status.json"
-        if st.is_file() and json.loads(st.read_text()).get("step", 0) >= 3:
+        if st.is_file() and (json.loads(st.read_text()).get("step") or 0) >= 3:  # None while starting
             break
         time.sleep(0.2)
     return proc
@@ -244,7 +244,8 @@ def test_5_a_held_lock_is_found_before_the_model_is_built(tmp_path):
                      "--output_dir", out, *FAST]
         p = subprocess.run(preflight, cwd=ROOT, env={**ENV, "SLURM_JOB_ID": "8"}, capture_output=True, text=True,
                            timeout=300)
-        assert p.returncode == 1 and f"in use by pid {holder.pid}" in p.stderr and "Slurm job 7" in p.stderr
+        # exit 2: the lock is one of dreamprm.preflight's problems (slurm/preflight.py's docstring)
+        assert p.returncode == 2 and f"in use by pid {holder.pid}" in p.stderr and "Slurm job 7" in p.stderr
         p = train("--total_steps", 1, "--output_dir", out, *FAST, env={**ENV, "SLURM_JOB_ID": "8"})
         assert p.returncode == 1 and f"in use by pid {holder.pid}" in p.stderr
         assert "ranks 1, ZeRO stage" not in p.stdout  # refused before the model was built
@@ -261,3 +262,74 @@ def test_5_a_held_lock_is_found_before_the_model_is_built(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+SHIMS = {  # just enough Slurm for slurm/minif2f.sbatch on one machine: srun runs the step, scancel signals it
+    "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\necho $$ >> "$SHIM_DIR/steps"\nexec "$@"\n',
+    "scancel": '#!/bin/bash\nfor p in $(cat "$SHIM_DIR/steps"); do kill -TERM "$p" 2>/dev/null; done\n',
+    "scontrol": '#!/bin/bash\necho localhost\n'}
+
+
+def test_7_sigterm_of_a_job_under_torchrun_exits_143_as_a_single_process_does(tmp_path):
+    import socket
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, text in SHIMS.items():
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = {**ENV, "PATH": f"{shims}:{ENV['PATH']}", "SHIM_DIR": str(tmp_path), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NAME": "t", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost",
+           "GPUS_PER_NODE": "1", "CONFIG": "dreamprm/demo/demo.yaml", "DS_CONFIG": "", "OUTPUT_DIR": str(out),
+           "PYTHON": sys.executable, "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "",
+           "EXTRA_ARGS": "--total_steps 400 --save_every 2 " + " ".join(FAST)}
+    job = subprocess.Popen(["bash", "slurm/minif2f.sbatch"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and job.poll() is None:
+            st = out / "status.json"
+            if st.is_file() and (json.loads(st.read_text()).get("step") or 0) >= 3:
+                break
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)  # preemption / scancel: Slurm signals the batch script
+        log, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped", (status, log[-3000:])
+    assert job.returncode == 143, log[-3000:]
+    assert "training exited with status" in log and ck.latest(out / "checkpoints") is not None
+
+
+def test_6_a_damaged_or_stale_latest_resumes_from_the_newest_checkpoint_and_a_changed_model_is_refused(tmp_path):
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    p = train("--total_steps", 3, "--save_every", 1, "--keep_last", 5, "--output_dir", out, *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (ckpts / ck.LATEST).write_text("")  # empty (a crash of an older writer, a full disk, a hand edit)
+    p = train("--total_steps", 4, "--save_every", 1, "--keep_last", 5, "--output_dir", out, *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"{ckpts / ck.LATEST} is empty: resuming from {ck.tag(3)}" in p.stdout
+    assert f"resumed from {ckpts / ck.tag(3)}" in p.stdout
+    ck.write_latest(ckpts, ck.tag(2))  # edited back: step_4 continues from step_2 and is newer
+    p = train("--total_steps", 5, "--save_every", 1, "--keep_last", 5, "--output_dir", out, *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"names {ck.tag(2)}, but {ck.tag(4)} continues from it" in p.stdout
+    assert f"resumed from {ckpts / ck.tag(4)}" in p.stdout and ck.latest(ckpts).name == ck.tag(5)
+    # a changed model definition: refused before anything is loaded, naming the flag; status says failed
+    for flags, says in ((["--mode", "lora", "--lora_alpha", "64"], "--lora_alpha: checkpoint has 32, this run 64"),
+                        (["--precision", "bf16"], "--precision: checkpoint has 'fp32', this run 'bf16'"),
+                        (["--lora_targets", "q_proj"], "--lora_targets: checkpoint has"),
+                        (["--lr", "0.01"], "--lr: checkpoint has 0.001, this run 0.01 (a resumed run takes it")):
+        p = train("--total_steps", 6, "--output_dir", out, *FAST, *flags)
+        assert p.returncode == 1 and says in p.stderr and "Traceback" not in p.stderr, (flags, p.stderr[-3000:])
+        assert "ranks 1, ZeRO stage" not in p.stdout  # before the model was built
+        status = json.loads((out / "status.json").read_text())
+        assert status["state"] == "failed" and says in status["error"]
+    assert ck.latest(ckpts).name == ck.tag(5)

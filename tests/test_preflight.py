@@ -162,3 +162,28 @@ def test_a_deepspeed_json_that_contradicts_the_config_names_where_the_value_come
     assert clip == (f"--deepspeed: {ds} sets gradient_clipping=0.5 but the run config gives 1.0 (--grad_clip); "
                     "remove gradient_clipping from the JSON or set it to \"auto\"")
     assert "sets train_batch_size=16 but the run config gives 8 (batch_size=2 x grad_accum=2 x world=2)" in batch
+
+
+@pytest.mark.parametrize("text,says", [
+    ('{"bf16": true}', '"bf16" is true; it must be an object (e.g. "bf16": {"enabled": "auto"})'),
+    ("[1, 2]", "the top level is a list; a DeepSpeed config is a JSON object"),
+    ('{"zero_optimization": 3}', '"zero_optimization" is 3; it must be an object (e.g. "zero_optimization": '
+                                 '{"stage": 3})'),
+    ('{"zero_optimization": {"stage": "3"}}', 'zero_optimization.stage is "3"; it must be 0, 1, 2 or 3'),
+    ('{"fp16": "off"}', '"fp16" is "off"; it must be an object')])
+def test_a_deepspeed_json_with_values_of_the_wrong_type_is_named(tmp_path, text, says):
+    ds = tmp_path / "ds.json"
+    ds.write_text(text)
+    problems = preflight.check_ds_json(Config(), ds, 1)
+    assert len(problems) == 1 and problems[0].startswith(f"--deepspeed: {ds}: {says}"), problems
+
+
+def test_an_output_dir_that_is_a_file_is_named(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    for out in (f, f / "run"):
+        cfg, problems, _ = parse_config(["--output_dir", str(out)])
+        assert problems == []
+        assert preflight.path_problems(cfg, 1) == [f"--output_dir: {f} is a file, not a folder"
+                                                   + ("" if out == f else f" (on the way to {out})")
+                                                   + "; pass the run directory (it is created if missing)"]

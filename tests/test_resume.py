@@ -18,3 +18,69 @@ def test_checkpoints_from_before_the_mixing_options_resume_and_a_changed_mix_is_
     changed = {**old, "data": {**old["data"], "mix": "temperature"}}
     with pytest.raises(CheckpointError, match="--mix: checkpoint has 'temperature'"):
         check_resume_config(cfg, changed)
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("model", "lora_alpha", 64), ("model", "lora_r", 8), ("model", "lora_dropout", 0.0),
+    ("model", "lora_targets", ["q_proj"]), ("train", "precision", "fp32"), ("model", "chat_template", False),
+    ("data", "profile", "plain"), ("model", "step_tag", "<step>"), ("model", "add_step_tag", False),
+    ("data", "max_length", 512), ("train", "step_loss", "focal"), ("train", "hard_labels", True),
+    ("train", "focal_gamma", 1.0), ("train", "pos_fraction", 0.3), ("model", "mode", "full"),
+    ("meta", "net_hidden", 8), ("meta", "table_optimizer", "sgd")])
+def test_a_changed_model_or_input_definition_is_refused_naming_the_flag(section, key, value):
+    saved = Config().to_dict()
+    cfg = Config()
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(CheckpointError, match=f"--{key}: checkpoint has "):
+        check_resume_config(cfg, saved)
+
+
+@pytest.mark.parametrize("section,key,value", [("train", "lr", 1e-3), ("train", "lr_schedule", "cosine"),
+                                               ("train", "warmup_steps", 5), ("train", "weight_decay", 0.1),
+                                               ("meta", "meta_lr", 0.5)])
+def test_an_option_that_would_not_take_effect_on_resume_is_refused(section, key, value):
+    cfg = Config()
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(CheckpointError, match=f"--{key}: .*would not take effect"):
+        check_resume_config(cfg, Config().to_dict())
+
+
+def test_options_that_may_change_on_resume_are_accepted():
+    cfg = Config()
+    cfg.train.total_steps, cfg.run.save_every, cfg.run.log_every, cfg.run.keep_last = 9000, 7, 3, 1
+    cfg.run.collective_timeout, cfg.run.project_name, cfg.data.num_workers, cfg.run.debug = 60, "x", 2, True
+    cfg.train.grad_clip, cfg.meta.meta_interval, cfg.run.eval_every, cfg.data.eval_file = 0.5, 2, 5, "e.jsonl"
+    check_resume_config(cfg, Config().to_dict())
+
+
+def _fake_checkpoint(root, step, parent, when):
+    import os
+
+    from dreamprm import checkpoint as ck
+    d = root / ck.tag(step)
+    d.mkdir(parents=True)
+    (d / "a.pt").write_bytes(b"x" * step)
+    ck.write_manifest(d, step, 1, 0, ck.tag(parent) if parent else None, ck.describe_files(d, ["a.pt"]))
+    os.utime(d / ck.MANIFEST, (when, when))
+
+
+def test_auto_resume_passes_over_a_garbled_or_stale_pointer_with_a_note(tmp_path):
+    from dreamprm import checkpoint as ck
+    from dreamprm.resume import resolve_resume
+    for i, (step, parent) in enumerate(((3, None), (6, 3), (9, 6))):
+        _fake_checkpoint(tmp_path, step, parent, 1_000_000 + i)
+    cfg = Config()
+    (tmp_path / ck.LATEST).write_text("")
+    path, notes = resolve_resume(cfg, tmp_path)
+    assert path == tmp_path / ck.tag(9) and "is empty: resuming from step_00000009" in notes[0]
+    ck.write_latest(tmp_path, ck.tag(6))  # edited back: step_9 descends from it and is newer
+    path, notes = resolve_resume(cfg, tmp_path)
+    assert path == tmp_path / ck.tag(9) and "step_00000009 continues from it" in notes[0]
+    cfg.run.resume_from = "none"  # a pointer alone is enough to refuse starting afresh
+    for d in tmp_path.glob("step_*"):
+        ck.remove_tree(d)
+    with pytest.raises(CheckpointError, match="holds checkpoints"):
+        resolve_resume(cfg, tmp_path)
+    cfg.run.resume_from = "auto"
+    with pytest.raises(CheckpointError, match="(?s)no intact checkpoint .*holds no complete checkpoint"):
+        resolve_resume(cfg, tmp_path)

@@ -12,7 +12,7 @@ import pytest
 
 from dreamprm import runguard
 from dreamprm.config import Config
-from dreamprm.errors import RunLockError
+from dreamprm.errors import DreamPRMError, RunLockError
 
 
 def test_run_lock_blocks_a_second_job_and_replaces_a_dead_one(tmp_path):
@@ -124,3 +124,27 @@ def test_a_signal_sets_the_flag_and_the_exit_code_says_which():
 def test_collective_failures_name_who_and_where_to_resume(silent, text, who):
     msg = runguard.collective_message(RuntimeError(text), silent, 600, 7, "runs/x/checkpoints/step_5")
     assert msg.startswith(who) and "update 7" in msg and "resume from runs/x/checkpoints/step_5" in msg
+
+
+@pytest.mark.parametrize("code,says", [(errno.EROFS, "read-only file system"), (errno.ENOSPC, "disk full"),
+                                       (errno.EPERM, "operation not permitted (an immutable folder?")])
+def test_a_run_directory_fault_fails_cleanly_with_status_failed(tmp_path, code, says):
+    cfg = _cfg(tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with pytest.raises(DreamPRMError) as e:
+        with runguard.RunGuard(cfg, 0) as g:
+            g.status.update(state="running", step=7, last_checkpoint="runs/x/checkpoints/step_5")
+            raise OSError(code, os.strerror(code), str(metrics))  # as open(metrics, "a") raises it
+    assert str(e.value).startswith(f"{says}") and f"{metrics} (run directory {tmp_path / 'run'})" in str(e.value)
+    assert "stopped at update 7; its last checkpoint is runs/x/checkpoints/step_5" in str(e.value)
+    st = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert st["state"] == "failed" and st["error"] == str(e.value)
+
+
+def test_a_finished_run_behind_a_garbled_pointer_is_still_found_finished(tmp_path):
+    from dreamprm import checkpoint as ck
+    root = tmp_path / "run" / "checkpoints"
+    (root / ck.tag(2000)).mkdir(parents=True)
+    (root / ck.tag(2000) / ck.MANIFEST).write_text(json.dumps({"step": 2000, "world": 1, "files": {}}))
+    (root / ck.LATEST).write_text("\x00\x00")
+    assert "is finished: checkpoint step_00002000" in runguard.finished_note(_cfg(tmp_path), root)

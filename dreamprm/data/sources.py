@@ -108,13 +108,20 @@ def run_data(cfg: Config, tokenizer, rank: int, needs_meta: bool, world: int = 1
     train_ex, source_of = encode(train_src, train_recs, "train")
     meta_ex = encode(meta_src, meta_kept, "meta ")[0] if needs_meta else []
     checks = [("--train_file", train_ex)] + ([("--meta_file", meta_ex)] if needs_meta else [])
-    for flag, ex in checks:  # every rank needs at least one example of each
+    batch = {"--train_file": ("--batch_size", cfg.train.batch_size),
+             "--meta_file": ("--meta_batch_size", cfg.meta.meta_batch_size)}
+    for flag, ex in checks:  # every rank needs at least one example of each, and a whole batch
+        where = f"{flag} {data_paths(cfg)[0 if flag == '--train_file' else 2]}"
+        bflag, size = batch[flag]
         if len(ex) < world:
-            problems.append(f"{flag} {data_paths(cfg)[0 if flag == '--train_file' else 2]}: {len(ex)} usable "
-                            f"examples (within --max_length {cfg.data.max_length}) cannot give each of {world} "
-                            f"ranks one; add data or use at most {max(1, len(ex))} ranks")
+            problems.append(f"{where}: {len(ex)} usable examples (within --max_length {cfg.data.max_length}) "
+                            f"cannot give each of {world} ranks one; add data or use at most {max(1, len(ex))} ranks")
+        elif size > len(ex) // world:  # else every batch would silently be short
+            problems.append(f"{bflag} {size}: more than the {len(ex) // world} usable examples per rank of {where} "
+                            f"({len(ex)} over {world} rank(s)); use {bflag} {len(ex) // world} or less, or add data")
     if problems:
         raise DataError(problems)
+    _warn_meta_overlap(train_ex, meta_ex, rank)
     labels = [(y >= 0.5) if cfg.train.hard_labels else y for e in train_ex for y in e.labels if not math.isnan(y)]
     pos = float(sum(labels) / len(labels)) if labels else math.nan
     print0(f"train step labels: {len(labels)} labelled steps, positive fraction {pos:.4f}"
@@ -123,21 +130,47 @@ def run_data(cfg: Config, tokenizer, rank: int, needs_meta: bool, world: int = 1
                    _difficulty(cfg, train_ex, source_of, train_recs), {n: all_profiles[n] for n in sorted(used)}, pos)
 
 
+def _warn_meta_overlap(train_ex: list, meta_ex: list, rank: int) -> None:
+    """The meta set is meant to be held out: say how many meta examples are training examples as well."""
+    seen = {tuple(e.input_ids) for e in train_ex}
+    same = [e.id for e in meta_ex if tuple(e.input_ids) in seen]
+    if same:
+        print0(f"warning: {len(same)} of {len(meta_ex)} meta examples are identical to training examples "
+               f"(e.g. {same[:3]}); the meta set is meant to be held out, or the weights learn to favour "
+               "what they are scored on", rank=rank)
+
+
+def _difficulty_of(r) -> float | None:
+    """A record's meta.difficulty as a finite float, None if it has none usable (not a mapping, not a number,
+    NaN, inf, or an integer past the float range)."""
+    v = r.meta.get("difficulty") if isinstance(r.meta, dict) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) else None
+
+
 def _difficulty_problems(train_src: list[Source], train_recs: list[list]) -> list[str]:
     problems = []
     for s, recs in zip(train_src, train_recs):
-        bad = [r.id for r in recs if isinstance((r.meta or {}).get("difficulty"), bool)
-               or not isinstance((r.meta or {}).get("difficulty"), (int, float))]
+        bad = [(i, r) for i, r in enumerate(recs, 1) if _difficulty_of(r) is None]
         if bad:
-            problems.append(f"{s.where()}: --curriculum difficulty needs a number in meta.difficulty; "
-                            f"{len(bad)} records have none (e.g. {bad[:3]})")
+            shown = ", ".join(f"record {i} (id {r.id!r}): "
+                              + (f"meta is {type(r.meta).__name__}" if not isinstance(r.meta, dict)
+                                 else f"meta.difficulty is {str(r.meta.get('difficulty'))[:40]}")
+                              for i, r in bad[:3])
+            problems.append(f"{s.where()}: --curriculum difficulty needs a finite number in meta.difficulty; "
+                            f"{len(bad)} records have none ({shown})")
     return problems
 
 
 def _difficulty(cfg: Config, train_ex: list, source_of: list[int], train_recs: list[list]) -> list[float] | None:
     """Curriculum difficulty of every training example (None without a curriculum)."""
     if cfg.data.curriculum == "difficulty":
-        by_id = [{r.id: float(r.meta["difficulty"]) for r in recs} for recs in train_recs]
+        by_id = [{r.id: _difficulty_of(r) for r in recs} for recs in train_recs]
         return [by_id[s][e.id] for e, s in zip(train_ex, source_of)]
     if cfg.data.curriculum == "steps":
         return [float(e.n_steps) for e in train_ex]
