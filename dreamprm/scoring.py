@@ -272,7 +272,10 @@ def resolve_checkpoint(p: Path, checkpoint: str | None = None) -> Path:
                 raise ScoringError(f"{p}: no checkpoint {checkpoint!r} ({ckpt} does not exist); checkpoints "
                                    f"there: {listing}")
         else:
-            ckpt = ckpt_io.latest(root)
+            cands, notes = ckpt_io.resume_candidates(root)  # `latest` is a hint, as for resuming
+            ckpt = cands[0] if cands else None
+            for n in notes if ckpt is not None else ():
+                print(f"dreamprm: {n.replace('resuming from', 'using')}", file=sys.stderr)
             if ckpt is None:
                 raise ScoringError(
                     f"{p} has no complete checkpoint: {root / 'latest'} is missing (checkpoint folders: "

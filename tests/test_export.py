@@ -290,7 +290,12 @@ def test_incomplete_runs_are_refused(run, tmp_path, capsys):
     r = copy_run(run[0], tmp_path / "r")
     ck = r / "checkpoints"
     (ck / "step_00000003" / "MANIFEST.json").unlink()  # interrupted save
-    err = export_err(capsys, r, tmp_path / "o2")
+    # `latest` names the interrupted save: the newest complete checkpoint is exported, saying so
+    assert cli.main(["export", str(r), str(tmp_path / "o1b")]) == 0
+    err = capsys.readouterr().err
+    assert "names step_00000003, which is incomplete: using step_00000002" in err
+    assert json.loads((tmp_path / "o1b" / "dreamprm.json").read_text())["step"] == 2
+    err = export_err(capsys, r / "checkpoints" / "step_00000003", tmp_path / "o2")
     assert "step_00000003 is incomplete (no MANIFEST.json" in err
     err = export_err(capsys, r, tmp_path / "o2", "--checkpoint", "7")
     assert "no checkpoint '7'" in err and "step_00000002, step_00000003 (partial: no MANIFEST.json)" in err
