@@ -206,3 +206,18 @@ def test_run_sources_are_the_demo_files_without_a_train_file():
     cfg.data.train_file = "x.jsonl,bogus=1"
     with pytest.raises(ConfigError, match="unknown source key"):
         run_sources(cfg)
+
+
+def test_weights_from_refuses_every_bilevel_option_naming_both_flags():
+    base = ["--train_file", "t.jsonl", "--weights_from", "runs/proxy"]
+    assert parse_config(base)[1] == []  # no meta file needed: no meta pass
+    cases = {("--baseline",): "--baseline", ("--meta_file", "m.jsonl"): "--meta_file",
+             ("--hypergrad", "fused"): "--hypergrad fused", ("--meta_lr", "0.5"): "--meta_lr 0.5",
+             ("--weights", "domain_table"): "--weights domain_table",
+             ("--mix", "learned", "--train_file", "u.jsonl"): "--mix learned"}
+    for extra, says in cases.items():
+        problems = parse_config(base + list(extra))[1]
+        assert len(problems) == 1, (extra, problems)
+        assert problems[0].startswith("--weights_from runs/proxy: trains with fixed weights") and says in problems[0]
+    _, problems, _ = parse_config(["--train_file", "t.jsonl", "--meta_file", "m.jsonl", "--unmatched_weight", "one"])
+    assert problems == ["--unmatched_weight one: applies only with --weights_from RUN_DIR; drop it"]
