@@ -6,6 +6,8 @@
                                                       # ranking; main.png beside its results.md
     python bench/reweighting.py --seeds 0 --methods baseline,instance_table --epochs 1   # a quick look
     python bench/reweighting.py --plot_only           # redo table and figures from the finished runs
+    python bench/reweighting.py --methods baseline,oracle,instance_domain_table,transfer --proxy_hidden 64 \
+        --proxy_layers 1 --hidden 256 --layers 4 --out bench/reweighting/transfer_flip   # learned on a small PRM
 
 The task. A question asks for a chain of additions and subtractions on a number ("Start at 23.
 Apply +7, -4, +9."); every step states one computation ("23 + 7 = 30"). A wrong solution makes
@@ -40,7 +42,10 @@ dreamprm.tiny, full fine-tune, fp32, one process) for the same number of PRM upd
 baseline (--baseline: uniform weights), instance_table, instance_net, domain_table,
 instance_domain_table (an instance row times its domain's factor), and, as the
 ceiling of any reweighting, oracle: uniform weights on the uncorrupted domains alone (the same
-number of updates, so more passes over less data). Each run
+number of updates, so more passes over less data), and transfer: --transfer_method learns the
+weights on a smaller proxy PRM (--proxy_hidden / --proxy_layers, same data, same updates), then the
+PRM of --hidden / --layers trains with them fixed (--weights_from: no meta pass); its cost is the
+wall time of both runs, next to each method's own (the "wall s" column). Each run
 evaluates on the test set every --eval_every updates (eval_step_auroc in metrics.jsonl); the
 domain-table runs checkpoint every --ckpt_every updates so the domain weights can be followed
 over time. After training, the final model scores the test set and the best-of-N groups
@@ -77,7 +82,8 @@ from dreamprm.checkpoint import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
-METHODS = ("baseline", "instance_table", "instance_net", "domain_table", "instance_domain_table", "oracle")
+METHODS = ("baseline", "instance_table", "instance_net", "domain_table", "instance_domain_table", "oracle", "transfer")
+LEARNED = ("instance_table", "instance_net", "domain_table", "instance_domain_table")
 KINDS = ("none", "flip", "optimistic", "shift", "blind_sub", "swap_sub")
 
 
@@ -212,11 +218,13 @@ def read_jsonl(path) -> list[dict]:
 # ---------------------------------------------------------------- training runs
 
 
-def run_config(args, method: str, seed: int, files: dict, model_dir: Path, run_dir: Path) -> dict:
+def run_config(args, method: str, seed: int, files: dict, model_dir: Path, run_dir: Path,
+               weights_from: Path | None = None) -> dict:
+    """The trainer config of one run; weights_from: the transfer target's (the proxy run's weights, fixed)."""
     steps = max(1, round(args.epochs * args.n_train * len(args.domains) / args.batch_size))
     meta_lr = {"instance_table": args.meta_lr_table, "instance_net": args.meta_lr_net,
                "domain_table": args.meta_lr_domain}.get(method, args.meta_lr_table)
-    return {
+    cfg = {
         "data": {"train_file": str(files["train_clean" if method == "oracle" else "train"]),
                  "meta_file": str(files["meta"]), "eval_file": str(files["test"]), "max_length": 256},
         "model": {"name_or_path": str(model_dir), "mode": "full", "chat_template": False},
@@ -233,28 +241,57 @@ def run_config(args, method: str, seed: int, files: dict, model_dir: Path, run_d
                 "save_every": args.ckpt_every if method == "domain_table" else steps,
                 "keep_last": 10**6 if method == "domain_table" else 1, "disable_wandb": True},
     }
+    if weights_from is not None:  # no meta pass: no meta file, no meta-pass options
+        del cfg["data"]["meta_file"]
+        cfg["meta"] = {"weights_from": str(weights_from)}
+    return cfg
 
 
-def train_one(args, method: str, seed: int, files: dict, model_dir: Path) -> Path:
+def train_one(args, method: str, seed: int, files: dict, model_dir: Path, name: str | None = None,
+              weights_from: Path | None = None) -> Path:
+    """One finished run (reused when it is there); its wall time goes to RUN/wall_s.txt."""
     import yaml
 
-    run_dir = args.work_dir / f"seed{seed}" / method
+    name = name or method
+    run_dir = args.work_dir / f"seed{seed}" / name
     st = run_dir / "status.json"
     if st.is_file() and json.loads(st.read_text()).get("state") == "finished":
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir.parent / f"{method}.yaml"
-    cfg_path.write_text(yaml.safe_dump(run_config(args, method, seed, files, model_dir, run_dir)))
+    cfg_path = run_dir.parent / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(run_config(args, method, seed, files, model_dir, run_dir, weights_from)))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     env.pop("RANK", None)
     t0 = time.time()
-    with open(run_dir.parent / f"{method}.log", "w") as log:
+    with open(run_dir.parent / f"{name}.log", "w") as log:
         rc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg_path)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
     if rc != 0:
-        raise RuntimeError(f"{method} seed {seed} failed (exit {rc}); see {run_dir.parent / (method + '.log')}")
-    print(f"  trained {method:15s} seed {seed} in {time.time() - t0:.0f} s", flush=True)
+        raise RuntimeError(f"{name} seed {seed} failed (exit {rc}); see {run_dir.parent / (name + '.log')}")
+    (run_dir / "wall_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+    print(f"  trained {name:15s} seed {seed} in {time.time() - t0:.0f} s", flush=True)
     return run_dir
+
+
+def proxy_name(args) -> str:
+    return f"proxy-{args.transfer_method}"
+
+
+def train_method(args, method: str, seed: int, files: dict, model_dir: Path, proxy_dir: Path | None) -> Path:
+    """A method's run; transfer: the proxy PRM learns --transfer_method's weights, the target trains with them."""
+    if method != "transfer":
+        return train_one(args, method, seed, files, model_dir)
+    proxy = train_one(args, args.transfer_method, seed, files, proxy_dir, name=proxy_name(args))
+    return train_one(args, "transfer", seed, files, model_dir, weights_from=proxy)
+
+
+def wall_s(args, method: str, run_dir: Path) -> float:
+    """Wall seconds of a method: for transfer, the proxy run's and the target run's."""
+    def read(d):
+        f = d / "wall_s.txt"
+        return float(f.read_text()) if f.is_file() else math.nan
+    own = read(run_dir)
+    return own + read(run_dir.parent / proxy_name(args)) if method == "transfer" else own
 
 
 # ---------------------------------------------------------------- evaluation
@@ -303,7 +340,8 @@ def evaluate_run(args, run_dir: Path, files: dict) -> dict:
             "weights_by_kind": kind_w,
             "curves": {k: [(m["step"], m[k]) for m in metrics if m.get(k) is not None]
                        for k in ("meta_loss", "eval_step_auroc", "loss_unweighted")},
-            "domain_over_time": domain_weights_over_time(run_dir, args.domains, train)}
+            "domain_over_time": domain_weights_over_time(run_dir, args.domains, train),
+            "wall_s": wall_s(args, run_dir.name, run_dir)}
 
 
 def domain_weights_over_time(run_dir: Path, domains: list[str], train: list[dict]) -> dict:
@@ -343,7 +381,8 @@ def summarize(args, results: dict) -> dict:
     table = {}
     for method, by_seed in results.items():
         rows = list(by_seed.values())
-        t = {k: spread([r[k] for r in rows]) for k in ("step_auroc", "pb_f1", "bon_acc", "weight_auroc")}
+        t = {k: spread([r.get(k, math.nan) for r in rows])
+             for k in ("step_auroc", "pb_f1", "bon_acc", "weight_auroc", "wall_s")}
         t["domain_weight"] = {d: spread([r["domain_weight"].get(d, math.nan) for r in rows]) for d in args.domains}
         table[method] = t
     return table
@@ -360,12 +399,24 @@ def write_report(args, results: dict, table: dict, command: str) -> str:
             zip(args.domains, args.kinds, args.rates)]
     lines = [f"Command: `{command}`", "",
              f"Seeds {', '.join(map(str, args.seeds))}; mean (min..max). Domains: {', '.join(doms)}.", "",
-             "| method | step AUROC | ProcessBench F1 | best-of-%d acc | weight AUROC (clean vs corrupted) |"
-             % args.bon_n, "|---|---|---|---|---|"]
+             f"PRM: hidden {args.hidden}, {args.layers} layers"
+             + (f"; proxy: hidden {args.proxy_hidden}, {args.proxy_layers} layer(s), learning "
+                f"{args.transfer_method} (the proxy row: that PRM itself; transfer: the PRM above trained with the "
+                "proxy's weights fixed, its wall time both runs')" if "transfer" in results else "")
+             + ". Wall s: seconds of the run on this machine, with the other runs of the table beside it.", "",
+             "| method | step AUROC | ProcessBench F1 | best-of-%d acc | weight AUROC (clean vs corrupted) | wall s |"
+             % args.bon_n, "|---|---|---|---|---|---|"]
     for m in results:
         t = table[m]
         lines.append(f"| {m} | {fmt(t['step_auroc'])} | {fmt(t['pb_f1'])} | {fmt(t['bon_acc'])} | "
-                     f"{fmt(t['weight_auroc'])} |")
+                     f"{fmt(t['weight_auroc'])} | {fmt(t['wall_s'], 0)} |")
+    if "transfer" in results and args.transfer_method in results:
+        a, b = table["transfer"], table[args.transfer_method]
+        lines += ["", f"transfer - {args.transfer_method} on this PRM (mean over seeds): step AUROC "
+                  f"{a['step_auroc']['mean'] - b['step_auroc']['mean']:+.3f}, ProcessBench F1 "
+                  f"{a['pb_f1']['mean'] - b['pb_f1']['mean']:+.3f}, best-of-{args.bon_n} "
+                  f"{a['bon_acc']['mean'] - b['bon_acc']['mean']:+.3f}; wall time "
+                  f"{a['wall_s']['mean'] / b['wall_s']['mean']:.2f}x."]
     lines += ["", "Mean learned weight per domain (weights have mean 1 over the training instances):", "",
               "| method | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
     for m in results:
@@ -379,7 +430,7 @@ def write_report(args, results: dict, table: dict, command: str) -> str:
 
 
 COLORS = {"baseline": "0.4", "instance_table": "C0", "instance_net": "C1", "domain_table": "C2",
-          "instance_domain_table": "C3", "oracle": "k"}
+          "instance_domain_table": "C3", "oracle": "k", "transfer": "C4", "proxy": "C5"}
 
 
 def _curves(ax, results: dict, key: str) -> None:
@@ -510,6 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=int, default=2)
     g.add_argument("--heads", type=int, default=4)
     g.add_argument("--intermediate", type=int, default=256)
+    g.add_argument("--proxy_hidden", type=int, default=64, help="transfer: hidden width of the proxy PRM")
+    g.add_argument("--proxy_layers", type=int, default=1, help="transfer: layers of the proxy PRM")
+    g.add_argument("--transfer_method", default="instance_domain_table", choices=LEARNED,
+                   help="transfer: the weights the proxy PRM learns")
     g = p.add_argument_group("training (the same for every method)")
     g.add_argument("--methods", type=csv(str), default=",".join(METHODS))
     g.add_argument("--seeds", type=csv(int), default="0,1,2")
@@ -588,16 +643,25 @@ def main(argv=None) -> int:
     if not (model_dir / "config.json").is_file():
         make_tiny_checkpoint(model_dir, hidden=args.hidden, layers=args.layers, heads=args.heads,
                              kv_heads=max(1, args.heads // 2), intermediate=args.intermediate)
+    proxy_dir = None
+    if "transfer" in args.methods:
+        proxy_dir = args.work_dir / f"model-h{args.proxy_hidden}-l{args.proxy_layers}"
+        if not (proxy_dir / "config.json").is_file():
+            make_tiny_checkpoint(proxy_dir, hidden=args.proxy_hidden, layers=args.proxy_layers, heads=args.heads,
+                                 kv_heads=max(1, args.heads // 2), intermediate=2 * args.proxy_hidden)
     files = {s: generate(args, s, args.work_dir / f"seed{s}" / "data") for s in args.seeds}
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     if not args.plot_only:
         t0 = time.time()
         with ThreadPoolExecutor(args.jobs) as ex:
-            list(ex.map(lambda ms: train_one(args, ms[0], ms[1], files[ms[1]], model_dir), jobs))
+            list(ex.map(lambda ms: train_method(args, ms[0], ms[1], files[ms[1]], model_dir, proxy_dir), jobs))
         print(f"all runs trained in {time.time() - t0:.0f} s", flush=True)
-    results = {m: {} for m in args.methods}
-    for m, s in jobs:
-        results[m][s] = evaluate_run(args, args.work_dir / f"seed{s}" / m, files[s])
+    shown_as = list(args.methods) + (["proxy"] if "transfer" in args.methods else [])
+    results = {m: {} for m in shown_as}
+    for m in shown_as:
+        for s in args.seeds:
+            results[m][s] = evaluate_run(args, args.work_dir / f"seed{s}" / (proxy_name(args) if m == "proxy" else m),
+                                         files[s])
     table = summarize(args, results)
     args.out.mkdir(parents=True, exist_ok=True)
     args.artifacts.mkdir(parents=True, exist_ok=True)

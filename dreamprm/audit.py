@@ -141,15 +141,11 @@ def read_weight_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _training_records(cfg: dict, cfg_path: Path) -> tuple[list[Source], list[list[Record]]]:
+def _training_records(learned: Learned) -> tuple[list[Source], list[list[Record]]]:
     """The run's training sources and their records as training read them (each source's domain= applied)."""
+    cfg, cfg_path = learned.cfg, learned.cfg_path
     d = cfg.get("data", {})
-    if not d.get("train_file"):
-        sources = [Source("--train_file", str(DEMO_DIR / "train.jsonl"), "train", "minif2f", None)]
-    else:
-        sources, problems = parse_sources(d["train_file"], "--train_file", str(d.get("train_format", "auto")))
-        if problems:
-            raise WeightsError(f"{cfg_path}: data.train_file: " + "; ".join(problems))
+    sources = run_sources_of(learned)
     missing = [s.path for s in sources if not Path(s.path).is_file()]
     if missing:
         raise WeightsError(f"{cfg_path}: data.train_file {', '.join(missing)}: no such file from here; the "
@@ -214,32 +210,71 @@ def match(rows: list[tuple[int, dict]], sources: list[Source], records: list[lis
             for i, (s, recs) in enumerate(zip(sources, records)) for k, r in enumerate(recs)]
 
 
-def load_run(run_dir, allow_unweighted: bool = False) -> Run:
-    """A run directory's training records with their learned weights; WeightsError saying what is wrong
-    (not a run directory, a baseline run, no weights yet, damaged weights, weights from other data)."""
-    run = Path(run_dir).expanduser()
+@dataclass
+class Learned:
+    """The learned weights of a run, read and checked (dreamprm weights, --weights_from)."""
+    path: Path  # its instance_weights.jsonl
+    cfg: dict | None  # its config.yaml (None: a bare weights file with no config.yaml beside it)
+    cfg_path: Path
+    status: dict
+    rows: list[tuple[int, dict]]  # (line, row) of read_weight_rows
+
+    @property
+    def kind(self) -> str:
+        return str((self.cfg or {}).get("meta", {}).get("weights", "?"))
+
+
+def read_learned(where, flag: str = "RUN_DIR", allow_file: bool = False) -> Learned:
+    """A run directory's learned weights (allow_file: or an instance_weights.jsonl given itself); WeightsError
+    naming `flag` and what is wrong (not a run directory, a baseline run, no weights yet, damaged weights)."""
+    given = Path(where).expanduser()
+    if allow_file and given.is_file():
+        run, wpath = given.parent, given
+    else:
+        run, wpath = given, given / WEIGHTS_FILE
     cfg_path = run / "config.yaml"
-    if not run.is_dir() or not cfg_path.is_file():
-        raise WeightsError(f"RUN_DIR {run}: not a run directory (no config.yaml); pass the --output_dir of a "
-                           "training run")
-    cfg = _read_config(cfg_path)
+    if wpath == given:  # a file: its run's config.yaml, when it sits in one
+        cfg = _read_config(cfg_path) if cfg_path.is_file() else None
+    elif not run.is_dir() or not cfg_path.is_file():
+        other = f" or its {WEIGHTS_FILE}" if allow_file else ""
+        raise WeightsError(f"{flag} {run}: not a run directory (no config.yaml); pass the --output_dir of a "
+                           f"training run{other}")
+    else:
+        cfg = _read_config(cfg_path)
     status = _read_status(run / "status.json")
-    meta = cfg.get("meta", {})
-    if meta.get("baseline"):
-        raise WeightsError(f"RUN_DIR {run}: a baseline run ({cfg_path}: meta.baseline true): it trained with uniform "
-                           "weights and learned none; audit a run trained without --baseline")
-    wpath = run / WEIGHTS_FILE
+    if cfg is not None and cfg.get("meta", {}).get("baseline"):
+        raise WeightsError(f"{flag} {run}: a baseline run ({cfg_path}: meta.baseline true): it trained with uniform "
+                           "weights and learned none; use a run trained without --baseline")
     if not wpath.is_file():
         state, step = status.get("state", "unknown"), status.get("step", "?")
-        every = cfg.get("run", {}).get("save_every", "?")
+        every = (cfg or {}).get("run", {}).get("save_every", "?")
         raise WeightsError(f"{wpath}: not written yet (status.json: {state} at step {step}); the trainer writes it "
                            f"at each checkpoint (every --save_every {every} updates) and at the end: run this again "
                            "after the next checkpoint" + (", or resume the run (the same command)"
                                                           if state != "running" else ""))
-    rows = read_weight_rows(wpath)
-    sources, records = _training_records(cfg, cfg_path)
-    items = match(rows, sources, records, wpath, allow_unweighted)
-    return Run(run, status, str(meta.get("weights", "?")), items, sources)
+    return Learned(wpath, cfg, cfg_path, status, read_weight_rows(wpath))
+
+
+def run_sources_of(learned: Learned) -> list[Source]:
+    """The training sources of the run that learned the weights, from its config.yaml ([] without one)."""
+    if learned.cfg is None:
+        return []
+    d = learned.cfg.get("data", {})
+    if not d.get("train_file"):
+        return [Source("--train_file", str(DEMO_DIR / "train.jsonl"), "train", "minif2f", None)]  # the demo
+    sources, problems = parse_sources(d["train_file"], "--train_file", str(d.get("train_format", "auto")))
+    if problems:
+        raise WeightsError(f"{learned.cfg_path}: data.train_file: " + "; ".join(problems))
+    return sources
+
+
+def load_run(run_dir, allow_unweighted: bool = False) -> Run:
+    """A run directory's training records with their learned weights; WeightsError saying what is wrong
+    (not a run directory, a baseline run, no weights yet, damaged weights, weights from other data)."""
+    learned = read_learned(run_dir)
+    sources, records = _training_records(learned)
+    items = match(learned.rows, sources, records, learned.path, allow_unweighted)
+    return Run(learned.path.parent, learned.status, learned.kind, items, sources)
 
 
 # ---------------------------------------------------------------- the report

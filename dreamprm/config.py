@@ -42,6 +42,7 @@ METHODS = ("exact", "finite_diff", "fused")
 TABLE_OPTIMIZERS = ("shared_rms", "row_adam", "sgd")
 AGGREGATIONS = ("mean_logodds", "min", "prod", "mean", "last")
 META_LOSSES = ("bce", "mse")
+UNMATCHED = ("error", "domain_mean", "one")  # --unmatched_weight: training records --weights_from has no weight for
 SCHEDULES = ("constant", "cosine", "linear")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cuda", "cpu")
@@ -221,6 +222,17 @@ class MetaConfig:
     aggregation: str = opt("mean_logodds", "step scores -> solution score for the meta loss", AGGREGATIONS)
     meta_loss: str = opt("bce", "meta loss on the solution score", META_LOSSES)
     net_hidden: int = opt(32, "hidden width of the instance_net weight module", ge=1)
+    weights_from: str = opt("", "train with the weights an earlier run learned, fixed: its RUN_DIR or its "
+                            "instance_weights.jsonl; records matched by id (a domain_table run's by domain name); "
+                            "no meta pass, no --meta_file (plain-update speed)")
+    unmatched_weight: str = opt("error", "--weights_from: the weight of a training record it has none for: error "
+                                "(name them), domain_mean (the mean learned weight of its domain), or one",
+                                UNMATCHED)
+
+    @property
+    def bilevel(self) -> bool:
+        """A meta pass learns the weights: neither --baseline (uniform) nor --weights_from (fixed)."""
+        return not self.baseline and not self.weights_from
 
 
 @dataclass
@@ -496,7 +508,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"--step_tag: {m.step_tag!r} is blank; keep the default {DEFAULT_STEP_TAG} or pick a tag that "
                  "occurs nowhere in the data")
     p += _source_problems(cfg)
-    if d.train_file and not d.meta_file and not meta.baseline:
+    p += _transfer_problems(cfg)
+    if d.train_file and not d.meta_file and not meta.baseline and not meta.weights_from:
         p.append("--meta_file: bilevel training needs a meta file with outcome labels "
                  "(or pass --baseline to train without reweighting)")
     if not r.output_dir.strip():
@@ -505,6 +518,38 @@ def validate(cfg: Config) -> list[str]:
         p.append("--eval_every: set --eval_file too, or --eval_every 0")
     if r.resume_step and r.resume_from == "none":
         p.append(f"--resume_step {r.resume_step}: contradicts --resume_from none (drop one of them)")
+    return p
+
+
+# What only the meta pass reads: with --weights_from (fixed weights, no meta pass) a value other than the
+# default would be silently ignored, so it is refused (a recipe of a bilevel run is not reused as it is).
+META_PASS_ONLY = ("weights", "hypergrad", "meta_batch_size", "meta_lr", "table_optimizer", "meta_interval",
+                  "meta_warmup", "fd_radius", "aggregation", "meta_loss", "net_hidden")
+
+
+def _transfer_problems(cfg: Config) -> list[str]:
+    """--weights_from against the options it contradicts, each message naming both flags."""
+    meta, d = cfg.meta, cfg.data
+    if not meta.weights_from:
+        if meta.unmatched_weight != "error":
+            return [f"--unmatched_weight {meta.unmatched_weight}: applies only with --weights_from RUN_DIR; "
+                    "drop it"]
+        return []
+    head = f"--weights_from {meta.weights_from}: trains with fixed weights and no meta pass"
+    p = []
+    if meta.baseline:
+        p.append(f"{head}, --baseline with uniform weights: give one of the two")
+    if d.meta_file:
+        p.append(f"{head}, so --meta_file is not read: drop --meta_file (or drop --weights_from to learn the "
+                 "weights)")
+    if d.mix == "learned":
+        p.append(f"{head}, --mix learned samples by weights the meta pass learns: use --mix size/temperature/"
+                 "weights (or drop --weights_from)")
+    default = MetaConfig()
+    for name in META_PASS_ONLY:
+        if getattr(meta, name) != getattr(default, name):
+            p.append(f"{head}, --{name} {getattr(meta, name)} is a meta-pass option: drop it (or drop "
+                     "--weights_from to learn the weights)")
     return p
 
 
@@ -519,7 +564,7 @@ def _source_problems(cfg: Config) -> list[str]:
             p.append(f"{s.flag} {s.path}: profile={s.profile!r} is not one of {', '.join(PROFILE_NAMES)}")
     if d.mix == "weights" and train and not sum(s.weight for s in train) > 0:
         p.append("--mix weights: every --train_file source has weight=0; give at least one a positive weight")
-    if d.mix == "learned":
+    if d.mix == "learned" and not meta.weights_from:  # with it: _transfer_problems says so
         if meta.baseline or meta.weights != "domain_table":
             p.append("--mix learned: samples by the learned domain weights; it needs --weights domain_table "
                      "and no --baseline")

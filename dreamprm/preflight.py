@@ -19,9 +19,10 @@ import os
 from pathlib import Path
 
 from dreamprm import checkpoint
+from dreamprm.audit import read_learned
 from dreamprm.config import CHECKPOINTS_DIR, MODEL_FLAG, Config, parse_sources
 from dreamprm.data.mixing import read_sources
-from dreamprm.errors import ConfigError, RunLockError
+from dreamprm.errors import ConfigError, RunLockError, WeightsError
 from dreamprm.tiny import TINY_MAX_POSITIONS
 
 
@@ -76,7 +77,19 @@ def path_problems(cfg: Config, world: int | None = None) -> list[str]:
         p.append(f"--resume_from: {r.resume_from} is not a checkpoint folder (or use auto / none)")
     if t.deepspeed and Path(t.deepspeed).is_file():
         p += check_ds_json(cfg, Path(t.deepspeed), world)
+    if cfg.meta.weights_from:
+        p += weights_from_problems(cfg)
     return p
+
+
+def weights_from_problems(cfg: Config) -> list[str]:
+    """--weights_from: a run directory (or its instance_weights.jsonl) with learned weights that can be read; that
+    they fit this run's data is checked once the records are read (data.sources.record_weights)."""
+    try:
+        read_learned(cfg.meta.weights_from, "--weights_from", allow_file=True)
+    except WeightsError as e:
+        return [str(e)]
+    return []
 
 
 def data_problems(cfg: Config) -> list[str]:
@@ -84,7 +97,7 @@ def data_problems(cfg: Config) -> list[str]:
     d = cfg.data
     train = [s for s in parse_sources(d.train_file, "--train_file", d.train_format)[0] if Path(s.path).is_file()]
     meta = [s for s in parse_sources(d.meta_file, "--meta_file", d.meta_format)[0] if Path(s.path).is_file()]
-    return read_sources(train, [] if cfg.meta.baseline else meta, cfg.model.step_tag, d.skip_invalid)[2]
+    return read_sources(train, meta if cfg.meta.bilevel else [], cfg.model.step_tag, d.skip_invalid)[2]
 
 
 def resume_step_problems(cfg: Config) -> list[str]:

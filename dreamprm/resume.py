@@ -5,6 +5,7 @@
                                   which it passed over and why); its config checked against this run's;
                                   for another number of ranks, its DeepSpeed universal form made
     restore(eng, state, ...)      the engine, the TrainState and the RNG put back where the checkpoint was
+                                  (--weights_from: the weights it gives now checked against those trained with)
 
 --resume_step N is turned into --resume_from by the pre-flight checks (preflight.apply_resume_step).
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import torch
 
 from dreamprm import checkpoint as ckpt
 from dreamprm import dist, engine
@@ -34,7 +37,8 @@ RESUME_MUST_MATCH = [("data", "train_file"), ("data", "meta_file"), ("data", "tr
                      ("train", "precision"), ("train", "step_loss"), ("train", "hard_labels"),
                      ("train", "focal_gamma"), ("train", "pos_fraction"),
                      ("train", "batch_size"), ("train", "grad_accum"), ("train", "seed"),
-                     ("meta", "weights"), ("meta", "baseline"), ("meta", "table_optimizer"), ("meta", "net_hidden")]
+                     ("meta", "weights"), ("meta", "baseline"), ("meta", "table_optimizer"), ("meta", "net_hidden"),
+                     ("meta", "weights_from"), ("meta", "unmatched_weight")]
 # Fields whose value a resumed run takes from the checkpoint's optimizer and scheduler state (the
 # learning rates, weight decay and the schedule's shape): a new value would not take effect, so it is refused.
 RESUME_FROM_STATE = [("train", "lr"), ("train", "weight_decay"), ("train", "lr_schedule"), ("train", "warmup_steps"),
@@ -101,6 +105,20 @@ def check_resume_config(cfg: Config, saved: dict) -> None:
                               "new run in another --output_dir")
 
 
+def check_transferred(state, shared: dict, resume: Path) -> None:
+    """--weights_from: the transferred weights are part of the run's identity. The same flag can give other weights
+    when the file changed since the run started (the proxy run resumed, the data edited): refused, not mixed."""
+    w = getattr(state.wmod, "w", None)
+    if w is None:
+        return
+    saved = shared["weights"].get("w")
+    if saved is None or saved.shape != w.shape or not torch.equal(saved, w):
+        n = "all" if saved is None or saved.shape != w.shape else int((saved != w).sum())
+        raise CheckpointError(f"cannot resume from {resume}: --weights_from now gives other "
+                              f"weights than the run trained with ({n} of {len(w)} training examples differ): the "
+                              "weights file changed since the run started; restore it, or start a new --output_dir")
+
+
 def find_resume(cfg: Config, ckpt_root: Path, rank: int) -> Path | None:
     """Before the model is built: partial saves removed, the checkpoint to resume from chosen
     and verified (every rank reads a share of the checksums), its config checked."""
@@ -131,6 +149,7 @@ def restore(eng, state, resume: Path, universal: Path | None, rank: int, world: 
     """Load the checkpoint into the engine and the TrainState (every rank); the universal form, derived
     from the checkpoint, is deleted afterwards."""
     shared, per_rank, saved_world = engine.load_checkpoint(eng, resume, universal)
+    check_transferred(state, shared, resume)
     moved = saved_world != world
     state.load_state_dict(shared, per_rank, world_changed=moved)
     print0(f"resumed from {resume} at update {state.step}", rank=rank)

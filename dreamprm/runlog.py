@@ -184,7 +184,7 @@ class RunLog:
         if w["meta_n"]:
             row.update(meta_loss=w["meta_loss"] / w["meta_n"], v_norm=self.meta["v_norm"],
                        align_mean=self.meta["align_mean"])
-        row.update(lr=lr, meta_lr=state.wopt.param_groups[0]["lr"],
+        row.update(lr=lr, **({"meta_lr": state.wopt.param_groups[0]["lr"]} if state.wopt is not None else {}),
                    **weight_stats(state.wmod, self.cfg.meta.baseline),
                    tokens_per_s=w["tokens"] / max(seconds, 1e-9), mem_mb=peak_memory_mb(), time=time.time())
         row.update(**source_row(self.names, dist.all_reduce_(self.src_window), train_stream), **evals)

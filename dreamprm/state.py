@@ -4,7 +4,7 @@ The PRM and its optimizer live in the DeepSpeed engine (saved by it); the rest o
 here, so the loop keeps no loose state beside it and a resumed run continues exactly:
 
     step            the last finished update
-    wmod, wopt      the weight module and its optimizer
+    wmod, wopt      the weight module and its optimizer (None: fixed weights, --weights_from)
     train_stream    per-rank batch streams (positions, mixture draws, curriculum)
     meta_stream     (None for --baseline)
     src_base        [sources, 3] totals (instances, loss, weight) of the processes before this one
@@ -26,7 +26,7 @@ from dreamprm.dist import all_reduce_
 class TrainState:
     step: int
     wmod: torch.nn.Module
-    wopt: torch.optim.Optimizer
+    wopt: torch.optim.Optimizer | None
     train_stream: object
     meta_stream: object | None
     source_of: torch.Tensor  # training example -> its source
@@ -57,7 +57,8 @@ class TrainState:
     def state_dict(self) -> tuple[dict, dict]:
         """(shared, per_rank): shared is the same on every rank (rank 0 writes it); per_rank differs by rank.
         A collective (the source totals are summed over the ranks)."""
-        shared = {"step": self.step, "weights": self.wmod.state_dict(), "weights_opt": self.wopt.state_dict(),
+        shared = {"step": self.step, "weights": self.wmod.state_dict(),
+                  "weights_opt": self.wopt.state_dict() if self.wopt is not None else {},
                   "source_totals": self.source_totals().tolist()}
         per_rank = {"train_stream": self.train_stream.state_dict(),
                     "meta_stream": self.meta_stream.state_dict() if self.meta_stream is not None else {},
@@ -69,7 +70,8 @@ class TrainState:
         same fraction of the epoch, split over the new ranks (BatchStream.load_state_dict)."""
         self.step = shared["step"]
         self.wmod.load_state_dict(shared["weights"])
-        self.wopt.load_state_dict(shared["weights_opt"])
+        if self.wopt is not None:
+            self.wopt.load_state_dict(shared["weights_opt"])
         self.train_stream.load_state_dict(per_rank["train_stream"], allow_world_change=world_changed)
         if self.meta_stream is not None:
             self.meta_stream.load_state_dict(per_rank["meta_stream"], allow_world_change=world_changed)

@@ -31,7 +31,7 @@ from dreamprm.runguard import RunGuard
 from dreamprm.runlog import RunLog, dump_instance_weights, print0, truncate_metrics
 from dreamprm.state import TrainState
 from dreamprm.train_eval import eval_step_metrics, load_eval_examples
-from dreamprm.weights import build_weight_module, build_weight_optimizer
+from dreamprm.weights import FixedWeights, build_weight_module, build_weight_optimizer
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Run:
 
     @property
     def bilevel(self) -> bool:
-        return not self.cfg.meta.baseline
+        return self.cfg.meta.bilevel
 
 
 def fit(cfg: Config, notes=()) -> int:
@@ -79,21 +79,22 @@ def fit(cfg: Config, notes=()) -> int:
 
 def build(cfg: Config, rank: int, world: int, resumed_from: Path | None, load_universal: bool) -> Run:
     """The data, the engine, the weight module and a fresh TrainState (resume.restore fills it)."""
-    bilevel_run = not cfg.meta.baseline
+    bilevel_run = cfg.meta.bilevel
     records = sources.read_run_records(cfg, needs_meta=bilevel_run)  # every source's problems, before any model
     tokenizer = training_tokenizer(cfg.model)
     data = sources.run_data(cfg, tokenizer, rank, needs_meta=bilevel_run, world=world, records=records)
     if cfg.train.epochs:  # before anything reads total_steps (schedule, curriculum, streams)
         for note in resolve_epochs(cfg, len(data.train_ex), world, resumed_from):
             print0(note, rank=rank)
+    fixed = sources.transferred(cfg, data, records[0], rank) if cfg.meta.weights_from else None  # before the model
     eng = engine.create_engine(cfg, rank, world, sources.step_loss(cfg, data.pos_fraction), tokenizer=tokenizer,
                                load_universal=load_universal)
     eval_ex = []
     if cfg.run.eval_every:
         eval_ex, se = load_eval_examples(cfg, tokenizer, data.domains)
         print0(f"eval  {cfg.data.eval_file}: {se}", rank=rank)
-    wmod = build_weight_module(cfg.meta.weights, [ex.domain for ex in data.train_ex], len(data.domains),
-                               cfg.meta.net_hidden)
+    wmod = FixedWeights(fixed) if fixed is not None else build_weight_module(
+        cfg.meta.weights, [ex.domain for ex in data.train_ex], len(data.domains), cfg.meta.net_hidden)
     wopt = build_weight_optimizer(wmod, cfg.meta, cfg.train.batch_size * cfg.train.grad_accum * world)
     pad_id = tokenizer.pad_token_id
     state = TrainState.new(wmod, wopt, sources.train_stream(cfg, data, pad_id, rank, world, wmod),
@@ -101,7 +102,8 @@ def build(cfg: Config, rank: int, world: int, resumed_from: Path | None, load_un
                            data.source_of, len(data.train_sources))
     n_train = sum(p.numel() if eng.stage != 3 else p.ds_numel for p in eng.params)
     print0(f"ranks {world}, ZeRO stage {eng.stage}, {cfg.train.precision}, mode {cfg.model.mode}: "
-           f"{n_train:,} trainable parameters; weights {cfg.meta.weights if bilevel_run else 'uniform (baseline)'}"
+           f"{n_train:,} trainable parameters; weights "
+           f"{cfg.meta.weights if bilevel_run else 'uniform (baseline)' if fixed is None else 'fixed (transferred)'}"
            f"{', hypergradient ' + cfg.meta.hypergrad if bilevel_run else ''}", rank=rank)
     return Run(cfg, rank, world, eng, data, state, eval_ex, resumed_from)
 

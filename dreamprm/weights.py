@@ -120,6 +120,27 @@ class InstanceNet(nn.Module):
         return None  # depends on features: the loop records the weight each instance was trained with
 
 
+class FixedWeights(nn.Module):
+    """Weights given, not learned (--weights_from): instance i weighs w[i]. Nothing to train, so no optimizer and no
+    meta pass; w is a buffer, so a checkpoint holds the weights the run trained with (resume compares them)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.register_buffer("w", torch.as_tensor(w, dtype=torch.float32).clone())
+
+    def positive(self, index, domain, features):
+        return self.w[index.cpu()].to(index.device)
+
+    def forward(self, index, domain, features):
+        return self.positive(index, domain, features)
+
+    def observe(self, global_mean: torch.Tensor) -> None:
+        """Nothing to do: the weights are fixed."""
+
+    def instance_weights(self) -> torch.Tensor:
+        return self.w.clone()
+
+
 def build_weight_module(kind: str, train_domains, n_domains: int, hidden: int) -> nn.Module:
     """train_domains: the domain id of every training instance, in index order."""
     domains = torch.as_tensor(list(train_domains), dtype=torch.long)
@@ -189,13 +210,15 @@ class RowOptimizer(torch.optim.Optimizer):
                     p[hit] -= lr * m_hat / (v_hat.sqrt() + group["eps"])
 
 
-def build_weight_optimizer(module: nn.Module, meta, batch_global: int = 1) -> torch.optim.Optimizer:
-    """meta: the run's MetaConfig. Adam for the net; a RowOptimizer for the tables.
+def build_weight_optimizer(module: nn.Module, meta, batch_global: int = 1) -> torch.optim.Optimizer | None:
+    """meta: the run's MetaConfig. Adam for the net; a RowOptimizer for the tables; None for fixed weights.
 
     batch_global: training instances per meta pass (all ranks, all micro-batches). An
     instance-domain table's domain factor is visited at every meta pass, an instance row about
     batch_global / n times per pass, so the factor's learning rate is meta_lr * batch_global / n:
     over an epoch it moves as far as a row does."""
+    if isinstance(module, FixedWeights):
+        return None
     if isinstance(module, InstanceNet):
         return torch.optim.Adam(module.parameters(), lr=meta.meta_lr)
     groups = [{"params": [module.raw]}]

@@ -313,3 +313,18 @@ def test_yaml_1e_minus_4_is_read_as_the_number_it_means(tmp_path):
     assert (cfg.train.lr, cfg.meta.meta_lr) == (1e-4, 5e-2)
     assert problems == [f"{recipe}:5: meta.fd_radius: 'small' is not a float (write a number, e.g. 1.0e-4; "
                         "not quoted)"]
+
+
+def test_weights_from_refuses_every_bilevel_option_naming_both_flags():
+    base = ["--train_file", "t.jsonl", "--weights_from", "runs/proxy"]
+    assert parse_config(base)[1] == []  # no meta file needed: no meta pass
+    cases = {("--baseline",): "--baseline", ("--meta_file", "m.jsonl"): "--meta_file",
+             ("--hypergrad", "fused"): "--hypergrad fused", ("--meta_lr", "0.5"): "--meta_lr 0.5",
+             ("--weights", "domain_table"): "--weights domain_table",
+             ("--mix", "learned", "--train_file", "u.jsonl"): "--mix learned"}
+    for extra, says in cases.items():
+        problems = parse_config(base + list(extra))[1]
+        assert len(problems) == 1, (extra, problems)
+        assert problems[0].startswith("--weights_from runs/proxy: trains with fixed weights") and says in problems[0]
+    _, problems, _ = parse_config(["--train_file", "t.jsonl", "--meta_file", "m.jsonl", "--unmatched_weight", "one"])
+    assert problems == ["--unmatched_weight one: applies only with --weights_from RUN_DIR; drop it"]

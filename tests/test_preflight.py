@@ -187,3 +187,21 @@ def test_an_output_dir_that_is_a_file_is_named(tmp_path):
         assert preflight.path_problems(cfg, 1) == [f"--output_dir: {f} is a file, not a folder"
                                                    + ("" if out == f else f" (on the way to {out})")
                                                    + "; pass the run directory (it is created if missing)"]
+
+
+def test_weights_from_must_be_a_run_with_learned_weights(tmp_path):
+    argv = ["--train_file", ROOT / "dreamprm/demo/train.jsonl", "--train_format", "minif2f"]
+    with pytest.raises(ConfigError, match=r"--weights_from .*nope: not a run directory \(no config.yaml\); pass the "
+                                          r"--output_dir of a training run or its instance_weights.jsonl"):
+        load(argv + ["--weights_from", tmp_path / "nope"])
+    run = tmp_path / "base"
+    run.mkdir()
+    (run / "config.yaml").write_text("data: {}\nmodel: {}\nmeta: {baseline: true}\n")
+    with pytest.raises(ConfigError, match="a baseline run .* learned none"):
+        load(argv + ["--weights_from", run])
+    (run / "config.yaml").write_text("data: {}\nmodel: {}\nmeta: {baseline: false}\n")
+    with pytest.raises(ConfigError, match="instance_weights.jsonl: not written yet"):
+        load(argv + ["--weights_from", run])
+    (run / "instance_weights.jsonl").write_text('{"id": "a", "index": 0, "domain": null, "weight": -1}\n')
+    with pytest.raises(ConfigError, match=r"instance_weights.jsonl:1: weight: -1 is not a finite number >= 0"):
+        load(argv + ["--weights_from", run / "instance_weights.jsonl"])

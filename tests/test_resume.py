@@ -84,3 +84,23 @@ def test_auto_resume_passes_over_a_garbled_or_stale_pointer_with_a_note(tmp_path
     cfg.run.resume_from = "auto"
     with pytest.raises(CheckpointError, match="(?s)no intact checkpoint .*holds no complete checkpoint"):
         resolve_resume(cfg, tmp_path)
+
+
+def test_transferred_weights_that_changed_since_the_run_started_are_refused(tmp_path):
+    import torch
+
+    from dreamprm.resume import check_transferred
+    from dreamprm.state import TrainState
+    from dreamprm.weights import FixedWeights
+
+    state = TrainState.new(FixedWeights([1.0, 0.5, 2.0]), None, None, None, [0, 0, 0], 1)
+    check_transferred(state, {"weights": {"w": torch.tensor([1.0, 0.5, 2.0])}}, tmp_path)
+    with pytest.raises(CheckpointError, match=r"--weights_from now gives other weights than the run trained with "
+                                              r"\(1 of 3 training examples differ\)"):
+        check_transferred(state, {"weights": {"w": torch.tensor([1.0, 0.5, 2.5])}}, tmp_path)
+    with pytest.raises(CheckpointError, match=r"\(all of 3"):
+        check_transferred(state, {"weights": {"w": torch.ones(4)}}, tmp_path)
+    cfg = Config()
+    cfg.meta.weights_from = "runs/proxy"
+    with pytest.raises(CheckpointError, match="--weights_from: checkpoint has '', this run 'runs/proxy'"):
+        check_resume_config(cfg, Config().to_dict())

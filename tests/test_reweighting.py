@@ -111,7 +111,9 @@ def test_bad_options_are_reported_together(capsys):
 @pytest.mark.slow
 def test_tiny_end_to_end_run_writes_the_table(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "bench/reweighting.py", "--seeds", "0", "--methods", "baseline,instance_table,domain_table",
+    cmd = [sys.executable, "bench/reweighting.py", "--seeds", "0", "--methods",
+           "baseline,instance_table,domain_table,transfer", "--transfer_method", "instance_table",
+           "--proxy_hidden", "16",
            "--domains", "a,b", "--kinds", "none,flip", "--rates", "0,0.4", "--n_train", "16", "--n_meta", "8",
            "--n_test", "16", "--n_bon_groups", "4", "--bon_n", "3", "--epochs", "1", "--batch_size", "4",
            "--meta_batch_size", "2", "--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
@@ -123,13 +125,19 @@ def test_tiny_end_to_end_run_writes_the_table(tmp_path):
     assert sorted(f.name for f in out.iterdir()) == ["main.png", "results.md"]  # what gets committed
     art = tmp_path / "art"
     res = json.loads((art / "results.json").read_text())
-    assert set(res["table"]) == {"baseline", "instance_table", "domain_table"}
+    assert set(res["table"]) == {"baseline", "instance_table", "domain_table", "transfer", "proxy"}
+    # transfer trains with the proxy's weights: the same weights, another PRM
+    runs = res["runs"]
+    assert runs["transfer"]["0"]["domain_weight"] == runs["proxy"]["0"]["domain_weight"]
+    assert runs["transfer"]["0"]["step_auroc"] != runs["proxy"]["0"]["step_auroc"]
+    assert runs["transfer"]["0"]["wall_s"] > runs["proxy"]["0"]["wall_s"] > 0  # the proxy's time is in it
     for t in res["table"].values():
         assert 0.0 <= t["step_auroc"]["mean"] <= 1.0 and t["step_auroc"]["n"] == 1
     assert res["table"]["baseline"]["weight_auroc"]["mean"] == 0.5
     assert set(res["runs"]["domain_table"]["0"]["domain_over_time"]) == {"a", "b"}
     md = (out / "results.md").read_text()
     assert "| instance_table |" in md and "step AUROC" in md and f"`{art}/`" in md
+    assert "transfer - instance_table on this PRM" in md and "proxy: hidden 16, 1 layer" in md
     assert sorted(f.name for f in art.iterdir()) == ["domain_weights.png", "learning_curves.png", "main.png",
                                                      "results.json", "weights_by_kind.png"]
     assert (out / "main.png").read_bytes() == (art / "main.png").read_bytes()

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from dreamprm import checkpoint
@@ -241,3 +242,86 @@ def test_epochs_resolve_total_steps_once_from_the_examples_kept(tmp_path):
     p = train("--epochs", "0.05", "--output_dir", out, *FAST)
     assert p.returncode == 0 and "is finished: checkpoint step_00000006 is at update 6" in p.stdout
     assert "--epochs 0.1" in p.stdout
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+DEMO = ["--train_file", ROOT / "dreamprm/demo/train.jsonl", "--train_format", "minif2f", "--precision", "fp32",
+        "--disable_wandb", "--log_every", "5"]
+
+
+@pytest.fixture(scope="module")
+def proxy_run(tmp_path_factory):
+    """Weights learned by a PRM smaller than the built-in tiny one (hidden 32, 1 layer vs 64, 2)."""
+    from dreamprm.tiny import make_tiny_checkpoint
+
+    tmp = tmp_path_factory.mktemp("proxy")
+    model = make_tiny_checkpoint(tmp / "model", hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    out = tmp / "run"
+    p = train(*DEMO, "--meta_file", ROOT / "dreamprm/demo/meta.jsonl", "--meta_format", "minif2f",
+              "--model_name", model, "--mode", "full", "--total_steps", "20", "--batch_size", "8",
+              "--meta_batch_size", "4", "--meta_lr", "0.5", "--output_dir", out)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    learned = {r["id"]: r["weight"] for r in map(json.loads, (out / "instance_weights.jsonl").open())}
+    assert len(learned) == 240 and max(learned.values()) - min(learned.values()) > 0.05  # they moved
+    return out, learned
+
+
+def used_weights(run: Path, ranks: int) -> dict:
+    """id -> the loss weight each training record got in its last update (TrainState.last_w of every rank)."""
+    ck = checkpoint.resume_candidates(run / "checkpoints")[0]
+    last = torch.stack([torch.load(ck / checkpoint.rank_file(r), weights_only=True)["last_w"] for r in range(ranks)])
+    last = last.max(0).values
+    index = {r["id"]: r["index"] for r in map(json.loads, (run / "instance_weights.jsonl").open())}
+    assert (last >= 0).all()  # every record was trained on
+    return {rid: last[i].item() for rid, i in index.items()}
+
+
+def test_weights_transferred_from_a_smaller_prm_are_the_loss_weights_of_every_update(proxy_run, tmp_path):
+    proxy, learned = proxy_run
+    out = tmp_path / "target"
+    args = [*DEMO, "--weights_from", proxy, "--mode", "full", "--total_steps", "30", "--batch_size", "8",
+            "--output_dir", out]
+    p = train(*args)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "matched by record id" in p.stdout and "weights fixed (transferred)" in p.stdout
+    assert used_weights(out, 1) == pytest.approx(learned, abs=0)
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").open()]
+    assert not any("meta_loss" in r for r in rows)  # no meta pass
+    # resuming checks the weights: the same ones continue, changed ones are refused
+    p = train(*args[:-4], "--total_steps", "35", "--batch_size", "8", "--output_dir", out)
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+    w = proxy / "instance_weights.jsonl"
+    saved = w.read_text()
+    try:
+        rows = [json.loads(ln) for ln in saved.splitlines()]
+        rows[0]["weight"] += 0.5
+        w.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        p = train(*args[:-4], "--total_steps", "40", "--batch_size", "8", "--output_dir", out)
+        assert p.returncode == 1
+        assert "--weights_from now gives other weights than the run trained with (1 of 240" in p.stderr
+    finally:
+        w.write_text(saved)
+
+
+def test_transferred_weights_under_two_rank_zero3_lora(proxy_run, tmp_path):
+    proxy, learned = proxy_run
+    out = tmp_path / "zero3"
+    p = subprocess.run([*TORCHRUN, "launch/train.py", *map(str, DEMO), "--weights_from", str(proxy),
+                        "--deepspeed", "ds_configs/zero3.json", "--mode", "lora", "--lora_dropout", "0",
+                        "--total_steps", "30", "--batch_size", "4", "--output_dir", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "ZeRO stage 3" in p.stdout
+    assert used_weights(out, 2) == pytest.approx(learned, abs=0)
+
+
+def test_transfer_from_other_data_or_with_records_left_over_is_refused(proxy_run, tmp_path):
+    proxy, _ = proxy_run
+    other = tmp_path / "other.jsonl"
+    lines = (ROOT / "dreamprm/demo/train.jsonl").read_text().splitlines()
+    other.write_text("\n".join(lines[:200]) + "\n")  # 40 records fewer: their rows name records it lacks
+    p = train("--train_file", other, *DEMO[2:], "--weights_from", proxy, "--total_steps", "2",
+              "--output_dir", tmp_path / "a")
+    assert p.returncode == 1
+    assert "40 of 240 rows" in p.stderr and str(other) in p.stderr and "demo/train.jsonl" in p.stderr
+    assert "Traceback" not in p.stderr

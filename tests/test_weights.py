@@ -98,3 +98,17 @@ def test_instance_domain_table_multiplies_a_row_by_its_domain_factor():
     assert t.raw_domain[1] > before[1] and t.raw_domain[2] < before[2] and t.raw_domain[0] == before[0]
     # the factor is visited every meta pass, a row batch / n of them: its rate is scaled to match
     assert [g["lr"] for g in opt.param_groups] == [0.4, pytest.approx(0.4 * 2 / 8)]
+
+
+def test_fixed_weights_give_each_instance_its_given_weight_and_learn_nothing():
+    from dreamprm.weights import FixedWeights
+
+    given = [0.5, 2.0, 1.25, 0.0]
+    mod = FixedWeights(given)
+    idx = torch.tensor([3, 0, 2, 0])
+    assert mod(idx, torch.zeros(4, dtype=torch.long), torch.zeros(4, 6)).tolist() == [0.0, 0.5, 1.25, 0.5]
+    assert list(mod.parameters()) == [] and build_weight_optimizer(mod, MetaConfig()) is None
+    assert mod.instance_weights().tolist() == given
+    mod.observe(torch.tensor(7.0))  # no level to keep
+    assert mod.instance_weights().tolist() == given
+    assert mod.state_dict()["w"].tolist() == given  # a checkpoint holds them (resume compares)

@@ -2,6 +2,7 @@
 
     read_run_records(cfg, needs_meta)         every source's records, or one DataError with every problem
     run_data(cfg, tokenizer, rank, world, records) -> RunData   domains, profiles, encoded examples
+    transferred(cfg, data, records)           --weights_from: the fixed weight of every training example
     train_stream / meta_stream                the resumable per-rank batch streams over them
 
 The trainer and the pre-flight checks call the same functions, so a problem a job would hit is found
@@ -13,13 +14,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
+from dreamprm.audit import Learned, read_learned, run_sources_of
 from dreamprm.config import Config, Source, run_sources
 from dreamprm.data.loader import BatchStream, collate, with_workers
 from dreamprm.data.mixing import Curriculum, MixtureStream, mixture_probs, read_sources
 from dreamprm.data.packing import check_attention, collate_packed
 from dreamprm.data.tokenize import Example, Profile, domain_table, encode_records, profile_problems, run_profiles
-from dreamprm.errors import DataError
+from dreamprm.errors import DataError, WeightsError
 from dreamprm.hypergrad import StepLoss
 from dreamprm.model import resolve_attn
 
@@ -151,6 +154,128 @@ def _difficulty_of(r) -> float | None:
     except OverflowError:
         return None
     return v if math.isfinite(v) else None
+
+
+SHOWN = 10  # ids or domains named in one message
+
+
+def _some(items: list, total: int | None = None) -> str:
+    total = len(items) if total is None else total
+    return ", ".join(map(str, items[:SHOWN])) + (f" and {total - SHOWN} more" if total > SHOWN else "")
+
+
+def record_weights(cfg: Config, train_src: list[Source], train_recs: list[list],
+                   learned: Learned | None = None) -> tuple[list[dict], list[str]]:
+    """--weights_from: (per training source, record id -> its fixed weight; notes to print), or WeightsError naming
+    every mismatch. train_recs: read_run_records' (domain= of the sources not yet applied).
+
+    A domain_table run's weights go by domain name (a larger dataset's domains get the weight the proxy learned
+    for them); any other run's by record id, and by source where its rows name one. A record with no learned
+    weight (the proxy left it out, or never trained on it) gets --unmatched_weight; rows of records this run does
+    not have mean the weights were learned on other data, which is refused."""
+    flag = f"--weights_from {cfg.meta.weights_from}"
+    learned = learned or read_learned(cfg.meta.weights_from, "--weights_from", allow_file=True)
+    theirs = run_sources_of(learned)
+    their_files = ", ".join(s.path for s in theirs) or "(no config.yaml beside it)"
+    ours = ", ".join(s.path for s in train_src)
+    domain_of = [[s.domain if s.domain is not None else r.domain for r in recs]
+                 for s, recs in zip(train_src, train_recs)]
+    got: list[dict] = [{} for _ in train_src]
+    problems, notes = [], []
+    policy = cfg.meta.unmatched_weight
+    if learned.kind == "domain_table":
+        table: dict = {}
+        for _, row in learned.rows:
+            if row["weight"] is not None:
+                table.setdefault(row["domain"], []).append(row["weight"])
+        table = {d: sum(v) / len(v) for d, v in table.items()}
+        unseen: dict = {}
+        for k, recs in enumerate(train_recs):
+            for r, dom in zip(recs, domain_of[k]):
+                if dom in table:
+                    got[k][r.id] = table[dom]
+                elif policy == "one":
+                    got[k][r.id] = 1.0
+                else:
+                    unseen[dom] = unseen.get(dom, 0) + 1
+        if unseen:
+            problems.append(f"{flag}: domain(s) {_some([f'{d!r} ({n} records)' for d, n in unseen.items()])} were "
+                            f"never seen by the run that learned the domain weights (its domains: "
+                            f"{_some(sorted(map(repr, table)))}); pass --unmatched_weight one to weigh them 1, or "
+                            "give their sources a learned domain (--train_file PATH,domain=D)")
+        how = f"by domain ({len(table)} learned domains)"
+    else:
+        names = [s.name for s in train_src]
+        owners: dict = {}
+        for k, recs in enumerate(train_recs):
+            for r in recs:
+                owners.setdefault(r.id, []).append(k)
+        extra, twice = [], []
+        for n, row in learned.rows:
+            rid = row["id"]
+            if "source" in row:
+                k = names.index(row["source"]) if row["source"] in names and names.index(row["source"]) in \
+                    owners.get(rid, []) else None
+            else:
+                ks = owners.get(rid, [])
+                k = ks[0] if len(ks) == 1 else None
+                if len(ks) > 1:
+                    twice.append(f"{rid!r} (line {n}: in {', '.join(names[j] for j in ks)})")
+                    continue
+            if k is None:
+                extra.append(f"{rid!r} (line {n})")
+            elif row["weight"] is not None:  # null: the instance net never trained on it, nothing learned
+                got[k][rid] = row["weight"]
+        if extra:
+            problems.append(f"{flag}: {len(extra)} of {len(learned.rows)} rows of {learned.path} name records "
+                            f"that are in no training source of this run: {_some(extra)}; the weights were "
+                            f"learned on {their_files}, this run trains on {ours}: train on the data the "
+                            "weights were learned on, or learn weights on this data")
+        if twice:
+            problems.append(f"{flag}: {len(twice)} rows name no source and their id is in several training sources "
+                            f"of this run: {_some(twice)}; give the records distinct ids")
+        missing = [(k, r, dom) for k, recs in enumerate(train_recs) for r, dom in zip(recs, domain_of[k])
+                   if r.id not in got[k]]
+        if missing and policy == "error":
+            total = sum(map(len, train_recs))
+            problems.append(f"{flag}: {len(missing)} of {total} training records have no learned weight: "
+                            f"{_some([f'{r.id!r} ({names[k]})' for k, r, _ in missing])}; the weights were learned "
+                            f"on {their_files} (records it left out or never trained on have none): pass "
+                            "--unmatched_weight domain_mean (the mean learned weight of their domain) or one")
+        elif missing:
+            by_dom: dict = {}
+            for k, recs in enumerate(train_recs):
+                for r, dom in zip(recs, domain_of[k]):
+                    if r.id in got[k]:
+                        by_dom.setdefault(dom, []).append(got[k][r.id])
+            mean = {d: sum(v) / len(v) for d, v in by_dom.items()}
+            empty = sorted({repr(dom) for _, _, dom in missing if dom not in mean})
+            if policy == "domain_mean" and empty:
+                problems.append(f"{flag}: --unmatched_weight domain_mean: domain(s) {_some(empty)} have no record "
+                                "with a learned weight to average; use --unmatched_weight one")
+            for k, r, dom in missing:
+                got[k][r.id] = mean.get(dom, 1.0) if policy == "domain_mean" else 1.0
+        how = "by record id"
+        if missing and not problems:
+            notes.append(f"{len(missing)} training records without a learned weight get --unmatched_weight {policy}")
+    if problems:
+        raise WeightsError("\n".join(problems))
+    if theirs and sorted(str(Path(s.path).resolve()) for s in theirs) != sorted(str(Path(s.path).resolve())
+                                                                               for s in train_src):
+        notes.append(f"the weights were learned on {their_files}; this run trains on {ours}")
+    notes.insert(0, f"weights from {learned.path} ({learned.kind}, fixed: no meta pass), matched {how}")
+    return got, notes
+
+
+def transferred(cfg: Config, data: RunData, train_recs: list[list], rank: int = 0) -> list[float]:
+    """The fixed weight of every training example (index order) for --weights_from; the matching printed."""
+    got, notes = record_weights(cfg, data.train_sources, train_recs)
+    w = [got[k][e.id] for e, k in zip(data.train_ex, data.source_of)]
+    for n in notes:
+        print0(n, rank=rank)
+    print0(f"transferred weights of {len(w)} training examples: mean {sum(w) / len(w):.4f}, min {min(w):.4f}, "
+           f"max {max(w):.4f}", rank=rank)
+    return w
 
 
 def _difficulty_problems(train_src: list[Source], train_recs: list[list]) -> list[str]:
