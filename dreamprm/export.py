@@ -11,8 +11,10 @@ auto_map let AutoModel.from_pretrained(OUT, trust_remote_code=True) load it with
 --adapter: model.save_adapter (PEFT adapter_config.json / adapter_model.safetensors on the base
 folder named in it, head in score.safetensors). Both come from the checkpoint's consolidated fp32 state dict
 (engine.consolidated_state_dict), so ZeRO-3 runs export whole tensors, never the empty shards of
-peft #453 / trl #4416. dreamprm.json records where the export came from and how to tokenize for it
-(step tag, chat template, prompt profiles); dreamprm.scoring.load_scorer reads it.
+peft #453 / trl #4416; a LoRA checkpoint without its base is rebuilt on the base folder it trained on,
+refused when that folder's files differ from the fingerprint the checkpoint records. dreamprm.json
+records where the export came from and how to tokenize for it (step tag, chat template, prompt
+profiles); dreamprm.scoring.load_scorer reads it.
 """
 
 from __future__ import annotations

@@ -18,3 +18,15 @@ def test_checkpoints_from_before_the_mixing_options_resume_and_a_changed_mix_is_
     changed = {**old, "data": {**old["data"], "mix": "temperature"}}
     with pytest.raises(CheckpointError, match="--mix: checkpoint has 'temperature'"):
         check_resume_config(cfg, changed)
+
+
+def test_the_base_check_applies_to_checkpoints_that_record_a_base():
+    from dreamprm.resume import check_base
+
+    fp = {"path": "/models/base", "files": {"model.safetensors": {"bytes": 10, "sha256": "a"}}}
+    other = {"path": "/models/base", "files": {"model.safetensors": {"bytes": 10, "sha256": "b"}}}
+    check_base(None, fp, "CKPT")  # a checkpoint holding the whole model records none
+    check_base(fp, {**fp, "path": "/copy/base"}, "CKPT")  # the same files elsewhere
+    with pytest.raises(CheckpointError, match="cannot resume from CKPT: .* /models/base, whose files are not the "
+                       "ones the run started from: model.safetensors has the same size but another SHA-256"):
+        check_base(fp, other, "CKPT")
