@@ -11,10 +11,12 @@ auto_map let AutoModel.from_pretrained(OUT, trust_remote_code=True) load it with
 --adapter: model.save_adapter (PEFT adapter_config.json / adapter_model.safetensors on the base
 folder named in it, head in score.safetensors). Both come from the checkpoint's consolidated fp32 state dict
 (engine.consolidated_state_dict), so ZeRO-3 runs export whole tensors, never the empty shards of
-peft #453 / trl #4416. dreamprm.json records where the export came from and how to tokenize for it
-(step tag, chat template, prompt profiles); dreamprm.scoring.load_scorer reads it. A merged export also
-gets README.md (usage_card): how to score it with load_scorer, transformers and vLLM, which reads the step
-tag id only when it is passed (PoolerConfig(step_tag_id=N)).
+peft #453 / trl #4416; a LoRA checkpoint without its base is rebuilt on the base folder it trained on,
+refused when that folder's files differ from the fingerprint the checkpoint records. dreamprm.json
+records where the export came from and how to tokenize for it (step tag, chat template, prompt
+profiles); dreamprm.scoring.load_scorer reads it. A merged export also gets README.md (usage_card): how to
+score it with load_scorer, transformers and vLLM, which reads the step tag id only when it is passed
+(PoolerConfig(step_tag_id=N)).
 """
 
 from __future__ import annotations

@@ -284,6 +284,64 @@ def model_dir(mcfg) -> Path:
     return check_model_dir(default_tiny_dir())
 
 
+# The files of a model folder that make the model a run trains on top of: what a fingerprint covers.
+BASE_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
+              "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def checkpoint_holds_base(mcfg) -> bool:
+    """Whether a run's checkpoints hold the whole PRM. A full fine-tune trains its base; the built-in
+    tiny model has no folder named in the config (it is rebuilt from code that may change between
+    versions) and costs a few MB. LoRA and QLoRA on a named folder save only what trains and rebuild
+    the frozen base from that folder, checked against the fingerprint taken when the run started."""
+    return mcfg.mode == "full" or not mcfg.name_or_path
+
+
+def base_files(folder: Path) -> list[str]:
+    """The files of a model folder that make the model (BASE_FILES), sorted: the same on every rank."""
+    return sorted({f.name for pat in BASE_FILES for f in Path(folder).glob(pat) if f.is_file()})
+
+
+def base_fingerprint(folder: Path, part: int = 0, parts: int = 1) -> dict:
+    """{"path", "files": {name: {"bytes", "sha256"}}} of a base model folder (the BASE_FILES in it).
+
+    The full SHA-256, not size and mtime: a faithful copy (cp, rsync without -t, a node-local stage-in)
+    changes every mtime, and a rewrite that keeps the size can keep the mtime too; the cost is one read
+    of the base (bench/RESULTS.md), taken once when a run starts and once per export or load_scorer.
+    part/parts: this rank's share of the files (the caller gathers the shares)."""
+    from dreamprm.checkpoint import describe_files
+
+    folder = Path(folder).resolve()
+    return {"path": str(folder), "files": describe_files(folder, base_files(folder)[part::parts])}
+
+
+def base_differences(recorded: dict, current: dict) -> list[str]:
+    """What differs between the fingerprint a checkpoint records and a folder's now (empty: the same)."""
+    was, now = recorded["files"], current["files"]
+    out = [f"{n} is missing" for n in sorted(set(was) - set(now))]
+    out += [f"{n} is new" for n in sorted(set(now) - set(was))]
+    for n in sorted(set(was) & set(now)):
+        if was[n]["bytes"] != now[n]["bytes"]:
+            out.append(f"{n} has {now[n]['bytes']:,} bytes, the run's base had {was[n]['bytes']:,}")
+        elif was[n]["sha256"] != now[n]["sha256"]:
+            out.append(f"{n} has the same size but another SHA-256 (its content changed)")
+    return out
+
+
+def base_mismatch(recorded: dict, current: dict, what: str) -> str | None:
+    """The one message for a base folder whose files are not those a run started from, None when they
+    are (wherever the folder is). what: the checkpoint and what is being done ("cannot resume from CKPT")."""
+    diffs = base_differences(recorded, current)
+    if not diffs:
+        return None
+    where = current["path"] + ("" if current["path"] == recorded["path"] else f" (the run started from "
+                               f"{recorded['path']})")
+    return (f"{what}: it holds only the trained weights (LoRA adapters, head) and is rebuilt on the base model "
+            f"folder {where}, whose files are not the ones the run started from: " + "; ".join(diffs)
+            + ". Put the original files back (a copy with the same contents is fine)")
+
+
 def training_tokenizer(mcfg):
     """The tokenizer a run trains with (the step tag added when it is not one token): build_prm's, loaded
     without the model, so the data can be read and encoded before the engine exists."""

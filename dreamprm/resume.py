@@ -1,8 +1,10 @@
 """Every resume decision, in the order a job takes them.
 
-    choose(cfg, rank, world)      partial saves removed; the checkpoint to resume from picked and verified
+    base_fingerprint(cfg, ...)    a LoRA run's base folder fingerprinted once (its checkpoints hold no base)
+    choose(cfg, rank, world, base)  partial saves removed; the checkpoint to resume from picked and verified
                                   (--resume_from auto: the newest intact one of the run's lineage, saying
-                                  which it passed over and why); its config checked against this run's;
+                                  which it passed over and why); its config checked against this run's, its
+                                  base fingerprint against the base folder's now;
                                   for another number of ranks, its DeepSpeed universal form made
     restore(eng, state, ...)      the engine, the TrainState and the RNG put back where the checkpoint was
                                   (--weights_from: the weights it gives now checked against those trained with)
@@ -21,6 +23,8 @@ from dreamprm import checkpoint as ckpt
 from dreamprm import dist, engine
 from dreamprm.config import Config
 from dreamprm.errors import CheckpointError
+from dreamprm.model import base_mismatch, checkpoint_holds_base, model_dir
+from dreamprm.model import base_fingerprint as folder_fingerprint
 from dreamprm.runlog import print0
 
 # Fields that must agree between a checkpoint and the run resuming it: what the parameters mean (model,
@@ -119,9 +123,28 @@ def check_transferred(state, shared: dict, resume: Path) -> None:
                               "weights file changed since the run started; restore it, or start a new --output_dir")
 
 
-def find_resume(cfg: Config, ckpt_root: Path, rank: int) -> Path | None:
+def base_fingerprint(cfg: Config, rank: int, world: int) -> dict | None:
+    """The fingerprint of the run's base model folder (model.base_fingerprint; every rank hashes a share
+    of its files), taken once when the run starts: each checkpoint records it, a resume compares it.
+    None when the checkpoints hold the whole model (model.checkpoint_holds_base) and for a dry run."""
+    if cfg.run.dry_run or checkpoint_holds_base(cfg.model):
+        return None
+    parts = dist.all_gather_object(folder_fingerprint(model_dir(cfg.model), rank, world))
+    return {"path": parts[0]["path"], "files": {k: v for part in parts for k, v in part["files"].items()}}
+
+
+def check_base(recorded: dict | None, base: dict | None, resume: Path) -> None:
+    """A checkpoint without its base (recorded: the fingerprint it holds) resumes only on the same base
+    files. Checkpoints that hold the whole model record none."""
+    msg = base_mismatch(recorded, base, f"cannot resume from {resume}") if recorded and base else None
+    if msg:
+        raise CheckpointError(msg)
+
+
+def find_resume(cfg: Config, ckpt_root: Path, rank: int, base: dict | None = None) -> Path | None:
     """Before the model is built: partial saves removed, the checkpoint to resume from chosen
-    and verified (every rank reads a share of the checksums), its config checked."""
+    and verified (every rank reads a share of the checksums), its config checked, and its base
+    fingerprint against base (this run's, base_fingerprint)."""
     if rank == 0 and ckpt_root.is_dir():
         for n in ckpt.remove_partial(ckpt_root):
             print0(n, rank=rank)
@@ -130,17 +153,20 @@ def find_resume(cfg: Config, ckpt_root: Path, rank: int) -> Path | None:
     for n in notes:
         print0(n, rank=rank)
     if resume is not None:
-        check_resume_config(cfg, ckpt.shared_state(resume)["config"])
+        shared = ckpt.shared_state(resume)
+        check_resume_config(cfg, shared["config"])
+        check_base(shared.get("base"), base, resume)
         if notes:
             print0(f"falling back to {resume}, the newest intact checkpoint of this run", rank=rank)
     return resume
 
 
-def choose(cfg: Config, rank: int, world: int) -> tuple[Path | None, Path | None]:
-    """(checkpoint to resume from or None, its universal form when the world size changed, else None)."""
+def choose(cfg: Config, rank: int, world: int, base: dict | None = None) -> tuple[Path | None, Path | None]:
+    """(checkpoint to resume from or None, its universal form when the world size changed, else None).
+    base: this run's base fingerprint (base_fingerprint)."""
     if cfg.run.dry_run:
         return None, None
-    resume = find_resume(cfg, Path(cfg.run.output_dir) / "checkpoints", rank)
+    resume = find_resume(cfg, Path(cfg.run.output_dir) / "checkpoints", rank, base)
     universal = engine.universal_copy(resume, world, rank) if resume is not None else None
     return resume, universal
 

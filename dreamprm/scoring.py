@@ -12,7 +12,8 @@ Text is tokenized exactly as in training (data.tokenize.encode_records, with the
 chat-template setting the model was trained with), and nothing is truncated: a solution that
 does not fit in max_length tokens is an error naming it. A checkpoint is rebuilt from the
 config saved in it (build_prm in fp32) and its consolidated fp32 state dict
-(engine.consolidated_state_dict, any ZeRO stage).
+(engine.consolidated_state_dict, any ZeRO stage); a LoRA checkpoint holds only the trained
+weights and is rebuilt on its base folder, checked against the fingerprint it records.
 
 """
 
@@ -35,7 +36,7 @@ from dreamprm.data.loader import collate
 from dreamprm.data.record import Record, record_from_json, record_problems
 from dreamprm.data.tokenize import Profile, encode_records
 from dreamprm.errors import CheckpointError, ModelError, ScoringError
-from dreamprm.model import HEAD_FILE, build_prm, load_prm, step_probs
+from dreamprm.model import HEAD_FILE, base_fingerprint, base_mismatch, build_prm, load_prm, step_probs
 from dreamprm.preflight import model_length_limit
 
 EXPORT_INFO = "dreamprm.json"  # written by `dreamprm export` next to the weights
@@ -298,22 +299,34 @@ def _model_config(cfg: dict):
 def load_checkpoint_prm(ckpt: Path, precision: str = "fp32"):
     """(prm in eval mode, tokenizer, run config dict) from a complete checkpoint.
 
-    The PRM is rebuilt from the checkpoint's config (peft module names included) and gets the whole
-    consolidated state dict, frozen weights included. QLoRA: the 4-bit base is rebuilt by quantizing the
-    base folder again in the training precision (deterministic, as in training) and only the trained
-    weights (LoRA, head) are loaded.
+    The PRM is rebuilt from the checkpoint's config (peft module names included) and gets its
+    consolidated state dict: the whole model for a full fine-tune (and for checkpoints written before
+    LoRA ones left the base out), only the trained weights (LoRA, head) for a LoRA checkpoint, whose frozen
+    base is read from the folder the run trained on after its files are checked against the fingerprint
+    the checkpoint records. QLoRA: the 4-bit base is rebuilt by quantizing the base folder again in the
+    training precision (deterministic, as in training) and only the trained weights are loaded.
     """
     from dreamprm import engine  # deepspeed: only when a checkpoint is loaded
 
-    cfg = torch.load(ckpt / SHARED_STATE, weights_only=True, map_location="cpu")["config"]
+    state = torch.load(ckpt / SHARED_STATE, weights_only=True, map_location="cpu")
+    cfg, base = state["config"], state.get("base")
     mcfg = _model_config(cfg)
     mcfg.gradient_checkpointing = False  # no backward here
     qlora = mcfg.mode == "qlora"
+    if base is not None:  # the folder as the run resolved it, whatever the current directory is now
+        if not Path(base["path"]).is_dir():
+            raise ScoringError(f"checkpoint {ckpt} holds only the trained weights (LoRA adapters, head) and is "
+                               f"rebuilt on the base model folder it was trained on, {base['path']}, which does "
+                               "not exist any more; put that folder back (a copy with the same files is fine)")
+        msg = base_mismatch(base, base_fingerprint(Path(base["path"])), f"cannot load {ckpt}")
+        if msg:
+            raise ScoringError(msg)
+        mcfg.name_or_path = base["path"]
     with torch.random.fork_rng(devices=[]):  # build_prm draws the fresh head from the global RNG
         prm, tok = build_prm(mcfg, cfg["train"]["precision"] if qlora else precision)
     with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints its progress
         sd = engine.consolidated_state_dict(ckpt)
-    if qlora:
+    if qlora or base is not None:
         want = {n for n, q in prm.named_parameters() if q.requires_grad}
         missing = sorted(want - set(sd))
         if missing:

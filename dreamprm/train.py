@@ -45,6 +45,7 @@ class Run:
     state: TrainState
     eval_ex: list
     resumed_from: Path | None
+    base: dict | None = None  # the base folder's fingerprint when checkpoints leave the frozen base out
 
     @property
     def run_dir(self) -> Path:
@@ -66,8 +67,9 @@ def fit(cfg: Config, notes=()) -> int:
         if guard.finished:  # nothing to train: status.json, metrics and wandb are left as they are
             print0(guard.finished, rank=rank)
             return 0
-        resumed_from, universal = resume.choose(cfg, rank, world)
-        run = build(cfg, rank, world, resumed_from, load_universal=universal is not None)
+        base = resume.base_fingerprint(cfg, rank, world)  # None: the checkpoints hold the whole model
+        resumed_from, universal = resume.choose(cfg, rank, world, base)
+        run = build(cfg, rank, world, resumed_from, load_universal=universal is not None, base=base)
         guard.status["total_steps"] = cfg.train.total_steps  # resolved by now when --epochs gave it
         if cfg.run.dry_run:
             print0("dry run: config, data and model are valid; exiting before training", rank=rank)
@@ -77,8 +79,10 @@ def fit(cfg: Config, notes=()) -> int:
         return train_loop(run, guard)
 
 
-def build(cfg: Config, rank: int, world: int, resumed_from: Path | None, load_universal: bool) -> Run:
-    """The data, the engine, the weight module and a fresh TrainState (resume.restore fills it)."""
+def build(cfg: Config, rank: int, world: int, resumed_from: Path | None, load_universal: bool,
+          base: dict | None = None) -> Run:
+    """The data, the engine, the weight module and a fresh TrainState (resume.restore fills it).
+    base: resume.base_fingerprint's, recorded in every checkpoint (which then holds no frozen weights)."""
     bilevel_run = cfg.meta.bilevel
     records = sources.read_run_records(cfg, needs_meta=bilevel_run)  # every source's problems, before any model
     tokenizer = training_tokenizer(cfg.model)
@@ -105,7 +109,7 @@ def build(cfg: Config, rank: int, world: int, resumed_from: Path | None, load_un
            f"{n_train:,} trainable parameters; weights "
            f"{cfg.meta.weights if bilevel_run else 'uniform (baseline)' if fixed is None else 'fixed (transferred)'}"
            f"{', hypergradient ' + cfg.meta.hypergrad if bilevel_run else ''}", rank=rank)
-    return Run(cfg, rank, world, eng, data, state, eval_ex, resumed_from)
+    return Run(cfg, rank, world, eng, data, state, eval_ex, resumed_from, base)
 
 
 def resolve_epochs(cfg: Config, examples: int, world: int, resumed_from: Path | None) -> list[str]:
@@ -219,14 +223,17 @@ def run_eval(run: Run) -> dict:
 
 
 def save(run: Run, guard: RunGuard) -> Path:
-    """A checkpoint of the engine and the whole TrainState (a collective)."""
+    """A checkpoint of the engine and the whole TrainState (a collective). With a base fingerprint the
+    frozen base is left out and the fingerprint recorded (shared["base"]), for resume, export and scoring."""
     shared, per_rank = run.state.state_dict()
     shared.update(config=run.cfg.to_dict(),
                   profiles={n: dataclasses.asdict(p) for n, p in run.data.profiles.items()})
+    if run.base is not None:
+        shared["base"] = run.base
     path, notes = engine.save_checkpoint(
         run.eng, run.run_dir / CHECKPOINTS_DIR, run.state.step, shared=shared, per_rank=per_rank,
         keep_last=run.cfg.run.keep_last, parent=Path(guard.status["last_checkpoint"] or "").name or None,
-        keep=[run.resumed_from] if run.resumed_from is not None else [])
+        keep=[run.resumed_from] if run.resumed_from is not None else [], exclude_frozen=run.base is not None)
     for n in notes:  # old checkpoints that could not be deleted: the run goes on, the disk fills
         print(f"dreamprm: warning: {n}", file=sys.stderr, flush=True)
     guard.status["last_checkpoint"] = str(path)

@@ -16,12 +16,14 @@ def main():
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     cfg, _ = load_config(sys.argv[3:] + ["--resume_from", str(src)])
     rank, world = engine.init_distributed()
-    path = resume.find_resume(cfg, src.parent, rank)
+    base = resume.base_fingerprint(cfg, rank, world)  # a LoRA run on a named base: checkpoints leave it out
+    path = resume.find_resume(cfg, src.parent, rank, base)
     universal = engine.universal_copy(path, world, rank)
     eng = engine.create_engine(cfg, rank, world, StepLoss(), load_universal=universal is not None)
     shared, per_rank, _ = engine.load_checkpoint(eng, path, universal)
-    engine.save_checkpoint(eng, out, shared["step"], {k: shared[k] for k in ("config", "weights", "weights_opt")},
-                           {k: per_rank[k] for k in ("train_stream", "meta_stream")}, keep_last=1)
+    keep = {k: shared[k] for k in ("config", "weights", "weights_opt", "base") if k in shared}
+    engine.save_checkpoint(eng, out, shared["step"], keep, {k: per_rank[k] for k in ("train_stream", "meta_stream")},
+                           keep_last=1, exclude_frozen=base is not None)
 
 
 if __name__ == "__main__":

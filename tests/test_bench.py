@@ -169,3 +169,13 @@ def test_only_results_md_and_one_headline_figure_are_committed():
     data = [f for f in files if not f.endswith((".py", ".md"))]
     assert data == ["bench/reweighting/swap_sub/main.png"]
     assert subprocess.run(["git", "check-ignore", "-q", "bench/out/x/results.json"], cwd=ROOT).returncode == 0
+
+
+def test_lora_checkpoint_bench_compares_the_two_forms():
+    p = subprocess.run([sys.executable, "bench/lora_checkpoint.py", "--models", "tiny", "--repeats", "1"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = [ln.split("|")[1:-1] for ln in p.stdout.splitlines() if ln.startswith("| tiny")]
+    assert [r[2].strip() for r in rows] == ["whole PRM (before)", "trained weights only (now)"]
+    before, now = (float(r[4]) for r in rows)
+    assert now < before

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -392,3 +393,33 @@ def test_default_tiny_model(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMPRM_CACHE", str(tmp_path))
     prm, tok = build_prm(ModelConfig(name_or_path="", mode="full"), "fp32")
     assert isinstance(prm, PRM) and prm(*batch(tok)).shape == (2, 3, 2)
+
+
+def test_base_fingerprint_names_what_changed(lm_dir, tmp_path):
+    import shutil
+
+    from dreamprm.model import base_fingerprint, base_mismatch, checkpoint_holds_base
+
+    assert checkpoint_holds_base(ModelConfig(mode="full", name_or_path=str(lm_dir)))
+    assert checkpoint_holds_base(ModelConfig(mode="lora"))  # the built-in model: no folder named
+    assert not checkpoint_holds_base(ModelConfig(mode="lora", name_or_path=str(lm_dir)))
+    was = base_fingerprint(lm_dir)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(was["files"])
+    copy = Path(shutil.copytree(lm_dir, tmp_path / "copy"))
+    (copy / "README.md").write_text("not part of the model\n")
+    assert base_mismatch(was, base_fingerprint(copy), "x") is None  # same files elsewhere: the same base
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    (copy / "tokenizer.json").unlink()
+    (copy / "model-extra.safetensors").write_bytes(b"")
+    msg = base_mismatch(was, base_fingerprint(copy), "cannot resume from CKPT")
+    assert msg.startswith(f"cannot resume from CKPT: it holds only the trained weights (LoRA adapters, head) and is "
+                          f"rebuilt on the base model folder {copy.resolve()} (the run started from "
+                          f"{Path(lm_dir).resolve()}), whose files")
+    for part in ("tokenizer.json is missing", "model-extra.safetensors is new",
+                 f"config.json has {(copy / 'config.json').stat().st_size:,} bytes, the run's base had "
+                 f"{(lm_dir / 'config.json').stat().st_size:,}", "Put the original files back"):
+        assert part in msg, part
+    data = bytearray((lm_dir / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert "model.safetensors has the same size but another SHA-256" in base_mismatch(was, base_fingerprint(copy), "x")

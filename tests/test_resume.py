@@ -104,3 +104,15 @@ def test_transferred_weights_that_changed_since_the_run_started_are_refused(tmp_
     cfg.meta.weights_from = "runs/proxy"
     with pytest.raises(CheckpointError, match="--weights_from: checkpoint has '', this run 'runs/proxy'"):
         check_resume_config(cfg, Config().to_dict())
+
+
+def test_the_base_check_applies_to_checkpoints_that_record_a_base():
+    from dreamprm.resume import check_base
+
+    fp = {"path": "/models/base", "files": {"model.safetensors": {"bytes": 10, "sha256": "a"}}}
+    other = {"path": "/models/base", "files": {"model.safetensors": {"bytes": 10, "sha256": "b"}}}
+    check_base(None, fp, "CKPT")  # a checkpoint holding the whole model records none
+    check_base(fp, {**fp, "path": "/copy/base"}, "CKPT")  # the same files elsewhere
+    with pytest.raises(CheckpointError, match="cannot resume from CKPT: .* /models/base, whose files are not the "
+                       "ones the run started from: model.safetensors has the same size but another SHA-256"):
+        check_base(fp, other, "CKPT")

@@ -178,3 +178,55 @@ def test_the_conversion_bar_stays_out_of_redirected_logs(capsys):
         for _ in tqdm(range(30), desc="Converting and de-quantizing GGUF tensors..."):
             pass
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_smollm2_lora_checkpoint_leaves_the_base_out_resumes_exactly_and_exports(smol_dir, tmp_path):
+    """One rank, LoRA on every linear layer, the demo data: the checkpoint holds the 5.2M trained weights and
+    their Adam state but none of the 135M frozen ones, a run interrupted after 2 updates ends as the straight
+    one (== on every logged float and weight), and the merged and adapter exports score as the checkpoint."""
+    from dreamprm import checkpoint as ckpt
+    from dreamprm.scoring import load_scorer
+
+    train = [sys.executable, "launch/train.py", "--model_name", str(smol_dir), "--mode", "lora", "--lora_dropout",
+             "0", "--precision", "fp32", "--batch_size", "2", "--meta_batch_size", "2", "--max_length", "256",
+             "--save_every", "2", "--log_every", "1", "--disable_wandb"]
+
+    def train_to(steps, out):
+        p = subprocess.run(train + ["--total_steps", str(steps), "--output_dir", str(out)], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=1500)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return p.stdout
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_to(3, straight)
+    train_to(2, split)
+    assert "resumed from" in train_to(3, split)
+    keys = ("step", "loss", "loss_unweighted", "meta_loss", "w_mean", "w_std", "w_min", "w_max")
+    rows = [[{k: r[k] for k in keys} for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+            for d in (straight, split)]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+    assert (straight / "instance_weights.jsonl").read_text() == (split / "instance_weights.jsonl").read_text()
+
+    last = straight / "checkpoints" / "step_00000003"
+    size = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
+    base = sum(f.stat().st_size for f in smol_dir.glob("*.safetensors"))
+    assert size < 0.15 * base, (size, base)  # 5.2M fp32 weights + 2 Adam moments ~ 63 MB; the base 540 MB
+    states = torch.load(last / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    assert states["module"] and all(".lora_" in k or k.startswith("score.") for k in states["module"])
+    assert ckpt.shared_state(last)["base"]["path"] == str(Path(smol_dir).resolve())
+
+    for form in ("merged", "adapter"):
+        e = subprocess.run([sys.executable, "-m", "dreamprm.cli", "export", str(straight), str(tmp_path / form)]
+                           + (["--adapter"] if form == "adapter" else []),
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        assert e.returncode == 0, e.stderr[-3000:]
+    items = [("What is 12 * 3?", ["12 * 3 = 36.", "The answer is 36."]),
+             ("Natalia sold 48 clips in April and half as many in May. How many in all?",
+              ["In May she sold 48 / 2 = 24.", "48 + 24 = 72.", "The answer is 72."])]
+    ref = load_scorer(straight, device="cpu").score_batch(items)
+    assert ref == load_scorer(split, device="cpu").score_batch(items)
+    for form in ("merged", "adapter"):
+        got = load_scorer(tmp_path / form, device="cpu").score_batch(items)
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)

@@ -45,13 +45,15 @@ def _on_every_rank(fn, folder: Path):
 
 
 def save_checkpoint(eng: Engine, root: Path, step: int, shared: dict, per_rank: dict, keep_last: int,
-                    parent: str | None = None, keep=()) -> tuple[Path, list[str]]:
+                    parent: str | None = None, keep=(), exclude_frozen: bool = False) -> tuple[Path, list[str]]:
     """Write a checkpoint atomically: into <tag>.tmp, manifest (sizes and SHA-256) last,
     rename, then `latest`, then prune the lineage (checkpoint.prune; keep: never deleted).
 
     shared (rank 0's copy is written) holds the weight module, its optimizer, the config;
     per_rank holds the data positions; the RNG state is added here. parent: the checkpoint
-    this one continues from. Returns the folder and messages about old checkpoints that
+    this one continues from. exclude_frozen: leave out the parameters that do not train (a LoRA
+    run's base, rebuilt from its folder on loading; shared should then record that folder's
+    fingerprint, model.base_fingerprint). Returns the folder and messages about old checkpoints that
     could not be deleted. A failed write (disk full, read-only, no permission) on any rank
     removes the partial folder and raises CheckpointError on every rank naming the cause and
     the last complete checkpoint.
@@ -74,7 +76,7 @@ def save_checkpoint(eng: Engine, root: Path, step: int, shared: dict, per_rank: 
             folder.begin()
 
     def write():
-        eng.ds.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+        eng.ds.save_checkpoint(str(root), tag=tmp.name, save_latest=False, exclude_frozen_parameters=exclude_frozen)
         torch.save({**per_rank, "rng": _rng_state()}, tmp / ckpt.rank_file(eng.rank))
         if eng.rank == 0:
             torch.save({**shared, "step": step, "world": eng.world, "stage": eng.stage}, tmp / ckpt.SHARED_STATE)
@@ -162,7 +164,7 @@ def load_checkpoint(eng: Engine, path: Path, universal: Path | None = None) -> t
                               "through universal_copy")
     src = universal or path
     loaded, _ = eng.ds.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+                                       load_lr_scheduler_states=True, custom_load_fn=_load_module)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {src}")
     shared = ckpt.shared_state(path)
@@ -171,10 +173,23 @@ def load_checkpoint(eng: Engine, path: Path, universal: Path | None = None) -> t
     return shared, per_rank, man["world"]
 
 
+def _load_module(src: dict, dst: torch.nn.Module) -> None:
+    """The engine's module from a checkpoint's state dict (DeepSpeed's custom_load_fn). A checkpoint
+    saved with exclude_frozen lacks the frozen parameters, which the engine already holds from the
+    base folder; any other missing or unexpected key is an error, as in a strict load."""
+    res = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    missing = sorted(set(res.missing_keys) - frozen)
+    if missing or res.unexpected_keys:
+        raise CheckpointError(f"the checkpoint does not fit the model this run builds: missing {missing[:5]}, "
+                              f"unexpected {sorted(res.unexpected_keys)[:5]}")
+
+
 def consolidated_state_dict(path: Path) -> dict:
     """The full fp32 state dict of the PRM module in a checkpoint, for any ZeRO stage.
 
-    Keys are the training module's (peft names under LoRA). Verifies completeness first.
+    Keys are the training module's (peft names under LoRA). A checkpoint saved with exclude_frozen
+    holds only the trained parameters (and buffers). Verifies completeness first.
     """
     man = ckpt.verify(path)
     if man["stage"] >= 2:
