@@ -67,18 +67,21 @@ def gathered_state_dict(eng, fn):
 
 
 def exact_alignments_loop(eng, recent: list, v):
-    """The per-instance reference for bilevel.exact_alignments: one forward and backward per instance."""
-    out = []
+    """The per-instance reference for bilevel.exact_alignments: one forward and backward per instance.
+    (alignments, ||grad l_i|| of each instance) per micro-batch."""
+    out, norms = [], []
     for r in recent:
         b = r["batch"]
-        a = torch.zeros(len(b["index"]))
+        a, gn = torch.zeros(len(b["index"])), torch.zeros(len(b["index"]))
         for i in range(len(b["index"])):
             row = select(b, i)  # example i alone, unpadded, from either layout
             li = hypergrad.instance_losses(eng.forward(row, meta=True), row, eng.step_loss)[0]
             grads = torch.autograd.grad(li, eng.params, allow_unused=True)
             a[i] = sum((g.float() * v[p]).sum() for g, p in zip(grads, eng.params) if g is not None).item()
+            gn[i] = sum((g.double() ** 2).sum() for g in grads if g is not None).sqrt().item()
         out.append(a)
-    return out
+        norms.append(gn)
+    return out, norms
 
 
 def main():
@@ -101,14 +104,16 @@ def main():
     result = {"recent": [{"batch": r["batch"], "features": r["features"]} for r in out["recent"]],
               "meta_batch": meta_batch, "grads": {}, "identical": {},
               "train_domains": [ex.domain for ex in train_ex],
-              "n_domains": len(domains), "pos_fraction": data.pos_fraction, "step_loss": eng.step_loss}
+              "n_domains": len(domains), "pos_fraction": data.pos_fraction, "step_loss": eng.step_loss,
+              "dtypes": {n: p.dtype for n, p in eng.module.named_parameters()}}
     # hook alignments vs the per-instance loop, on this rank's micro-batches, same v
     with persample.dropout_off(eng.module):
         v, _ = bilevel.meta_gradient(eng, eng.to_device(meta_batch), cfg.meta.aggregation, cfg.meta.meta_loss)
         hook, _ = bilevel.exact_alignments(eng, out["recent"], v)
-        loop = exact_alignments_loop(eng, out["recent"], v)
+        loop, gnorm = exact_alignments_loop(eng, out["recent"], v)
     eng.zero_grad()
     result["align_hook"], result["align_loop"] = torch.cat(hook), torch.cat(loop)
+    result["align_gnorm"], result["align_vnorm"] = torch.cat(gnorm), v.norm()
     for method in METHODS:
         cfg.meta.hypergrad = method
         for kind in KINDS:
@@ -132,12 +137,13 @@ def main():
     cfg.meta.hypergrad = "fused"
     pre = bilevel.fused_meta_gradient(eng, meta_batch, cfg)
     with persample.dropout_off(eng.module):
-        loop = exact_alignments_loop(eng, upcoming, pre["v"])
+        loop, gnorm = exact_alignments_loop(eng, upcoming, pre["v"])
         eng.zero_grad()
         out3 = engine.inner_update(eng, train, w0, False, 3, tap=pre["tap"])
     assert all(torch.equal(a["batch"]["index"], b["batch"]["index"]) for a, b in zip(upcoming, out3["recent"]))
     result["fused_align"] = torch.cat([r["align"] for r in out3["recent"]])
     result["fused_loop"] = torch.cat(loop)
+    result["fused_gnorm"], result["fused_vnorm"] = torch.cat(gnorm), pre["v"].norm()
     torch.manual_seed(123)
     wmod = build_weight_module("instance_net", [ex.domain for ex in train_ex], len(domains), cfg.meta.net_hidden)
     wopt = build_weight_optimizer(wmod, cfg.meta)

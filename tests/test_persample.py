@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
+from numerics import rounding_shape, same_precision_tol
 from torch import nn
 
 from dreamprm import hypergrad, persample
 from dreamprm.config import ModelConfig
 from dreamprm.data.loader import collate
-from dreamprm.data.packing import collate_packed
+from dreamprm.data.packing import collate_packed, select
 from dreamprm.data.tokenize import Example
 from dreamprm.model import build_prm
 from dreamprm.tiny import default_tiny_dir
@@ -77,28 +78,49 @@ def compare(a, ref):
     return cos, rel
 
 
+def grad_norms(params, batch, f) -> torch.Tensor:
+    """||grad l_i|| of every instance (the scale of the error model's bound, tests/numerics.py)."""
+    out = []
+    for i in range(len(batch["index"])):
+        gs = torch.autograd.grad(f(select(batch, i))[0], list(params.values()), allow_unused=True)
+        out.append(sum((g.double() ** 2).sum() for g in gs if g is not None).sqrt())
+    return torch.stack(out)
+
+
+@pytest.mark.numeric
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_hook_alignments_match_per_instance_loop(mode, precision, layout):
+    """Same model, same precision: the hooks and the loop differ by the loop's rounding of the parameter
+    gradient to its dtype and by accumulation order (unpadded shapes), bounded per instance by
+    same_precision_tol ||g_i|| ||v|| (tests/numerics.py), whatever the CPU's bf16 kernels."""
     prm, tok = build(mode, precision)
     ex = examples()
     batch = collate(ex, tok.pad_token_id) if layout == "padded" else collate_packed(ex, tok.pad_token_id, row_tokens=60)
     if layout == "packed":
         assert batch["input_ids"].shape[0] < len(ex)  # several instances share a row
     params = {n: p for n, p in prm.named_parameters() if p.requires_grad}
-    v = random_v(params)
+    # v like a meta gradient (the batch's gradient, plus noise): a random v alone is nearly orthogonal
+    # to every g_i, and an alignment far below ||g_i|| ||v|| cannot be checked relative to that scale
+    mean = torch.autograd.grad(losses_fn(prm)(batch).sum(), list(params.values()))
+    v = {p: x + g.float() for (p, x), g in zip(random_v(params).items(), mean)}
     a, slow = persample.exact(prm, params, v, batch, losses_fn(prm), head=prm.score)
     assert slow == []  # Qwen2: Linear, Embedding and RMSNorm cover every trainable parameter
     ref = persample.reference(params, v, batch, losses_fn(prm))
-    cos, rel = compare(a, ref)
-    if precision == "fp32":
-        assert cos >= 0.99999 and rel <= 1e-4, (cos, rel, a, ref)
-    else:
-        assert cos >= 0.999, (cos, rel, a, ref)
+    vnorm = torch.sqrt(sum((x.double() ** 2).sum() for x in v.values()))
+    # floor at the batch's RMS gradient: an activation that rounds differently moves an instance's loss
+    # derivative by the curvature times the shift, which does not vanish with a well-fit instance's g_i
+    gn = grad_norms(params, batch, losses_fn(prm))
+    bound = same_precision_tol(rounding_shape(prm, batch["input_ids"].shape[1]), precision) * vnorm \
+        * gn.clamp(min=gn.pow(2).mean().sqrt().item())
+    assert bound.max() < 0.5 * ref.abs().max()  # the bound can fail
+    worst = ((a.double() - ref.double()).abs() / bound).max().item()
+    assert worst <= 1, (worst, a, ref, bound)
     assert all(p.grad is None for p in params.values())  # no parameter gradient was accumulated
 
 
+@pytest.mark.numeric
 def test_fp32_reference_in_double_agrees():
     """The fp32 check is not loose: the reference loop itself agrees with a float64 run."""
     prm, tok = build("full")
