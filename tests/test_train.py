@@ -69,7 +69,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline:
         st = out / "status.json"
-        if st.is_file() and json.loads(st.read_text()).get("step", 0) >= 3:
+        if st.is_file() and (json.loads(st.read_text()).get("step") or 0) >= 3:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
@@ -94,7 +94,8 @@ def test_partial_and_corrupt_checkpoints_are_refused(tmp_path):
     saved = man.read_text()
     man.unlink()  # an interrupted save has no manifest
     p = train("--total_steps", 4, "--output_dir", out, *FAST)
-    assert p.returncode == 1 and "incomplete" in p.stderr and "MANIFEST" in p.stderr
+    assert p.returncode == 1 and "names step_00000002, which is incomplete" in p.stderr
+    assert "holds no complete checkpoint" in p.stderr  # never a fresh start over a run's checkpoints
     man.write_text(saved)
     with open(ckpt / "dreamprm_state.pt", "ab") as f:  # a damaged file: size no longer matches
         f.write(b"junk")
@@ -134,7 +135,7 @@ def test_log_shows_progress_without_a_terminal_and_a_finished_run_is_left_alone(
     assert p.stdout.count("is more than the model takes") == 1 and "(max_length 1024)" in p.stdout
     assert "max_length: 1024" in (out / "config.yaml").read_text()
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("update ")]
-    assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"]
+    assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "4/4"]  # the first update, then every log_every
     for ln in lines:
         for part in ("loss ", "meta loss ", "tokens/s ", "ETA "):
             assert part in ln, ln
@@ -268,7 +269,7 @@ def proxy_run(tmp_path_factory):
 
 def used_weights(run: Path, ranks: int) -> dict:
     """id -> the loss weight each training record got in its last update (TrainState.last_w of every rank)."""
-    ck = checkpoint.resume_candidates(run / "checkpoints")[0]
+    ck = checkpoint.resume_candidates(run / "checkpoints")[0][0]
     last = torch.stack([torch.load(ck / checkpoint.rank_file(r), weights_only=True)["last_w"] for r in range(ranks)])
     last = last.max(0).values
     index = {r["id"]: r["index"] for r in map(json.loads, (run / "instance_weights.jsonl").open())}
