@@ -54,7 +54,7 @@ def wait_for_step(run: Path, step: int, slurm, jid: str, timeout: float = 300) -
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = run / "status.json"
-        if status.is_file() and json.loads(status.read_text())["step"] >= step:
+        if status.is_file() and (json.loads(status.read_text())["step"] or 0) >= step:  # null while starting
             return
         state = slurm.job(jid)["JobState"]
         assert state in ("PENDING", "CONFIGURING", "RUNNING"), slurm.job(jid)
