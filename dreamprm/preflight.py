@@ -18,9 +18,8 @@ import json
 import os
 from pathlib import Path
 
-from dreamprm import checkpoint
 from dreamprm.audit import read_learned
-from dreamprm.config import CHECKPOINTS_DIR, MODEL_FLAG, Config, parse_sources
+from dreamprm.config import MODEL_FLAG, Config, parse_sources
 from dreamprm.data.mixing import read_sources
 from dreamprm.errors import ConfigError, RunLockError, WeightsError
 from dreamprm.tiny import TINY_MAX_POSITIONS
@@ -34,7 +33,12 @@ def check(cfg: Config, problems=(), world: int | None = None, check_machine: boo
     world: ranks of the job (None: WORLD_SIZE of the environment, as a launcher sets it). check_machine: what
     this machine lacks (off where the checking process may not see the job's GPUs). check_lock: the run
     directory's LOCK (the trainer takes it itself; slurm/preflight.py asks before any rank starts)."""
-    p = (machine_problems(cfg) if check_machine else []) + resume_step_problems(cfg) + list(problems)
+    p = machine_problems(cfg) if check_machine else []
+    if cfg.run.resume_step:
+        from dreamprm.resume import apply_resume_step  # deepspeed (resume reads checkpoints through the engine)
+
+        p += apply_resume_step(cfg)
+    p += list(problems)
     p += path_problems(cfg, world)
     if p and cfg.data.train_file:  # the data's problems too, so that one run reports everything
         p += data_problems(cfg)
@@ -98,27 +102,6 @@ def data_problems(cfg: Config) -> list[str]:
     train = [s for s in parse_sources(d.train_file, "--train_file", d.train_format)[0] if Path(s.path).is_file()]
     meta = [s for s in parse_sources(d.meta_file, "--meta_file", d.meta_format)[0] if Path(s.path).is_file()]
     return read_sources(train, meta if cfg.meta.bilevel else [], cfg.model.step_tag, d.skip_invalid)[2]
-
-
-def resume_step_problems(cfg: Config) -> list[str]:
-    """--resume_step N: with --resume_from auto, resume from output_dir's checkpoint of step N (set here as
-    cfg.run.resume_from); with a --resume_from folder, check that it is that step."""
-    r, n = cfg.run, cfg.run.resume_step
-    if not n or r.resume_from == "none":  # off, or contradicting --resume_from none (config.validate says so)
-        return []
-    if r.resume_from != "auto":
-        if checkpoint.step_of(Path(r.resume_from).name) != n:
-            return [f"--resume_step {n}: --resume_from {r.resume_from} is not the checkpoint of step {n}; "
-                    "pass one of the two"]
-        return []
-    root = Path(r.output_dir) / CHECKPOINTS_DIR
-    found = sorted(p for p in root.glob("step_*") if p.is_dir() and checkpoint.step_of(p.name) is not None)
-    match = [p for p in found if checkpoint.step_of(p.name) == n]
-    if not match:
-        have = ", ".join(str(checkpoint.step_of(p.name)) for p in found) or "none"
-        return [f"--resume_step {n}: {root} has no checkpoint of step {n} (steps there: {have})"]
-    r.resume_from = str(match[0])
-    return []
 
 
 def machine_problems(cfg: Config) -> list[str]:

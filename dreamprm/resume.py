@@ -1,5 +1,6 @@
 """Every resume decision, in the order a job takes them.
 
+    apply_resume_step(cfg)        --resume_step N turned into --resume_from (the pre-flight checks call it)
     base_fingerprint(cfg, ...)    a LoRA run's base folder fingerprinted once (its checkpoints hold no base)
     choose(cfg, rank, world, base)  partial saves removed; the checkpoint to resume from picked and verified
                                   (--resume_from auto: the newest intact one of the run's lineage, saying
@@ -8,8 +9,6 @@
                                   for another number of ranks, its DeepSpeed universal form made
     restore(eng, state, ...)      the engine, the TrainState and the RNG put back where the checkpoint was
                                   (--weights_from: the weights it gives now checked against those trained with)
-
---resume_step N is turned into --resume_from by the pre-flight checks (preflight.apply_resume_step).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 
 from dreamprm import checkpoint as ckpt
 from dreamprm import dist, engine
-from dreamprm.config import Config
+from dreamprm.config import CHECKPOINTS_DIR, Config
 from dreamprm.errors import CheckpointError
 from dreamprm.model import base_mismatch, checkpoint_holds_base, model_dir
 from dreamprm.model import base_fingerprint as folder_fingerprint
@@ -47,6 +46,28 @@ RESUME_MUST_MATCH = [("data", "train_file"), ("data", "meta_file"), ("data", "tr
 # learning rates, weight decay and the schedule's shape): a new value would not take effect, so it is refused.
 RESUME_FROM_STATE = [("train", "lr"), ("train", "weight_decay"), ("train", "lr_schedule"), ("train", "warmup_steps"),
                      ("meta", "meta_lr")]
+
+def apply_resume_step(cfg: Config) -> list[str]:
+    """--resume_step N: with --resume_from auto, resume from output_dir's checkpoint of step N (set here as
+    cfg.run.resume_from); with a --resume_from folder, check that it is that step. Problems, for the
+    pre-flight checks to report with the others."""
+    r, n = cfg.run, cfg.run.resume_step
+    if not n or r.resume_from == "none":  # off, or contradicting --resume_from none (config.validate says so)
+        return []
+    if r.resume_from != "auto":
+        if ckpt.step_of(Path(r.resume_from).name) != n:
+            return [f"--resume_step {n}: --resume_from {r.resume_from} is not the checkpoint of step {n}; "
+                    "pass one of the two"]
+        return []
+    root = Path(r.output_dir) / CHECKPOINTS_DIR
+    found = sorted(p for p in root.glob("step_*") if p.is_dir() and ckpt.step_of(p.name) is not None)
+    match = [p for p in found if ckpt.step_of(p.name) == n]
+    if not match:
+        have = ", ".join(str(ckpt.step_of(p.name)) for p in found) or "none"
+        return [f"--resume_step {n}: {root} has no checkpoint of step {n} (steps there: {have})"]
+    r.resume_from = str(match[0])
+    return []
+
 
 def resolve_resume(cfg: Config, ckpt_root: Path, problems_of=None) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from and notes about the ones passed over.
