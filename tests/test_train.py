@@ -316,6 +316,20 @@ def test_transferred_weights_under_two_rank_zero3_lora(proxy_run, tmp_path):
     assert used_weights(out, 2) == pytest.approx(learned, abs=0)
 
 
+def test_transferred_weights_with_packing_and_a_curriculum_sampler(proxy_run, tmp_path):
+    """The fixed weights go with the example, whatever draws the batches and however they are laid out."""
+    proxy, learned = proxy_run
+    out = tmp_path / "packed"
+    p = train(*DEMO, "--weights_from", proxy, "--mode", "lora", "--packing", "--curriculum", "length",
+              "--curriculum_start", "1.0", "--total_steps", "40", "--batch_size", "8", "--output_dir", out)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    ck = checkpoint.resume_candidates(out / "checkpoints")[0][0]
+    last = torch.load(ck / checkpoint.rank_file(0), weights_only=True)["last_w"]
+    index = {r["id"]: r["index"] for r in map(json.loads, (out / "instance_weights.jsonl").open())}
+    seen = {rid: last[i].item() for rid, i in index.items() if last[i] >= 0}
+    assert len(seen) > 100 and seen == pytest.approx({rid: learned[rid] for rid in seen}, abs=0)
+
+
 def test_transfer_from_other_data_or_with_records_left_over_is_refused(proxy_run, tmp_path):
     proxy, _ = proxy_run
     other = tmp_path / "other.jsonl"
