@@ -171,9 +171,7 @@ def train_loop(run: Run, guard: RunGuard) -> int:
                        "Run the same command again to resume.", rank=run.rank)
                 guard.status["state"] = "stopped"
                 return guard.exit_code()
-        guard.status["state"] = "finished"
-        dump_instance_weights(st.wmod, run.data.train_ex, st.last_w, run.run_dir, run.rank, cfg.meta.baseline,
-                              run.data.domains)
+        guard.status["state"] = "finished"  # instance_weights.jsonl: written with the last checkpoint
         log.summary(st.source_totals(), st.train_stream, st.step)
         return 0
     finally:
@@ -237,4 +235,7 @@ def save(run: Run, guard: RunGuard) -> Path:
     for n in notes:  # old checkpoints that could not be deleted: the run goes on, the disk fills
         print(f"dreamprm: warning: {n}", file=sys.stderr, flush=True)
     guard.status["last_checkpoint"] = str(path)
+    # the weights as of this checkpoint, so that `dreamprm weights` reads a running or stopped run too
+    dump_instance_weights(run.state.wmod, run.data.train_ex, run.state.last_w, run.run_dir, run.rank,
+                          run.cfg.meta.baseline, run.data.domains)
     return path

@@ -309,3 +309,27 @@ def test_weight_null_is_reported_and_not_kept(tmp_path, capsys):
     assert rep["by_source"]["a"]["weighted"] == 2 and rep["by_source"]["a"]["mean"] == pytest.approx(1.0)
     assert rep["filter"]["by_source"]["a"] == {"records": 3, "kept": 2, "dropped": 1, "no_weight": 1}
     assert not any(math.isnan(e["weight"]) for e in rep["lowest"])
+
+
+def test_a_running_run_has_the_weights_of_its_last_checkpoint(tmp_path):
+    """instance_weights.jsonl is written with every checkpoint: a run killed (or still running) after its
+    first checkpoint can be audited, with the weights of that checkpoint."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "launch/train.py", "--output_dir", str(out), "--disable_wandb",
+                             "--total_steps", "2000", "--save_every", "5"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "instance_weights.jsonl").is_file():
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no clean stop: what is there was written by the checkpoint
+        proc.wait()
+    assert json.loads((out / "status.json").read_text())["state"] == "running"  # not written at the end only
+    rows = [json.loads(ln) for ln in (out / "instance_weights.jsonl").open()]
+    assert len(rows) == 240 and all(r["weight"] is not None for r in rows)
+    assert cli.main(["weights", str(out), "--json"]) == 0
