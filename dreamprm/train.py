@@ -193,6 +193,7 @@ def open_run_dir(run: Run, guard: RunGuard) -> bool:
         print0(f"stopped by signal during startup at update {run.state.step}", rank=run.rank)
         return False
     guard.status.update(state="running", step=run.state.step, last_checkpoint=last)
+    guard.write()  # not only at the first metrics row: a job between two rows is running, not starting
     return True
 
 
