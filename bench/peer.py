@@ -123,18 +123,25 @@ def make_data(work: Path, n_train: int, n_heldout: int, shortest: bool) -> dict:
 
 # ---------------------------------------------------------------- running and measuring
 
-def run_measured(cmd: list, log: Path, env: dict) -> tuple[float, int, str]:
-    """Run cmd to its end; (wall seconds, peak RSS in MB of the process tree's largest process, output)."""
-    t0 = time.time()
+def run_measured(cmd: list, log: Path, env: dict) -> dict:
+    """Run cmd to its end: its wall and CPU seconds, its peak RSS in MB, the load average of the machine when it
+    started (other users of a shared CPU slow a run down) and its output."""
+    t0, load = time.time(), os.getloadavg()[0]
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(p.pid, 0)
+        try:
+            _, status, usage = os.wait4(p.pid, 0)
+        except BaseException:  # Ctrl+C or a kill of the bench: no run left behind writing into --work
+            p.kill()
+            p.wait()
+            raise
     wall = time.time() - t0
     out = log.read_text()
     rc = os.waitstatus_to_exitcode(status)
     if rc:
         raise BenchError(f"{' '.join(map(str, cmd[:4]))} ... exited {rc}; its output: {log}\n{out[-3000:]}")
-    return wall, usage.ru_maxrss // 1024, out
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss // 1024,
+            "load_at_start": load, "out": out}
 
 
 def dreamprm_step_tag() -> str:
@@ -152,7 +159,8 @@ def run_dreamprm(name: str, extra: list, data: dict, a, seed: int, work: Path, e
            "--max_length", str(a.max_length), "--total_steps", str(a.steps), "--batch_size", str(a.batch_size),
            "--lr", str(a.lr), "--seed", str(seed), "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.05",
            "--save_every", str(a.steps), "--log_every", str(a.steps), "--output_dir", str(out_dir), *extra]
-    wall, rss, out = run_measured(cmd, work / f"{name}-s{seed}.log", env)
+    m = run_measured(cmd, work / f"{name}-s{seed}.log", env)
+    out = m.pop("out")
     labelled = re.search(r"train step labels: (\d+) labelled steps", out)
     tps = re.search(r"finished: \d+ updates in \S+ .*?, ([\d,.]+) tokens/s", out)
     if not (labelled and tps):
@@ -164,7 +172,7 @@ def run_dreamprm(name: str, extra: list, data: dict, a, seed: int, work: Path, e
     if r.returncode:
         raise BenchError(f"scoring {out_dir} failed:\n{r.stderr[-2000:]}")
     return {"labelled": int(labelled.group(1)), "tokens_per_s": float(tps.group(1).replace(",", "")),
-            "wall_s": wall, "rss_mb": rss, "scores": scores}
+            **m, "scores": scores}
 
 
 def run_trl(py: Path, data: dict, a, seed: int, work: Path, env: dict) -> dict:
@@ -173,9 +181,10 @@ def run_trl(py: Path, data: dict, a, seed: int, work: Path, env: dict) -> dict:
            "out": str(work / f"trl-s{seed}"), "scores": str(work / f"trl-s{seed}.scores.jsonl")}
     spec = work / f"trl-s{seed}.job.json"
     write_whole(spec, json.dumps(job))
-    wall, rss, out = run_measured([str(py), __file__, "--trl_worker", str(spec)], work / f"trl-s{seed}.log", env)
+    m = run_measured([str(py), __file__, "--trl_worker", str(spec)], work / f"trl-s{seed}.log", env)
+    m.pop("out")  # its wall and CPU seconds include scoring the held-out records
     res = json.loads(Path(job["out"], "result.json").read_text())
-    return {**res, "wall_s": wall, "rss_mb": rss, "scores": Path(job["scores"])}
+    return {**res, **m, "scores": Path(job["scores"])}
 
 
 def score(scores: Path, data: dict, env: dict) -> dict:
@@ -237,11 +246,11 @@ def main(argv=None) -> int:
                f"1 process, {a.threads} thread(s); held out: {a.heldout} gsm8k records")
     print(f"\n{setting}\nlabelled steps before truncation: {data['labelled_untruncated']}\n")
     print("| trainer | seed | tokens/s | peak RSS MB | labelled steps trained on | step AUROC | step error F1@0.5 "
-          "| ProcessBench F1@0.5 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| ProcessBench F1@0.5 | load at start |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['trainer']} | {r['seed']} | {r['tokens_per_s']:.1f} | {r['rss_mb']} | {r['labelled']} | "
-              f"{_fmt(r['auroc'])} | {_fmt(r['f1'])} | {_fmt(r['pb_f1'])} |")
+              f"{_fmt(r['auroc'])} | {_fmt(r['f1'])} | {_fmt(r['pb_f1'])} | {r['load_at_start']:.1f} |")
     if a.json:
         rows_out = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in results]
         write_whole(Path(a.json), json.dumps({"setting": setting, "labelled_untruncated": data["labelled_untruncated"],
