@@ -96,19 +96,21 @@ def load_split(name: str) -> list:
 
 
 def make_data(work: Path, n_train: int, n_heldout: int, shortest: bool) -> dict:
-    """A fixed subset: the first (or, for the smoke's short max_length, the shortest) n/2 of math and of
-    olympiadbench (train), the first n_heldout gsm8k (held out). TRL's rows keep the steps up to the first error
-    (its labels stop there); dreamprm's reader leaves the later steps unlabelled, so both label the same steps
-    before truncation."""
-    def pick(split, n):
+    """A fixed subset, half erroneous and half correct solutions (ProcessBench files list the erroneous first):
+    n/2 of math and n/2 of olympiadbench for training, the first (or, for the smoke's short max_length, the
+    shortest) of each kind; n_heldout gsm8k, the first of each kind, held out. TRL's rows keep the steps up to
+    the first error (its labels stop there); dreamprm's reader leaves the later steps unlabelled, so both label
+    the same steps before truncation."""
+    def pick(split, n, short=False):
         rows = load_split(split)
-        if shortest:  # stable: ties keep the file's order
+        if short:  # stable: ties keep the file's order
             rows = sorted(rows, key=lambda d: len(d["problem"]) + sum(map(len, d["steps"])))
-        return rows[:n]
+        wrong, right = [d for d in rows if d["label"] != -1], [d for d in rows if d["label"] == -1]
+        return wrong[:n // 2] + right[:n - n // 2]
 
     half = n_train // 2
-    train = pick("math", half) + pick("olympiadbench", n_train - half)
-    heldout = load_split("gsm8k")[:n_heldout]
+    train = pick("math", half, shortest) + pick("olympiadbench", n_train - half, shortest)
+    heldout = pick("gsm8k", n_heldout)
     trl_rows = []
     for d in train:
         k = len(d["steps"]) if d["label"] == -1 else d["label"] + 1
@@ -290,14 +292,13 @@ def trl_worker(job: dict) -> int:
     trainer = trl.PRMTrainer(model=model, args=args, processing_class=tok, train_dataset=train, peft_config=lora)
     labelled = sum(sum(1 for y in ex["labels"] if y != -100) for ex in trainer.train_dataset)
     tokens = [0]
-    collate = trainer.data_collator
+    step = trainer.training_step
 
-    def counting(features):  # the real (non-pad) tokens of every batch trained on
-        batch = collate(features)
-        tokens[0] += int(batch["attention_mask"].sum())
-        return batch
+    def counting(model, inputs, *args, **kwargs):  # the real (non-pad) tokens of every micro-batch trained on
+        tokens[0] += int(inputs["attention_mask"].sum())  # (not in the collator: the loader fetches one ahead)
+        return step(model, inputs, *args, **kwargs)
 
-    trainer.data_collator = counting
+    trainer.training_step = counting
     times = {}
 
     class Clock(TrainerCallback):  # the training loop only, as dreamprm's tokens/s

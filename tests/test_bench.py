@@ -192,7 +192,7 @@ def test_peer_smoke_runs_both_trainers_and_scores_them_alike(tmp_path):
         assert r["tokens_per_s"] > 0 and r["rss_mb"] > 100, r
         # truncation can only drop labelled steps; the rest of the subset is labelled alike by both readers
         assert 0 < r["labelled"] <= res["labelled_untruncated"], r
-        assert 0 <= r["auroc"] <= 1 and 0 <= r["f1"] <= 1, r
+        assert 0 <= r["auroc"] <= 1 and 0 <= r["f1"] <= 1 and 0 <= r["pb_f1"] <= 1, r  # held out: both kinds
         assert f"| {r['trainer']} | {r['seed']} | {r['tokens_per_s']:.1f} |" in p.stdout
     padded, packed = res["rows"][:2]
     assert padded["labelled"] == packed["labelled"]  # packing changes batches, not what is labelled
