@@ -25,6 +25,7 @@ and folders it names, the lock; as launch/train.py), 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -65,7 +66,12 @@ def main(argv: list[str]) -> int:
     problems = []
     bilevel = not cfg.meta.baseline
     try:
-        data = run_data(cfg, training_tokenizer(cfg.model), rank=0, needs_meta=bilevel)
+        tokenizer = training_tokenizer(cfg.model)
+        # first the counts alone (one rank, batches of one), so that a job too wide for its data is told how
+        # many nodes fit; then the data as this job's ranks will read it (batch sizes against the examples per rank)
+        counting = copy.deepcopy(cfg)
+        counting.train.batch_size = counting.meta.meta_batch_size = 1
+        data = run_data(counting, tokenizer, rank=0, needs_meta=bilevel)
         train_ex, meta_ex = data.train_ex, data.meta_ex
     except DataError as e:
         problems += e.problems
@@ -82,6 +88,11 @@ def main(argv: list[str]) -> int:
                     + (f"Submit with at most --nodes={fit}, " if fit >= 1 else
                        f"Use at most {n} rank(s) (GPUS_PER_NODE={n} on --nodes=1), ")
                     + "fewer GPUS_PER_NODE, or more data.")
+        if not problems:
+            try:
+                run_data(cfg, tokenizer, rank=1, needs_meta=bilevel, world=world)  # rank 1: prints nothing again
+            except DataError as e:
+                problems += e.problems
 
     run_dir = Path(cfg.run.output_dir)
     try:  # reads every checksum: a damaged checkpoint is found here, not after the model is built

@@ -161,7 +161,8 @@ BAD = {  # name: (sbatch options, environment, what the job output must say)
     "missing CONFIG": (["--nodes=1"], lambda tmp: {"CONFIG": "recipes/nope.yaml"},
                        ["error: CONFIG=recipes/nope.yaml does not exist", "CONFIG=recipes/minif2f.yaml sbatch"]),
     "wrong CONFIG": (["--nodes=1"], lambda tmp: {"CONFIG": str(tmp / "bad.yaml")},
-                     ["bad.yaml:4: unknown option train.lrate", "--model_name: models/none is not a local folder"]),
+                     ["bad.yaml:4: unknown option train.lrate",
+                      "--model_name / --name_or_path: models/none is not a local folder"]),
     "PYTHON without dreamprm": (["--nodes=1"], lambda tmp: {"PYTHON": f"{sys.executable} -S"},  # -S: no site-packages
                                 ["cannot import dreamprm", "activate its environment", "or set PYTHON"]),
     "recipe's data": (["--nodes=2", "--gpus-per-node=2"], _bad_data,
