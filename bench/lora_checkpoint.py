@@ -3,7 +3,7 @@
     python bench/lora_checkpoint.py                                    # tiny model; SmolLM2-135M if built
     python bench/lora_checkpoint.py --deepspeed ds_configs/zero3.json  # the same under ZeRO-3 (one rank)
 
-For each model, one LoRA engine (the run config's defaults: r=8 on every linear layer, fp32 here) takes
+For each model, one LoRA engine (the run config's defaults: r=16 on every projection, fp32 here) takes
 one update on a random batch (so Adam's moments exist, as in any real checkpoint) and is saved twice by
 engine.save_checkpoint, as a run saves: the whole PRM (every checkpoint before this change) and the trained
 weights only (exclude_frozen, now). Save time is wall clock of the whole save (DeepSpeed's files, the
