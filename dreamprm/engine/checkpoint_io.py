@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from dreamprm import checkpoint as ckpt
 from dreamprm import dist
-from dreamprm.engine.core import Engine
+from dreamprm.engine.core import Engine, get_fp32_state_dict_from_zero_checkpoint
 from dreamprm.errors import CheckpointError
 
 

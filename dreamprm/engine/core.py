@@ -23,8 +23,9 @@ import torch
 
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's own pick here, without its "no GPU detected" warning
-import deepspeed
+import deepspeed  # the one module of dreamprm that imports deepspeed (checkpoint_io takes what it needs here)
 from deepspeed.utils import safe_get_local_grad
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: F401 (checkpoint_io)
 
 from dreamprm import bilevel, dist, hypergrad
 from dreamprm.config import Config, RunConfig
