@@ -5,7 +5,7 @@ tests/test_persample.py, printed as a table.
 
 The built-in tiny Qwen2 (2 layers, hidden 64), 5 examples of 9-29 tokens with 1-4 step tags, a random v
 (0.01 N(0, 1) per element), LoRA (r 4, B moved off zero) and full fine-tuning, fp32 and bf16, padded and
-packed batches (rows of 60 tokens). The setup is the test's (tests/test_bench.py checks they agree).
+packed batches (rows of 60 tokens). The setup's one home: tests/test_persample.py loads it from here.
 """
 
 import math
@@ -38,7 +38,7 @@ def examples(n=5, seed=0, vocab=540) -> list[Example]:
     return out
 
 
-def build(mode: str, precision: str):
+def build(mode: str, precision: str = "fp32"):
     torch.manual_seed(0)
     cfg = ModelConfig(name_or_path=str(default_tiny_dir()), mode=mode, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                       attn_implementation="sdpa")

@@ -143,23 +143,6 @@ def test_bench_scripts_import_the_installed_package():
     assert problems == []
 
 
-def test_persample_check_runs_the_tests_setup():
-    """bench/persample_check.py carries its own copy of tests/test_persample.py's setup: the same examples,
-    v, model and comparison, so its table still shows the figures behind the test."""
-    b, t = _module("persample_check"), _module("test_persample", "tests")
-    assert repr(b.examples()) == repr(t.examples())
-    pb, _ = b.build("lora", "fp32")
-    pt, _ = t.build("lora", "fp32")
-    assert all(torch.equal(x, y) for x, y in zip(pb.state_dict().values(), pt.state_dict().values()))
-    params = {n: p for n, p in pb.named_parameters() if p.requires_grad}
-    vb, vt = b.random_v(params), t.random_v(params)
-    assert all(torch.equal(vb[p], vt[p]) for p in params.values())
-    batch = b.collate(b.examples(), 0)
-    assert torch.equal(b.losses_fn(pb)(batch), t.losses_fn(pb)(batch))
-    a, ref = torch.randn(50), torch.randn(50)
-    assert b.compare(a, ref) == t.compare(a, ref)
-
-
 def test_only_results_md_and_one_headline_figure_are_committed():
     """Regenerated output (results.json, the other figures) lives in the ignored bench/out/."""
     ls = subprocess.run(["git", "ls-files", "bench"], cwd=ROOT, capture_output=True, text=True)

@@ -1,19 +1,34 @@
 """Hook alignments (dreamprm.persample) against the per-instance autograd loop."""
 
-import math
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 from numerics import rounding_shape, same_precision_tol
 from torch import nn
 
-from dreamprm import hypergrad, persample
+from dreamprm import persample
 from dreamprm.config import ModelConfig
 from dreamprm.data.loader import collate
 from dreamprm.data.packing import collate_packed, select
-from dreamprm.data.tokenize import Example
 from dreamprm.model import build_prm
 from dreamprm.tiny import default_tiny_dir
+
+
+def _bench_setup():
+    """The setup (examples, model, v, losses, comparison) lives in bench/persample_check.py, which prints the
+    figures behind these tests; bench/ is not a package, so it is loaded by its path."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "persample_check.py"
+    spec = importlib.util.spec_from_file_location("bench_persample_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_setup = _bench_setup()
+examples, build, random_v, losses_fn, compare = (_setup.examples, _setup.build, _setup.random_v, _setup.losses_fn,
+                                                 _setup.compare)
 
 
 def saved_bytes(fn) -> tuple[object, int]:
@@ -28,54 +43,6 @@ def saved_bytes(fn) -> tuple[object, int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(seen.values())
-
-
-def examples(n=5, seed=0, vocab=540):
-    """Random token sequences of different lengths with 1-4 tags each (lengths 9..29)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(9, 30, (1,), generator=g))
-        k = int(torch.randint(1, 5, (1,), generator=g))
-        tags = sorted(torch.randperm(length - 1, generator=g)[:k].add(1).tolist())
-        labels = torch.rand(k, generator=g).tolist()
-        if k > 1:
-            labels[0] = math.nan  # an unlabelled step
-        out.append(Example(input_ids=torch.randint(4, vocab, (length,), generator=g).tolist(), tag_pos=tags,
-                           labels=labels, outcome=float(i % 2), index=i, domain=0, n_steps=k, n_kept=k,
-                           id=f"r{i}"))
-    return out
-
-
-def build(mode, precision="fp32"):
-    torch.manual_seed(0)
-    cfg = ModelConfig(name_or_path=str(default_tiny_dir()), mode=mode, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                      attn_implementation="sdpa")
-    prm, tok = build_prm(cfg, precision)
-    if mode == "lora":  # B starts at zero: move it so every LoRA factor has a non-trivial gradient
-        with torch.no_grad():
-            for n, p in prm.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-    return prm.eval(), tok
-
-
-def random_v(params, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {p: torch.randn(p.shape, generator=g) * 0.01 for p in params.values()}
-
-
-def losses_fn(prm):
-    def f(b):
-        return hypergrad.instance_losses(prm(b["input_ids"], b["attention_mask"], b["tag_pos"],
-                                             b.get("position_ids")), b)
-    return f
-
-
-def compare(a, ref):
-    cos = torch.nn.functional.cosine_similarity(a.double(), ref.double(), dim=0).item()
-    rel = ((a.double() - ref.double()).norm() / ref.double().norm()).item()
-    return cos, rel
 
 
 def grad_norms(params, batch, f) -> torch.Tensor:
