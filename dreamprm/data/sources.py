@@ -25,11 +25,7 @@ from dreamprm.data.tokenize import Example, Profile, domain_table, encode_record
 from dreamprm.errors import DataError, WeightsError
 from dreamprm.hypergrad import StepLoss
 from dreamprm.model import resolve_attn
-
-
-def print0(*args, rank: int = 0) -> None:
-    if rank == 0:
-        print(*args, flush=True)
+from dreamprm.runlog import print0
 
 
 @dataclass
