@@ -187,7 +187,7 @@ def choose(cfg: Config, rank: int, world: int, base: dict | None = None) -> tupl
     base: this run's base fingerprint (base_fingerprint)."""
     if cfg.run.dry_run:
         return None, None
-    resume = find_resume(cfg, Path(cfg.run.output_dir) / "checkpoints", rank, base)
+    resume = find_resume(cfg, Path(cfg.run.output_dir) / CHECKPOINTS_DIR, rank, base)
     universal = engine.universal_copy(resume, world, rank) if resume is not None else None
     return resume, universal
 

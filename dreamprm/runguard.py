@@ -30,6 +30,7 @@ import torch
 from dreamprm import checkpoint as ckpt
 from dreamprm import dist
 from dreamprm.checkpoint import MANIFEST, os_problem, write_json_atomic
+from dreamprm.config import CHECKPOINTS_DIR
 from dreamprm.errors import CheckpointError, CollectiveError, DreamPRMError, RunLockError
 
 LOCK = "LOCK"
@@ -226,7 +227,7 @@ class RunGuard:
         try:
             if not self.cfg.run.dry_run:
                 self._take_lock()
-                self.finished = finished_note(self.cfg, self.run_dir / "checkpoints")
+                self.finished = finished_note(self.cfg, self.run_dir / CHECKPOINTS_DIR)
                 if not self.finished:
                     total = None if self.cfg.train.epochs else self.cfg.train.total_steps  # None: --epochs, unresolved
                     self.status = {"state": "starting", "step": None, "total_steps": total, "last_checkpoint": None}

@@ -159,7 +159,7 @@ def train_loop(run: Run, guard: RunGuard) -> int:
             evals = run_eval(run) if run.eval_ex and step % cfg.run.eval_every == 0 else {}
             # metrics
             if log.due(step) or evals:
-                log.row(step, run.eng.ds.get_lr()[0], st, st.train_stream, evals)
+                log.row(step, run.eng.lr(), st, st.train_stream, evals)
             log.tick(out, step)
             # checkpoint when due or stopping
             stopping = guard.stop_requested()

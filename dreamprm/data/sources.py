@@ -6,7 +6,7 @@
     train_stream / meta_stream                the resumable per-rank batch streams over them
 
 The trainer and the pre-flight checks call the same functions, so a problem a job would hit is found
-before any rank starts. Nothing here imports torch's distributed stack or deepspeed.
+before any rank starts. Nothing here imports deepspeed.
 """
 
 from __future__ import annotations

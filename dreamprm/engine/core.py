@@ -153,6 +153,10 @@ class Engine:
         """Clear what a meta pass left in the optimizer's gradient buffers (autograd.grad or meta_backward)."""
         self.ds.optimizer.zero_grad()
 
+    def lr(self) -> float:
+        """The PRM's learning rate now (the scheduler's, inside DeepSpeed)."""
+        return self.ds.get_lr()[0]
+
 
 def lr_lambda(cfg: Config):
     t = cfg.train
