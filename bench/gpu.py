@@ -331,4 +331,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    engine.close_distributed()
+    sys.exit(code)

@@ -104,4 +104,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    engine.close_distributed()
+    raise SystemExit(code)

@@ -406,11 +406,13 @@ def run(a: argparse.Namespace) -> dict:
     torch.manual_seed(a.seed)
     cfg, eng, tmp = build(a, rank, world)
     try:
-        return measure_memory(a, cfg, eng, rank, world) if a.memory_method else measure(a, cfg, eng, rank, world)
+        out = measure_memory(a, cfg, eng, rank, world) if a.memory_method else measure(a, cfg, eng, rank, world)
     finally:
         dist.barrier()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+    engine.close_distributed()
+    return out
 
 
 def measure(a: argparse.Namespace, cfg: Config, eng, rank: int, world: int) -> dict:

@@ -35,6 +35,12 @@ def make_monitor_group(seconds: float) -> None:
         _monitor = _dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
 
 
+def forget_groups() -> None:
+    """After the groups were destroyed: the monitor group is gone with them."""
+    global _monitor
+    _monitor = None
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size); (0, 1) without a process group."""
     if not _dist.is_initialized():

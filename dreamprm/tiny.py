@@ -20,7 +20,7 @@ SPECIAL_TOKENS = [PAD, IM_START, IM_END, STEP_TAG]
 VOCAB_SIZE = 640
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-TINY_VERSION = 2  # bump when the files written below change, so caches are rebuilt
+TINY_VERSION = 3  # bump when the files written below change, so caches are rebuilt
 TINY_MAX_POSITIONS = 1024  # the tiny model's max_position_embeddings (config.py reads it without torch)
 
 CHAT_TEMPLATE = (
@@ -102,22 +102,29 @@ def make_tiny_checkpoint(out_dir, hidden=64, layers=2, heads=2, kv_heads=1, inte
         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         bos_token_id=None,
     )
+    # Weights go through safetensors, not save_pretrained: transformers 5 writes no weights from a rank
+    # other than 0 once a process group exists, and every rank of a first run builds this folder.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if not prm:
-            Qwen2ForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+            lm = Qwen2ForCausalLM(cfg)
+            sd = {k: v.contiguous() for k, v in lm.state_dict().items() if k != "lm_head.weight"}  # tied
+            cfg.architectures = ["Qwen2ForCausalLM"]
         else:
             base = Qwen2Model(cfg)
             score = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
                                         torch.nn.Linear(hidden, 2))
             sd = {f"model.{k}": v.contiguous() for k, v in base.state_dict().items()}
             sd.update({f"score.{k}": v.contiguous() for k, v in score.state_dict().items()})
-            save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
             cfg.architectures = ["Qwen2ForProcessRewardModel"]
             cfg.num_labels = 2
-            cfg.save_pretrained(out)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+TINY_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def default_tiny_dir(**params) -> Path:
@@ -133,16 +140,27 @@ def default_tiny_dir(**params) -> Path:
     key = json.dumps({"v": TINY_VERSION, "transformers": transformers.__version__, **params}, sort_keys=True)
     name = f"tiny-qwen2-{'prm-' if params.get('prm') else ''}{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     final = root / name
-    if (final / "config.json").is_file():
+    if _whole(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=root))
     try:
         make_tiny_checkpoint(tmp, **params)
+        if not _whole(tmp):  # never publish a partial folder: every later run would take it for the model
+            raise RuntimeError(f"building the tiny model in {tmp} left out "
+                               f"{', '.join(f for f in TINY_FILES if not (tmp / f).is_file())}")
         os.rename(tmp, final)
     except OSError:
-        if not (final / "config.json").is_file():  # a real failure, not a lost race
+        if not _whole(final):  # a real failure, not a lost race
+            if final.exists():
+                raise RuntimeError(f"{final} is an incomplete tiny-model folder (it lacks "
+                                   f"{', '.join(f for f in TINY_FILES if not (final / f).is_file())}); "
+                                   f"delete it and run again") from None
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _whole(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in TINY_FILES)

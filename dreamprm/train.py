@@ -13,6 +13,7 @@ behind dreamprm/engine.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 import sys
@@ -58,6 +59,15 @@ class Run:
 
 def fit(cfg: Config, notes=()) -> int:
     rank, world = engine.init_distributed(cfg.run.collective_timeout)
+    code = _fit(cfg, rank, world, notes)
+    # The groups are destroyed when the interpreter exits, before its teardown (left to the teardown, gloo's
+    # threads can abort a rank that has finished), not now: ZeRO-3 cannot build a second engine on re-created
+    # groups in the same process. On a clean end only: NCCL's teardown can wait on a peer inside a collective.
+    atexit.register(engine.close_distributed)
+    return code
+
+
+def _fit(cfg: Config, rank: int, world: int, notes) -> int:
     for n in notes:
         print0(n, rank=rank)
     torch.manual_seed(cfg.train.seed)

@@ -156,3 +156,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    engine.close_distributed()

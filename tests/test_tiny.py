@@ -1,7 +1,8 @@
 """The built-in tiny checkpoint and tokenizer: local, deterministic, cached, Qwen-like."""
 
 import json
-import time
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from dreamprm.tiny import (
     IM_START,
     PAD,
     STEP_TAG,
+    TINY_FILES,
     default_tiny_dir,
     make_tiny_checkpoint,
     make_tiny_tokenizer,
@@ -89,10 +91,44 @@ def test_default_dir_cached(tmp_path, monkeypatch):
     d = default_tiny_dir()
     assert d.parent == tmp_path and (d / "config.json").is_file() and (d / "tokenizer.json").is_file()
     stamp = (d / "model.safetensors").stat().st_mtime_ns
-    t = time.perf_counter()
-    assert default_tiny_dir() == d
-    assert time.perf_counter() - t < 0.5 and (d / "model.safetensors").stat().st_mtime_ns == stamp
+    assert default_tiny_dir() == d and (d / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [d.name]  # no temporary folder left behind
     p = default_tiny_dir(prm=True)
     assert p != d and "prm" in p.name
     assert json.loads((p / "config.json").read_text())["architectures"] == ["Qwen2ForProcessRewardModel"]
+
+
+def _build_on_rank(rank, store_path, cache):
+    import torch.distributed as dist
+
+    os.environ["DREAMPRM_CACHE"] = cache
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        make_tiny_checkpoint(Path(cache).parent / f"rank{rank}")  # each rank its own: rank 1's is the one at risk
+        default_tiny_dir()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_of_a_first_run_builds_a_whole_folder(tmp_path):
+    """A fresh cache, two ranks in one process group: transformers 5 writes no weights from rank 1 through
+    save_pretrained, and a rank-1 folder without weights once won the rename and broke every later run."""
+    import torch.multiprocessing as mp
+
+    cache = tmp_path / "cache"
+    mp.spawn(_build_on_rank, args=(str(tmp_path / "store"), str(cache)), nprocs=2)
+    (cached,) = cache.iterdir()
+    ref = load_file(str(make_tiny_checkpoint(tmp_path / "ref") / "model.safetensors"))
+    for d in (tmp_path / "rank0", tmp_path / "rank1", cached):
+        assert all((d / f).is_file() for f in TINY_FILES), (d, sorted(p.name for p in d.iterdir()))
+        got = load_file(str(d / "model.safetensors"))
+        assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_an_incomplete_cached_folder_is_named_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMPRM_CACHE", str(tmp_path))
+    d = default_tiny_dir()
+    (d / "model.safetensors").unlink()
+    with pytest.raises(RuntimeError, match=r"incomplete tiny-model folder .*model\.safetensors.*delete it"):
+        default_tiny_dir()

@@ -340,3 +340,25 @@ def test_transfer_from_other_data_or_with_records_left_over_is_refused(proxy_run
     assert p.returncode == 1
     assert "40 of 240 rows" in p.stderr and str(other) in p.stderr and "demo/train.jsonl" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_two_runs_in_one_process_pair_and_the_groups_go_before_the_interpreter(tmp_path):
+    """2 ranks, ZeRO-3, fit twice in the same processes (a notebook, a sweep): both finish. The process groups
+    are destroyed at exit, ahead of the interpreter's teardown (left to it, gloo's threads aborted a rank that
+    had finished: SIGABRT, "terminate called without an active exception"). atexit runs handlers last in first
+    out, so the one registered before fit sees what fit's own handler left."""
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "import atexit, sys, torch.distributed as td\n"
+        "atexit.register(lambda: print('at exit: group left', td.is_initialized(), flush=True))\n"
+        "from dreamprm.cli import train\n"
+        "for n in range(2):\n"
+        "    print('run', n, 'exit', train(sys.argv[1:] + ['--output_dir', f'" + str(tmp_path) + "/run{n}']))\n")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), *FAST, "--total_steps", "1", "--deepspeed", "ds_configs/zero3.json"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert p.stdout.count("run 0 exit 0") == p.stdout.count("run 1 exit 0") == 2, p.stdout[-3000:]
+    assert p.stdout.count("at exit: group left False") == 2, p.stdout[-3000:]
+    for n in range(2):
+        assert json.loads((tmp_path / f"run{n}" / "status.json").read_text())["state"] == "finished"

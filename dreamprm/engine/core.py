@@ -67,6 +67,18 @@ def init_distributed(timeout_s: float = RunConfig.collective_timeout) -> tuple[i
     return dist.rank_world()
 
 
+def close_distributed() -> None:
+    """Destroy every process group at the clean end of a process (fit registers it with atexit); a no-op
+    without one.
+
+    Left to the interpreter's teardown, gloo's worker threads can outlive it and abort a rank (SIGABRT,
+    "terminate called without an active exception") after the run has finished. Call it on success only:
+    NCCL's teardown can wait on a peer that is still inside a collective."""
+    if torch.distributed.is_initialized():
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so a later run can re-init
+    dist.forget_groups()
+
+
 # ---------------------------------------------------------------- engine
 
 
