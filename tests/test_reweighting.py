@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("reweighting", ROOT / "bench" / "reweighting.py")
@@ -39,7 +40,8 @@ def test_steps_are_checkable_and_true_labels_follow_the_first_wrong_step(tmp_pat
             fe = first_wrong(r["steps"])
             assert r["meta"]["first_error"] == fe
             assert r["meta"].get("true_labels", r["labels"]) == prefix_labels(fe, len(r["steps"]))
-            assert r["outcome"] == (1.0 if fe == -1 else 0.0)
+            # a right final answer with wrong steps: only the hard best-of-N candidates (--bon_hard)
+            assert r["outcome"] == (1.0 if fe == -1 or r["meta"].get("hard") else 0.0)
             assert a.min_steps <= len(r["steps"]) <= a.max_steps
     for r in R.read_jsonl(files["test"]) + R.read_jsonl(files["bon"]):  # evaluation data is clean
         assert r["labels"] == prefix_labels(r["meta"]["first_error"], len(r["steps"]))
@@ -188,3 +190,186 @@ def test_swap_sub_judges_subtractions_inverted_and_changes_the_label_ranking(tmp
     assert correct_marked_wrong > 100 and wrong_marked_right > 20
     additions_only = [r for r in rows if all(s.split()[1] == "+" for s in r["steps"])]
     assert additions_only and not any(r["meta"]["corrupted"] for r in additions_only)
+
+
+# ---------------------------------------------------------------- the labellers of issue 23
+
+
+def test_late_judges_the_first_wrong_step_right():
+    rng = random.Random(0)
+    assert R.corrupt([1.0, 1.0, 0.0, 0.0], "late", 1.0, rng) == [1.0, 1.0, 1.0, 0.0]
+    assert R.corrupt([0.0, 0.0, 0.0], "late", 1.0, rng) == [1.0, 0.0, 0.0]
+    assert R.corrupt([1.0, 1.0, 0.0], "late", 1.0, rng) == [1.0, 1.0, 1.0]  # slip in the last step: all 1
+    assert R.corrupt([1.0, 1.0, 1.0], "late", 1.0, rng) == [1.0, 1.0, 1.0]  # a right solution is left alone
+    assert R.corrupt([1.0, 0.0], "late", 0.0, rng) == [1.0, 0.0]
+
+
+def test_outcome_labels_every_step_with_the_final_answer():
+    rng = random.Random(0)
+    assert R.corrupt([1.0, 1.0, 0.0, 0.0], "outcome", 1.0, rng) == [0.0] * 4
+    assert R.corrupt([1.0, 1.0, 1.0], "outcome", 1.0, rng) == [1.0] * 3
+    # two compensating slips: the answer is right, so every step is marked right
+    assert R.corrupt([1.0, 0.0, 0.0], "outcome", 1.0, rng, outcome=1.0) == [1.0] * 3
+
+
+def test_mc_soft_labels_are_rollout_fractions():
+    rng = random.Random(0)
+    n = 6
+    rows = [R.corrupt([1.0] * 3 + [0.0] * (n - 3), "mc_soft", 1.0, rng, mc_rollouts=8, mc_skill=0.8)
+            for _ in range(2000)]
+    for y in rows:
+        assert all(0.0 <= v <= 1.0 and (v * 8).is_integer() for v in y)
+        assert y[3:] == [0.0] * (n - 3)  # a prefix that holds the slip never reaches the right answer
+    # a correct prefix: the completer has to get the n - 1 - k remaining steps right, each with p 0.8; the mean
+    # of 2000 x 8 Bernoulli draws is within 4 standard errors (sd <= 0.5 / sqrt(16000) ~ 0.004) of 0.8 ** left
+    for k in range(3):
+        mean = sum(y[k] for y in rows) / len(rows)
+        assert abs(mean - 0.8 ** (n - 1 - k)) < 0.02
+        assert mean < 1.0
+    # a right solution: the last step's prefix is the whole solution, so it is 1; earlier ones below 1
+    y = R.corrupt([1.0] * 5, "mc_soft", 1.0, random.Random(1), mc_rollouts=8, mc_skill=0.8)
+    assert y[-1] == 1.0
+    # a compensated slip puts a later prefix back on track: its completions can reach the right answer
+    y = R.corrupt([1.0, 0.0, 0.0, 0.0], "mc_soft", 1.0, random.Random(2), on_track=[True, False, True, True],
+                  mc_skill=1.0)
+    assert y == [1.0, 0.0, 1.0, 1.0]
+
+
+def test_new_kinds_in_the_generator(tmp_path):
+    a = args_for("--domains", "o,l,m", "--kinds", "outcome,late,mc_soft", "--rates", "1,1,1", "--n_train", "300")
+    rows = R.read_jsonl(R.generate(a, 6, tmp_path)["train"])
+    for r in rows:
+        y, t = r["labels"], r["meta"]["true_labels"]
+        assert r["meta"]["corrupted"] == (y != t)
+        if r["domain"] == "o":
+            assert y == [r["outcome"]] * len(t)
+        elif r["domain"] == "l":
+            fe = r["meta"]["first_error"]
+            assert y == (t if fe == -1 else prefix_labels(fe + 1 if fe + 1 < len(t) else -1, len(t)))
+        else:
+            assert all(0 <= v <= 1 for v in y) and all(v == 0 for v, tv in zip(y, t) if tv == 0)
+    soft = [v for r in rows if r["domain"] == "m" for v in r["labels"] if 0 < v < 1]
+    assert len(soft) > 100
+
+
+def test_soft_labels_reach_the_loss_as_floats():
+    """dreamprm's reader keeps mc_soft's labels as they are (float32), and the default step loss is the soft
+    cross-entropy: the loss of label 0.375 is not that of 0 or 1."""
+    from dreamprm.data.loader import collate
+    from dreamprm.data.record import record_from_json, record_problems
+    from dreamprm.data.tokenize import Example
+    from dreamprm.hypergrad import instance_losses
+
+    rec = record_from_json({"id": "x", "question": "q", "steps": ["1 + 2 = 3", "3 + 2 = 5"], "labels": [0.375, 1.0]})
+    assert record_problems(rec) == [] and rec.labels == [0.375, 1.0]
+    losses = []
+    for y in (0.0, 0.375, 1.0):
+        ex = Example(input_ids=[5, 6, 7, 8], tag_pos=[1, 3], labels=[y, 1.0], outcome=1.0, index=0, domain=0,
+                     n_steps=2, n_kept=2, id="x")
+        batch = collate([ex], pad_id=0)
+        assert batch["labels"].dtype == torch.float32 and batch["labels"][0, 0].item() == y
+        logits = torch.zeros(1, 2, 2)
+        logits[0, :, 1] = 1.0  # p(correct) = sigmoid(1) at both steps
+        losses.append(instance_losses(logits, batch).item())
+    assert losses[0] > losses[1] > losses[2]
+
+
+# ---------------------------------------------------------------- best-of-N, baselines, configs
+
+
+def test_hard_best_of_n_candidates_have_the_right_answer_and_wrong_steps(tmp_path):
+    a = args_for("--n_bon_groups", "40", "--n_train", "10")
+    assert a.bon_hard and a.bon_n == 16
+    rows = R.read_jsonl(R.generate(a, 7, tmp_path)["bon"])
+    hard = [r for r in rows if r["meta"]["hard"]]
+    assert len(hard) > 50
+    for r in hard:
+        ok = [R.check_step(s) for s in r["steps"]]
+        assert r["outcome"] == 1.0 and ok.count(False) == 2 and ok.index(False) == r["meta"]["first_error"]
+        truth = r["steps"][-1].split()[-1]
+        right = [c for c in rows if c["meta"]["group"] == r["meta"]["group"] and c["meta"]["first_error"] == -1]
+        assert all(c["steps"][-1].split()[-1] == truth for c in right)
+    off = R.read_jsonl(R.generate(args_for("--n_bon_groups", "40", "--no-bon_hard"), 7, tmp_path / "off")["bon"])
+    assert not any(r["meta"]["hard"] for r in off)
+
+
+def test_hard_frac_makes_right_answers_with_wrong_steps(tmp_path):
+    a = args_for("--domains", "x", "--kinds", "outcome", "--rates", "1", "--n_train", "400", "--hard_frac", "0.5")
+    rows = R.read_jsonl(R.generate(a, 8, tmp_path)["train"])
+    hidden = [r for r in rows if r["outcome"] == 1.0 and r["meta"]["first_error"] != -1]
+    assert len(hidden) > 40
+    assert all(r["labels"] == [1.0] * len(r["steps"]) and r["meta"]["corrupted"] for r in hidden)
+
+
+def test_learned_configs_pass_no_meta_pass_setting_by_default(tmp_path):
+    files = {k: tmp_path / f"{k}.jsonl" for k in ("train", "train_clean", "train_meta", "meta", "test")}
+    a = args_for()
+    for m in R.LEARNED:
+        meta = R.run_config(a, m, 0, files, tmp_path, tmp_path / m)["meta"]
+        assert meta == {"baseline": False, "weights": m}
+    a = args_for("--meta_lr", "0.05", "--hypergrad", "finite_diff", "--meta_batch_size", "16")
+    for m in R.LEARNED:
+        meta = R.run_config(a, m, 0, files, tmp_path, tmp_path / m)["meta"]
+        assert meta == {"baseline": False, "weights": m, "meta_lr": 0.05, "hypergrad": "finite_diff",
+                        "meta_batch_size": 16}
+    assert R.run_config(a, "baseline", 0, files, tmp_path, tmp_path)["meta"] == {"baseline": True,
+                                                                               "weights": "instance_table"}
+    from dreamprm.config import MetaConfig
+
+    text = R.describe_meta(args_for("--meta_lr", "0.05"))
+    assert "meta_lr 0.05 (--meta_lr)" in text and f"hypergrad {MetaConfig().hypergrad}," in text
+    assert R.run_config(a, "uniform_meta", 0, files, tmp_path, tmp_path)["data"]["train_file"] == str(
+        files["train_meta"])
+
+
+def test_uniform_meta_adds_the_right_answer_meta_records(tmp_path):
+    a = args_for("--n_train", "20", "--n_meta", "60")
+    files = R.generate(a, 9, tmp_path)
+    meta, train = R.read_jsonl(files["meta"]), R.read_jsonl(files["train"])
+    extra = R.read_jsonl(files["train_meta"])[len(train):]
+    assert R.read_jsonl(files["train_meta"])[:len(train)] == train
+    right = [r for r in meta if r["outcome"] == 1.0]
+    assert 0 < len(right) < len(meta) and [r["id"] for r in extra] == [r["id"] for r in right]
+    assert all(r["labels"] == [1.0] * len(r["steps"]) and r["domain"] == "meta" for r in extra)
+    assert not any(r["meta"]["corrupted"] for r in extra)  # one slip: a right answer has no wrong step
+
+
+def test_within_domain_weight_auroc():
+    a = args_for("--domains", "a,b,c", "--kinds", "none,flip,flip", "--rates", "0,0.5,0.5")
+    recs = [{"domain": d, "meta": {"corrupted": c}} for d, c in
+            [("a", False), ("a", False), ("b", False), ("b", True), ("c", False), ("c", True)]]
+    # a domain-level weight: b and c low, a high; inside b and c the corrupted one weighs more
+    pooled, within = R.weight_aurocs(a, [2.0, 2.0, 0.5, 0.6, 0.5, 0.6], recs)
+    assert pooled > 0.5 and within == 0.0
+    pooled, within = R.weight_aurocs(a, [1.0] * 6, recs)
+    assert pooled == 0.5 and within == 0.5
+
+
+def test_gap_share_against_the_best_baseline():
+    res = {"baseline": {0: {"step_auroc": 0.6, "pb_f1": 0.2, "bon_acc": 0.5}},
+           "loss_select": {0: {"step_auroc": 0.8, "pb_f1": 0.1, "bon_acc": 0.5}},
+           "oracle": {0: {"step_auroc": 1.0, "pb_f1": 0.6, "bon_acc": 0.5}},
+           "instance_table": {0: {"step_auroc": 0.9, "pb_f1": 0.4, "bon_acc": 0.6}}}
+    uni = R.gap_shares(res, 0, "baseline")["instance_table"]
+    best = R.gap_shares(res, 0, "best")["instance_table"]
+    assert uni["step_auroc"] == pytest.approx(0.75) and best["step_auroc"] == pytest.approx(0.5)
+    assert uni["pb_f1"] == best["pb_f1"] == pytest.approx(0.5)  # baseline is the best F1
+    assert uni["bon_acc"] is None  # no gap to recover
+    assert R.gap_shares(res, 0, "best")["loss_select"]["step_auroc"] == pytest.approx(0.0)
+
+
+def test_cost_line_counts_the_runs(tmp_path):
+    a = args_for("--methods", "baseline,transfer,loss_select,instance_table", "--seeds", "0,1", "--n_train", "48",
+                 "--epochs", "1", "--work_dir", str(tmp_path))
+    # per seed: baseline 1, transfer 2 (proxy, target), loss_select 2 (warm-up, full), instance_table 1
+    assert R.cost_line(a).startswith("cost: 12 training runs to launch (12 in all, 0 finished")
+    full = R.total_updates(a)
+    assert f"{10 * full + 2 * R.warmup_updates(a)} PRM updates" in R.cost_line(a)
+
+
+def test_new_options_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        R.main(["--select_drop", "1", "--mc_skill", "2", "--meta_lr", "0", "--domains", "meta,b", "--kinds",
+                "flip,flip", "--rates", "0.1,0.1"])
+    err = capsys.readouterr().err
+    assert all(f in err for f in ("--select_drop", "--mc_skill", "--meta_lr", "'meta'", "oracle"))
