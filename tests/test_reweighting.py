@@ -337,11 +337,12 @@ def test_uniform_meta_adds_the_right_answer_meta_records(tmp_path):
 def test_within_domain_weight_auroc():
     a = args_for("--domains", "a,b,c", "--kinds", "none,flip,flip", "--rates", "0,0.5,0.5")
     recs = [{"domain": d, "meta": {"corrupted": c}} for d, c in
-            [("a", False), ("a", False), ("b", False), ("b", True), ("c", False), ("c", True)]]
-    # a domain-level weight: b and c low, a high; inside b and c the corrupted one weighs more
-    pooled, within = R.weight_aurocs(a, [2.0, 2.0, 0.5, 0.6, 0.5, 0.6], recs)
-    assert pooled > 0.5 and within == 0.0
-    pooled, within = R.weight_aurocs(a, [1.0] * 6, recs)
+            [("a", False)] * 3 + [("b", False), ("b", True), ("c", False), ("c", True)]]
+    # a domain-level weight: b and c low, a high; inside b and c the corrupted one weighs more. Pooled:
+    # of the 5 x 2 clean-corrupted pairs the 6 with a clean a-record are ordered right, the other 4 wrong
+    pooled, within = R.weight_aurocs(a, [2.0] * 3 + [0.5, 0.6, 0.5, 0.6], recs)
+    assert pooled == pytest.approx(0.6) and within == 0.0
+    pooled, within = R.weight_aurocs(a, [1.0] * 7, recs)
     assert pooled == 0.5 and within == 0.5
 
 
@@ -373,3 +374,37 @@ def test_new_options_are_checked(capsys):
                 "flip,flip", "--rates", "0.1,0.1"])
     err = capsys.readouterr().err
     assert all(f in err for f in ("--select_drop", "--mc_skill", "--meta_lr", "'meta'", "oracle"))
+
+
+@pytest.mark.slow
+def test_baselines_end_to_end(tmp_path):
+    """uniform_meta trains on the extra meta records; loss_select's 0/1 selection (the warm-up run's highest
+    losses weighted 0) is read by --weights_from and is the weights its run trained with. Three runs of 3 updates
+    on a 1-layer PRM of width 32."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    cmd = [sys.executable, "bench/reweighting.py", "--seeds", "0", "--methods", "uniform_meta,loss_select",
+           "--domains", "a,b", "--kinds", "none,late", "--rates", "0,1", "--n_train", "6", "--n_meta", "8",
+           "--n_test", "8", "--n_bon_groups", "2", "--bon_n", "3", "--epochs", "1", "--batch_size", "4",
+           "--select_drop", "0.25", "--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
+           "--eval_every", "4", "--work_dir", str(work), "--out", str(out), "--jobs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "cost: 3 training runs to launch" in p.stdout
+    seed = work / "seed0"
+    meta = R.read_jsonl(seed / "data" / "meta.jsonl")
+    ids = [r["id"] for r in R.read_jsonl(seed / "uniform_meta" / "instance_weights.jsonl")]
+    assert sorted(i for i in ids if i.startswith("meta-")) == sorted(r["id"] for r in meta if r["outcome"] == 1.0)
+    chosen = R.read_jsonl(seed / "loss_select-weights" / "instance_weights.jsonl")
+    assert sorted(r["weight"] for r in chosen) == [0.0] * 3 + [1.0] * 9  # 0.25 of 12 records
+    dropped_loss = min(r["loss"] for r in chosen if r["weight"] == 0.0)
+    assert all(r["loss"] <= dropped_loss for r in chosen if r["weight"] == 1.0)
+    used = {r["id"]: r["weight"] for r in R.read_jsonl(seed / "loss_select" / "instance_weights.jsonl")}
+    assert used == {r["id"]: r["weight"] for r in chosen}
+    assert "weights from" in (seed / "loss_select.log").read_text()
+    res = json.loads((out / "results.json").read_text())
+    runs = res["runs"]
+    assert runs["loss_select"]["0"]["wall_s"] > float((seed / "loss_select" / "wall_s.txt").read_text())
+    assert runs["uniform_meta"]["0"]["weight_auroc"] == 0.5
+    md = (out / "results.md").read_text()
+    assert "Meta pass of the learned methods: hypergrad" in md and "| random pick |" in md
