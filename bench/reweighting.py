@@ -1,9 +1,13 @@
-"""Does reweighting work? A controlled noisy-label experiment on a checkable PRM task (issue 7).
+"""Does reweighting work? A controlled noisy-label experiment on a checkable PRM task (issues 7, 15, 23).
 
-    python bench/reweighting.py                       # random flips: 5 methods x 3 seeds, table + figures
+    python bench/reweighting.py                       # random flips: 9 methods x 3 seeds, table + figures
     python bench/reweighting.py --domains a,b,c --kinds none,swap_sub,swap_sub --rates 0,1,1 --epochs 6 \
-        --lr 5e-4 --meta_batch_size 16 --out bench/reweighting/swap_sub --headline   # noise that changes the
-                                                      # ranking; main.png beside its results.md
+        --lr 5e-4 --out bench/reweighting/swap_sub --headline   # noise that changes the ranking; main.png
+                                                      # beside its results.md
+    python bench/reweighting.py --domains a,b,c,d --kinds none,outcome,mc_soft,late --rates 0,1,1,1 \
+        --hard_frac 0.3 --out bench/reweighting/labellers      # the labellers of real PRM data
+    python bench/reweighting.py --methods baseline,oracle,instance_table --meta_lr 0.3 \
+        --out bench/reweighting/meta_lr_0.3           # one point of a meta_lr sweep (all learned methods)
     python bench/reweighting.py --seeds 0 --methods baseline,instance_table --epochs 1   # a quick look
     python bench/reweighting.py --plot_only           # redo table and figures from the finished runs
     python bench/reweighting.py --methods baseline,oracle,instance_domain_table,transfer --proxy_hidden 64 \
@@ -13,10 +17,14 @@ The task. A question asks for a chain of additions and subtractions on a number 
 Apply +7, -4, +9."); every step states one computation ("23 + 7 = 30"). A wrong solution makes
 one slip (a result off by 1 to 3) and carries on correctly from the wrong value. Step labels follow
 the PRM convention: 1 before the first wrong step, 0 from it on. Step correctness is checkable
-from the text, so the truth is known for every label.
+from the text, so the truth is known for every label. With one slip a right final answer means
+every step is right; --hard_frac makes that fraction of the wrong solutions (training, meta and
+test) slip twice, the second slip cancelling the first (+2 then -2 against the true chain), so the
+final answer is right although two steps are wrong.
 
 The data. Training records come from several domains (--domains); each domain's step labels are
-corrupted at its own rate and kind (--kinds, --rates):
+corrupted at its own rate and kind (--kinds, --rates); rate is the probability that a solution is
+relabelled by the kind (flip: per step):
   none        labels as computed;
   flip        every step label flipped independently with probability rate;
   optimistic  with probability rate, a wrong solution gets every step marked correct
@@ -31,36 +39,72 @@ corrupted at its own rate and kind (--kinds, --rates):
               right) and labels 1 before the first step it judges wrong, 0 from it on. It marks
               correct steps wrong and wrong steps right depending on the text, so where such
               labels are the majority the label ranking itself changes (steps after a correct
-              subtraction look worse than some wrong steps), not only its noise level.
-A training instance is "corrupted" when at least one of its labels differs from the truth. The
-meta set (clean, outcome labels only), the test set (clean step labels) and the best-of-N groups
-(--bon_n candidates per question, outcome only) come from the same generator, uncorrupted.
+              subtraction look worse than some wrong steps), not only its noise level;
+  outcome     outcome propagation: every step gets the solution's final-answer label (a wrong
+              solution all 0, its correct steps before the slip included; a right one all 1).
+              With one slip a right answer has no wrong step, so only wrong solutions change;
+              with --hard_frac the compensated ones are right answers whose wrong steps get 1;
+  late        the first wrong step is judged right, the error starts one step later
+              ([1,1,0,0] -> [1,1,1,0]; a slip in the last step: all 1);
+  mc_soft     Monte-Carlo rollout labels from a weak completer: the label of step k is the
+              fraction of --mc_rollouts completions from the prefix up to step k that reach the
+              right final answer; the completer gets each remaining step right with probability
+              --mc_skill, and a prefix whose value is off the true chain never reaches it. So
+              correct early steps of long solutions get labels well below 1 (mean
+              mc_skill ** steps left): biased toward the completer's ability. The labels are
+              soft floats in [0, 1]; dreamprm reads them as they are (float32) and its default
+              step loss is the soft-label cross-entropy. Use rate 1 for outcome and mc_soft
+              (a whole labelled set from one labeller).
+A training instance is "corrupted" when at least one of its labels differs from the truth (for
+mc_soft nearly every relabelled solution). The meta set (clean, outcome labels only), the test set
+(clean step labels) and the best-of-N groups (--bon_n candidates per question) come from the same
+generator, uncorrupted. With --bon_hard (on by default; --no-bon_hard for the single-slip groups)
+half of the wrong best-of-N candidates are compensated: right final answer, wrong steps. A pick
+counts as correct only when every step of the picked candidate is correct, so picking by the
+final answer does not saturate the metric; the table shows the random pick's expected accuracy.
 
 The runs. Every method trains the same PRM (a random Qwen2 of --hidden / --layers built by
 dreamprm.tiny, full fine-tune, fp32, one process) for the same number of PRM updates
-(--epochs over the training set), through `python launch/train.py` with a generated config:
-baseline (--baseline: uniform weights), instance_table, instance_net, domain_table,
-instance_domain_table (an instance row times its domain's factor), and, as the
-ceiling of any reweighting, oracle: uniform weights on the uncorrupted domains alone (the same
-number of updates, so more passes over less data), and transfer: --transfer_method learns the
-weights on a smaller proxy PRM (--proxy_hidden / --proxy_layers, same data, same updates), then the
-PRM of --hidden / --layers trains with them fixed (--weights_from: no meta pass); its cost is the
-wall time of both runs, next to each method's own (the "wall s" column). Each run
-evaluates on the test set every --eval_every updates (eval_step_auroc in metrics.jsonl); the
-domain-table runs checkpoint every --ckpt_every updates so the domain weights can be followed
-over time. After training, the final model scores the test set and the best-of-N groups
-(dreamprm.scoring.load_scorer), and instance_weights.jsonl gives the learned weights.
+(--epochs over the training set), through `python launch/train.py` with a generated config.
+Baselines, no meta pass: baseline (--baseline: uniform weights); uniform_meta (uniform weights on
+the training set plus the meta set's data where it can be used: each meta record with a right
+final answer becomes a training example with every step labelled correct, in its own domain
+"meta"; a wrong-answer meta record does not say which step is wrong, so it carries no step label
+and is left out); loss_select (no meta set: a uniform warm-up run of --select_warmup updates,
+default a third of the run's, scores every training record by the mean over its steps of the BCE
+of its label against the predicted probability; the --select_drop fraction with the highest loss
+gets weight 0, the rest 1, written as an instance_weights.jsonl; then the PRM trains from scratch
+for the full updates with --weights_from; its wall time is both runs'). Learned: instance_table,
+instance_net, domain_table, instance_domain_table (an instance row times its domain's factor).
+Their meta pass runs with dreamprm's own defaults (dreamprm.config.MetaConfig): the config passes
+no meta-pass setting unless its flag is given (--meta_lr, for every learned method at once,
+--hypergrad, --aggregation, --fd_radius, --table_optimizer, --meta_warmup, --meta_batch_size,
+--meta_interval); results.md states the settings used. The ceiling of any reweighting, oracle:
+uniform weights on the uncorrupted domains alone (the same number of updates, so more passes over
+less data), and transfer: --transfer_method learns the weights on a smaller proxy PRM
+(--proxy_hidden / --proxy_layers, same data, same updates), then the PRM of --hidden / --layers
+trains with them fixed (--weights_from: no meta pass); its cost is the wall time of both runs,
+next to each method's own (the "wall s" column). Before training the command prints how many
+training runs it launches (finished ones are reused). Each run evaluates on the test set every
+--eval_every updates (eval_step_auroc in metrics.jsonl); the domain-table runs checkpoint every
+--ckpt_every updates so the domain weights can be followed over time. After training, the final
+model scores the test set and the best-of-N groups (dreamprm.scoring.load_scorer), and
+instance_weights.jsonl gives the weights the run trained with.
 
 Reported per method, mean and spread (min..max) over --seeds (each seed draws its own data and
 initialisation): clean-test step AUROC, ProcessBench-style F1 (first predicted error vs the true
-first error, threshold 0.5), best-of-N accuracy (--bon_aggregation), the AUROC of the learned
-weights at telling clean from corrupted instances (clean = positive, so 1.0 means every corrupted
-instance weighs less than every clean one; 0.5 for uniform weights), and the mean learned weight
-per domain. The weights are those the runs used: dreamprm's tables normalise to mean 1 over the
-training instances. Output: --out/results.md (committed), and --artifacts/results.json with the
-PNG figures (an ignored folder: bench/out/<the --out path under bench/> by default, regenerated by
-the same command with --plot_only); --headline also puts main.png beside results.md. Runs go to
---work_dir.
+first error, threshold 0.5), best-of-N accuracy (--bon_aggregation), the AUROC of the weights at
+telling clean from corrupted instances (clean = positive, so 1.0 means every corrupted instance
+weighs less than every clean one; 0.5 for uniform weights), pooled over all instances and within
+each corrupted domain (then the mean over those domains: a domain-level weight scores 0.5 there),
+the mean weight per domain, and per seed the share of the gap to oracle recovered, against uniform
+((method - baseline) / (oracle - baseline)) and against the best baseline ((method - best) /
+(oracle - best), best the max per metric over baseline, uniform_meta, loss_select). The weights
+are those the runs used: dreamprm's tables normalise to mean 1 over the training instances;
+loss_select's are its 0/1 selection. Output: --out/results.md (committed), and
+--artifacts/results.json with the PNG figures (an ignored folder: bench/out/<the --out path under
+bench/> by default, regenerated by the same command with --plot_only); --headline also puts
+main.png beside results.md. Runs go to --work_dir.
 """
 
 from __future__ import annotations

@@ -408,3 +408,18 @@ def test_baselines_end_to_end(tmp_path):
     assert runs["uniform_meta"]["0"]["weight_auroc"] == 0.5
     md = (out / "results.md").read_text()
     assert "Meta pass of the learned methods: hypergrad" in md and "| random pick |" in md
+
+
+def test_every_usage_example_is_accepted():
+    """The commands at the top of the module docstring parse and pass check_args (not run: they are the
+    experiments)."""
+    import shlex
+
+    text = R.__doc__.split("\n\nThe task.")[0].replace("\\\n", " ")
+    cmds = [ln.split("#")[0].split("python bench/reweighting.py", 1)[1] for ln in text.splitlines()
+            if "python bench/reweighting.py" in ln]
+    assert len(cmds) >= 7
+    p = R.build_parser()
+    for c in cmds:
+        args = p.parse_args(shlex.split(c))
+        R.check_args(p, args)
