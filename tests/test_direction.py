@@ -253,7 +253,7 @@ def test_finite_diff_at_the_default_radius_holds_sign_and_error_model_at_random_
     Error model (fd32 - exact32 = (fd32 - fd64) + (fd64 - a64) + (a64 - exact32), the 64 terms on an fp64
     copy with the same v; tests/numerics.py for kappa):
       truncation  fd64 - a64, measured at the same eps. The head's ReLU makes it O(R) where a unit's
-                  pre-activation lies within R |dz/dt| of its kink (bench/fd_radius.py: up to 40% at random
+                  pre-activation lies within R |dz/dt| of its kink (bench/fd_radius.py: up to 70% at random
                   init at R 0.01, 0.05% after 50 demo updates), else O(R^2);
       round-off   the fp32 losses l(theta +- eps v) move many ulps at R 0.01: 4 kappa ||g_i|| ||v|| (it grows as
                   1 / R below about 1e-4, where it overtakes);
