@@ -218,7 +218,9 @@ class MetaConfig:
     meta_interval: int = opt(1, "PRM updates between meta passes", ge=1)
     meta_warmup: int = opt(0, "PRM updates with uniform weights (no meta pass) before the first meta pass",
                            ge=0)
-    fd_radius: float = opt(0.01, "finite differences: eps = fd_radius / ||v||", gt=0)
+    fd_radius: float = opt(0.01, "finite differences: eps = fd_radius / ||v||; 0.01 keeps bf16 forwards (LoRA on "
+                           "a bf16 base) resolved; in fp32 at random init the head's ReLU kinks put single "
+                           "instances up to 70% off at 0.01 (bench/RESULTS.md)", gt=0)
     aggregation: str = opt("mean_logodds", "step scores -> solution score for the meta loss", AGGREGATIONS)
     meta_loss: str = opt("bce", "meta loss on the solution score", META_LOSSES)
     net_hidden: int = opt(32, "hidden width of the instance_net weight module", ge=1)

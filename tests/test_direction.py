@@ -22,14 +22,18 @@ the sign restored).
 """
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import kappa, rounding_shape
 from torch import nn
 
 from dreamprm import bilevel
 from dreamprm.config import AGGREGATIONS, Config
+from dreamprm.data.loader import collate
 from dreamprm.hypergrad import StepLoss
 from dreamprm.weights import build_weight_module, build_weight_optimizer
 
@@ -228,3 +232,53 @@ def test_a_meta_step_moves_the_weights_the_right_way(weights, how):
 
     raised, opposite = meta_loss_after_inner_step(w0 + move), meta_loss_after_inner_step(w0 - move)
     assert raised < opposite, (raised, opposite)
+
+
+# ---------------------------------------------------------------- finite_diff at its default radius, random init
+
+
+def _bench(name: str):
+    """bench/ is not a package: its modules are loaded by path (the setup's one home, as in test_persample)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_finite_diff_at_the_default_radius_holds_sign_and_error_model_at_random_init():
+    """The built-in tiny Qwen2 PRM at random initialisation, fp32, full fine-tuning, MetaConfig's default
+    fd_radius: bilevel.fd_alignments against bilevel's exact alignments, instance by instance.
+
+    Error model (fd32 - exact32 = (fd32 - fd64) + (fd64 - a64) + (a64 - exact32), the 64 terms on an fp64
+    copy with the same v; tests/numerics.py for kappa):
+      truncation  fd64 - a64, measured at the same eps. The head's ReLU makes it O(R) where a unit's
+                  pre-activation lies within R |dz/dt| of its kink (bench/fd_radius.py: up to 70% at random
+                  init at R 0.01, 0.05% after 50 demo updates), else O(R^2);
+      round-off   the fp32 losses l(theta +- eps v) move many ulps at R 0.01: 4 kappa ||g_i|| ||v|| (it grows as
+                  1 / R below about 1e-4, where it overtakes);
+      exact       2 kappa ||g_i|| ||v||.
+    Signs must agree wherever |a_i| >= FLOOR ||g_i|| ||v|| (g_i and v further than 1e-3 from orthogonal), and
+    there the bound must leave the sign determined (bound < |a_i|)."""
+    pc, fr = _bench("persample_check"), _bench("fd_radius")
+    radius = Config().meta.fd_radius
+    prm, tok = pc.build("full", "fp32")  # random head (seed 0) on the tiny checkpoint
+    recent = [{"batch": collate(pc.examples(8, seed=s), tok.pad_token_id)} for s in (0, 2)]
+    meta = collate(pc.examples(4, seed=1), tok.pad_token_id)
+    eng = StandInEngine(prm)
+    v, _ = bilevel.meta_gradient(eng, meta, "mean_logodds", "bce")
+    exact, vnorm = bilevel.exact_alignments(eng, recent, v)
+    fd, _ = bilevel.fd_alignments(eng, recent, v, radius)
+    ref = fr.fp64_side(fr.fp64_copy(prm), eng, recent, v, vnorm, [radius])
+    exact, fd = torch.cat(exact).double(), torch.cat(fd).double()
+    a64, fd64 = torch.tensor(ref["exact"]), torch.tensor(ref["fd"][radius])
+    scale = torch.tensor(ref["gnorm"]) * vnorm
+    k = kappa(rounding_shape(prm, recent[0]["batch"]["input_ids"].shape[1]), "fp32")
+    truncation, round_off = fd64 - a64, 6 * k * scale
+    above = a64.abs() >= fr.FLOOR * scale
+    # what is left after the truncation is rounding, within the fp32 model
+    assert (((fd - exact) - truncation).abs() <= round_off).all(), (((fd - exact) - truncation).abs() / round_off)
+    assert above.sum() >= len(a64) // 2  # the floor leaves most instances in
+    bound = truncation.abs() + round_off
+    assert (bound[above] < a64.abs()[above]).all(), (bound / a64.abs())  # the error model leaves the sign held
+    assert (torch.sign(fd) == torch.sign(exact))[above].all(), (fd, exact)
