@@ -33,16 +33,17 @@ Each finished run is scored on the test set by `dreamprm evaluate processbench -
 than max_length are left out and counted), which gives the step AUROC (every labelled step of both splits)
 and the ProcessBench F1 at threshold 0.5 (the mean of the two splits' F1). The weight columns are the mean
 of RUN/instance_weights.jsonl per domain (tables keep a mean of 1 over the training instances; uniform runs
-are 1). wall s: the training run's wall time. Finished runs with the same config are reused; results.json in
+are 1). wall s: the training run's wall time. Finished runs with the same config and data are reused; results.json in
 --work_dir holds every number.
 
 Profiles (flags override their values):
-  gpu        bf16, sdpa, packed batches, max_length 2048 (cuts no gsm8k and 2% of math solutions), batch 8,
-             300 updates (3 passes over 800 training rows; the oracle 12 over its 200), 3 runs at once on the
-             one GPU. Estimate, unmeasured: ~450 tokens a row, 3.6k tokens an update; a 135M LoRA step is
-             overhead-bound, ~0.2-0.4 s plain and 2-3x that with the default exact meta pass (bench/RESULTS.md:
-             exact k=1 2.67x plain on CPU), so ~1-2 min for uniform and oracle, 3-6 min for reweight, plus
-             ~1 min of loading and scoring each: under 10 min with the runs side by side.
+  gpu        bf16, sdpa, packed batches, max_length 2048 (cuts 3 of the 800 training rows at a step boundary;
+             longer test rows are left out), batch 8, 300 updates (3 passes over 800 training rows: 200 + 600;
+             the oracle 12 over its 200), 40 meta and 140 test rows per split, the 3 runs at once on the one
+             GPU. Estimate, unmeasured: 590 tokens a row on average (the trainer's count), 4.7k an update; a
+             135M LoRA step of that size is overhead-bound on an H200, ~0.2-0.4 s plain and 2-3x that with the
+             default exact meta pass (bench/RESULTS.md: exact k=1 2.67x plain on CPU), so 1-2 min for uniform
+             and oracle, 3-6 min for reweight, plus ~1 min of loading and scoring each: under 10 min in all.
   cpu-smoke  fp32, the 16 shortest rows of each split, 3 + 3 training rows, 2 meta and 3 test rows per split,
              max_length 320, batch 1, 5 updates, the 3 runs at once of one thread each. It checks that the
              pipeline runs end to end; its numbers say nothing about reweighting.
@@ -51,6 +52,7 @@ Profiles (flags override their values):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -69,7 +71,7 @@ DOMAINS = ("human", "outcome")
 TAG = "<extra_0>"  # dreamprm's default step tag (added to SmolLM2's vocabulary)
 
 PROFILES = {
-    "gpu": {"n_human": 200, "n_outcome": 600, "n_meta": 50, "n_test": 150, "shortest": 0, "max_length": 2048,
+    "gpu": {"n_human": 200, "n_outcome": 600, "n_meta": 40, "n_test": 140, "shortest": 0, "max_length": 2048,
             "batch_size": 8, "total_steps": 300, "lr": 2e-4, "warmup_steps": 20, "lr_schedule": "cosine",
             "precision": "bf16", "packing": True, "jobs": 3, "threads": 4},
     "cpu-smoke": {"n_human": 3, "n_outcome": 3, "n_meta": 2, "n_test": 3, "shortest": 16, "max_length": 320,
@@ -153,13 +155,13 @@ def build_data(args) -> dict:
         cands = load_records(str(path), "gsm8k_candidates", step_tag=TAG)
         meta = random.Random(args.seed).sample(cands, 2 * args.n_meta)
     out = args.work_dir / "data"
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "test").mkdir(parents=True, exist_ok=True)
     files = {"train": out / "train.jsonl", "train_human": out / "train_human.jsonl", "meta": out / "meta.jsonl"}
     write_jsonl(train, files["train"])
     write_jsonl(train_h, files["train_human"])
     write_jsonl(meta, files["meta"])
     for split, part in ((args.human_split, human), (args.outcome_split, outcome)):
-        files[f"test_{split}"] = out / f"test_{split}.jsonl"  # the file stem names the split in the F1
+        files[f"test_{split}"] = out / "test" / f"{split}.jsonl"  # the file stem names the split in the F1
         write_jsonl([relabel(r, split, r.labels) for r in part["test"]], files[f"test_{split}"])
     return files
 
@@ -198,7 +200,9 @@ def train_and_score(args, method: str, files: dict) -> dict:
     import yaml
 
     run_dir = args.work_dir / method
-    cfg_text = yaml.safe_dump(run_config(args, method, files, run_dir))
+    # the data's digest too: another --seed or --n_* rewrites the files under the same names
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files.values())).hexdigest()
+    cfg_text = f"# data sha256 {digest}\n" + yaml.safe_dump(run_config(args, method, files, run_dir))
     cfg_path = args.work_dir / f"{method}.yaml"
     status = run_dir / "status.json"
     done = (status.is_file() and json.loads(status.read_text()).get("state") == "finished"

@@ -115,7 +115,7 @@ def test_smollm2_processbench_smoke_trains_and_scores_every_method(smol_dir, tmp
     assert list(rows) == list(PB.METHODS)
     for r in rows.values():
         assert 0 <= r["step_auroc"] <= 1 and 0 <= r["pb_f1"] <= 1 and r["wall_s"] > 0, r
-        assert r["n_test_scored"] == 6
+        assert r["n_test_scored"] == 6 and set(r["split_f1"]) == {"gsm8k", "math"}
     assert rows["uniform"]["weight"] == {"human": 1.0, "outcome": 1.0}
     assert rows["oracle"]["weight"] == {"human": 1.0, "outcome": None}
     assert all(w > 0 for w in rows["reweight"]["weight"].values())
