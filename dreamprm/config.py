@@ -220,7 +220,7 @@ class MetaConfig:
                            ge=0)
     fd_radius: float = opt(0.01, "finite differences: eps = fd_radius / ||v||; 0.01 keeps bf16 forwards (LoRA on "
                            "a bf16 base) resolved; in fp32 at random init the head's ReLU kinks put single "
-                           "instances up to 70% off at 0.01 (bench/RESULTS.md)", gt=0)
+                           "instances up to 70 percent off at 0.01 (bench/RESULTS.md)", gt=0)
     aggregation: str = opt("mean_logodds", "step scores -> solution score for the meta loss", AGGREGATIONS)
     meta_loss: str = opt("bce", "meta loss on the solution score", META_LOSSES)
     net_hidden: int = opt(32, "hidden width of the instance_net weight module", ge=1)
