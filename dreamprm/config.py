@@ -210,7 +210,10 @@ class MetaConfig:
     hypergrad: str = opt("exact", "alignment method: exact <grad l_i, v> after the update (per-sample hooks), "
                          "finite differences (DreamPRM; refused unless the perturbed parameters are fp32), or "
                          "fused: <grad l_i, v> before the update, taken inside the update's own backward", METHODS)
-    meta_batch_size: int = opt(1, "meta examples per rank per meta pass", ge=1)
+    meta_batch_size: int = opt(0, "meta examples per rank per meta pass; 0 = --batch_size (resolved at start-up "
+                               "and saved in config.yaml): a meta pass then fits wherever a training micro-batch "
+                               "does, and a one-example meta gradient is too noisy for the weights to learn "
+                               "(bench/RESULTS.md, 'Defaults only')", ge=0)
     meta_lr: float = opt(0.1, "weight-module learning rate", gt=0)
     table_optimizer: str = opt("shared_rms", "how table rows step: shared_rms = in proportion to their "
                                "alignment over one shared RMS; row_adam = lazy Adam per row (about meta_lr "
@@ -454,7 +457,10 @@ def parse_config(argv=None) -> tuple[Config, list[str], list[str]]:
         else:
             notes.append(f"--total_steps {cfg.train.total_steps} replaces epochs of {te}")
             cfg.train.epochs = 0.0
-    return cfg, problems + validate(cfg), notes + warnings(cfg)
+    problems += validate(cfg)
+    if cfg.meta.bilevel and not cfg.meta.meta_batch_size:  # the default: one meta example per training example
+        cfg.meta.meta_batch_size = cfg.train.batch_size  # of a micro-batch (a fixed number could exceed memory)
+    return cfg, problems, notes + warnings(cfg)
 
 
 def warnings(cfg: Config) -> list[str]:

@@ -47,6 +47,25 @@ def test_seed_script_flags_are_aliases_with_the_same_meaning(tmp_path):
     assert cfg.run.disable_wandb and cfg.run.dry_run and cfg.run.debug and cfg.meta.baseline
 
 
+def test_meta_batch_size_defaults_to_the_training_micro_batch(tmp_path):
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    (tmp_path / "w.jsonl").write_text("{}\n")
+    data = ["--train_file", str(tmp_path / "t.jsonl"), "--meta_file", str(tmp_path / "t.jsonl")]
+    cfg, _ = load_config(data + ["--batch_size", "6"])
+    assert cfg.meta.meta_batch_size == 6  # resolved, so config.yaml and the resume check see the number
+    cfg, _ = load_config(data + ["--batch_size", "6", "--meta_batch_size", "2"])
+    assert cfg.meta.meta_batch_size == 2
+    cfg, _ = load_config(["--train_file", str(tmp_path / "t.jsonl"), "--batch_size", "6", "--baseline"])
+    assert cfg.meta.meta_batch_size == 0  # no meta pass: nothing to resolve
+    # --weights_from refuses meta-pass options that are not the default; the default itself is not one
+    cfg, _ = load_config(["--train_file", str(tmp_path / "t.jsonl"), "--batch_size", "6",
+                          "--weights_from", str(tmp_path / "w.jsonl")])
+    assert cfg.meta.meta_batch_size == 0
+    with pytest.raises(ConfigError, match="--meta_batch_size 2 is a meta-pass option"):
+        load_config(["--train_file", str(tmp_path / "t.jsonl"), "--meta_batch_size", "2",
+                     "--weights_from", str(tmp_path / "w.jsonl")])
+
+
 def test_sources_repeat_as_flags_and_list_in_yaml(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("{}\n")

@@ -117,7 +117,8 @@ def run_data(cfg: Config, tokenizer, rank: int, needs_meta: bool, world: int = 1
                             f"cannot give each of {world} ranks one; add data or use at most {max(1, len(ex))} ranks")
         elif size > len(ex) // world:  # else every batch would silently be short
             problems.append(f"{bflag} {size}: more than the {len(ex) // world} usable examples per rank of {where} "
-                            f"({len(ex)} over {world} rank(s)); use {bflag} {len(ex) // world} or less, or add data")
+                            f"({len(ex)} over {world} rank(s)); use {bflag} {len(ex) // world} or less, or add data"
+                            + (" (its default is --batch_size)" if bflag == "--meta_batch_size" else ""))
     if problems:
         raise DataError(problems)
     _warn_meta_overlap(train_ex, meta_ex, rank)
