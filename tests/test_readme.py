@@ -1,5 +1,6 @@
-"""README.md's commands: every training example parses, no two examples share a run directory, and the cheap
-ones run (the quick start itself is tests/test_demo.py; the audit commands tests/test_audit.py)."""
+"""README.md's commands: every training example parses, no two examples (nor two commands of the recipes'
+headers) share a run directory, and those whose files are here pass the pre-flight; the quick start itself
+runs in tests/test_demo.py, the audit commands in tests/test_audit.py."""
 
 import os
 import shlex
@@ -84,6 +85,34 @@ def test_no_two_training_examples_share_a_run_directory():
             what["run"].pop(k)
         other_line, other = seen.setdefault(cfg.run.output_dir, (line, (what, world)))
         assert other == (what, world), f"README.md:{line} and README.md:{other_line} share {cfg.run.output_dir}"
+
+
+def recipe_header_commands() -> list[tuple[str, list[str], str]]:
+    """(recipe:line, trainer flags, ranks) of the commands in the recipes' header comments (`#   torchrun ...`)."""
+    out = []
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        for i, line in enumerate(recipe.read_text().splitlines(), 1):
+            if not line.startswith(("#   python ", "#   torchrun ", "#   deepspeed ")):
+                continue
+            argv = shlex.split(line[1:], comments=True)
+            if (a := training_args(argv)) is not None:
+                out.append((f"recipes/{recipe.name}:{i}", a, ranks(argv)))
+    return out
+
+
+def test_no_two_recipe_header_commands_share_a_run_directory():
+    """As for the README: a recipe's 1-rank smoke and its 2-rank one in one directory would make the second
+    resume (or refuse) the first."""
+    found, seen = recipe_header_commands(), {}
+    assert len(found) >= 6
+    for where, args, world in found:
+        cfg, problems, _ = parse_config(args)
+        assert problems == [], f"{where}: {problems}"
+        what = cfg.to_dict()
+        for k in QUIET:
+            what["run"].pop(k)
+        other_where, other = seen.setdefault(cfg.run.output_dir, (where, (what, world)))
+        assert other == (what, world), f"{where} and {other_where} share {cfg.run.output_dir}"
 
 
 def test_the_examples_whose_files_are_here_pass_the_preflight():
