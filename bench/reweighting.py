@@ -643,7 +643,10 @@ def gap_table(args, results: dict, reference: str) -> list[str]:
 def describe_meta(args) -> str:
     """The meta-pass settings of the learned methods, each marked as dreamprm's default or the flag's."""
     given = meta_overrides(args)
-    parts = [f"{k} {v}" + (" (--" + k + ")" if k in given else "") for k, v in meta_settings(args).items()]
+    settings = meta_settings(args)
+    if settings.get("meta_batch_size") == 0:  # dreamprm's default: the training micro-batch's size
+        settings["meta_batch_size"] = f"{args.batch_size} (= --batch_size)"
+    parts = [f"{k} {v}" + (" (--" + k + ")" if k in given else "") for k, v in settings.items()]
     return ("Meta pass of the learned methods: " + ", ".join(parts) + "; dreamprm's defaults "
             "(dreamprm.config.MetaConfig) unless a flag is named.")
 

@@ -318,6 +318,7 @@ def test_learned_configs_pass_no_meta_pass_setting_by_default(tmp_path):
 
     text = R.describe_meta(args_for("--meta_lr", "0.05"))
     assert "meta_lr 0.05 (--meta_lr)" in text and f"hypergrad {MetaConfig().hypergrad}," in text
+    assert "meta_batch_size 16 (= --batch_size)," in text  # the default 0, as the runs resolve it
     assert R.run_config(a, "uniform_meta", 0, files, tmp_path, tmp_path)["data"]["train_file"] == str(
         files["train_meta"])
 
