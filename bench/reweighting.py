@@ -122,8 +122,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dreamprm.checkpoint import write_atomic
-from dreamprm.config import AGGREGATIONS, TABLE_OPTIMIZERS
+from dreamprm.checkpoint import SHARED_STATE, write_atomic
+from dreamprm.config import AGGREGATIONS, CHECKPOINTS_DIR, TABLE_OPTIMIZERS
 from dreamprm.config import METHODS as HYPERGRADS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -567,8 +567,8 @@ def domain_weights_over_time(run_dir: Path, domains: list[str], train: list[dict
     names = domain_table(domains)
     table = build_weight_module("domain_table", [names.index(r["domain"]) for r in train], len(names), 1)
     out = {}
-    for c in sorted((run_dir / "checkpoints").glob("step_*")):
-        st = torch.load(c / "dreamprm_state.pt", weights_only=True)
+    for c in sorted((run_dir / CHECKPOINTS_DIR).glob("step_*")):
+        st = torch.load(c / SHARED_STATE, weights_only=True)
         raw = st["weights"].get("raw")
         if raw is None or len(raw) != len(names):
             return {}

@@ -7,9 +7,10 @@ meta_update runs right after an inner update (so the engine holds no accumulated
      activation backward per micro-batch) or finite differences along v (parameters restored bit-exactly);
   3. the weight module's gradient from hypergrad.weight_objective, summed over ranks, then its own
      optimizer step (weight_step).
-Afterwards the engine's zero_grad clears what step 1 left in ZeRO's buffers, so the PRM, its optimizer
-state and the rest of the trajectory are bit-identical to a run without the meta pass (see
-../shared/notes/zero3-meta-pass.md and tests/test_bilevel.py).
+Afterwards the engine's zero_grad clears what step 1 left in ZeRO's gradient partitions, where the next
+training backward would add onto it (the ZeRO optimizer's zero_grad: DeepSpeed's engine.zero_grad only drops
+p.grad), so the PRM, its optimizer state and the rest of the trajectory are bit-identical to a run without
+the meta pass (tests/test_bilevel.py).
 --hypergrad fused moves step 1 before the update (fused_meta_gradient) and step 2 into it: the engine's
 inner_update runs its backward with a FusedTap, the same hooks inside the update's own backward.
 

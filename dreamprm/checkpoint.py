@@ -136,7 +136,8 @@ class AtomicFolder:
     """A folder that appears whole or not at all: written under a temporary name, then renamed.
 
     begin() removes a leftover temporary folder and makes it afresh; commit() replaces the final
-    folder whole (whatever it held is deleted) and fsyncs the parent; abort() removes the temporary
+    folder whole (whatever it held is deleted) and fsyncs the parent; publish() is commit() for builders
+    racing to make the same folder: the first one in place stays; abort() removes the temporary
     folder. A failed removal raises OSError naming what could not be deleted. As a context manager
     (one process): begin on entry, commit on success, abort on any exception. A checkpoint save
     calls the steps itself, because every rank writes into the folder between begin and commit.
@@ -156,6 +157,13 @@ class AtomicFolder:
     def commit(self) -> Path:
         _remove_or_raise(self.final)
         os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        return self.final
+
+    def publish(self) -> Path:
+        """The temporary folder renamed into place unless a final folder with files is there first (it may be
+        in use, so it is kept): then OSError, as rename raises it."""
+        os.rename(self.tmp, self.final)
         fsync_dir(self.final.parent)
         return self.final
 

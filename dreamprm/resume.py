@@ -7,12 +7,15 @@
                                   which it passed over and why); its config checked against this run's, its
                                   base fingerprint against the base folder's now;
                                   for another number of ranks, its DeepSpeed universal form made
+    resolve_epochs(cfg, ...)      --epochs N turned into total_steps once the data is read; a resumed run with
+                                  the same --epochs keeps its checkpoint's (kept_total_steps)
     restore(eng, state, ...)      the engine, the TrainState and the RNG put back where the checkpoint was
                                   (--weights_from: the weights it gives now checked against those trained with)
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -212,3 +215,29 @@ def restore(eng, state, resume: Path, universal: Path | None, rank: int, world: 
             err = ckpt.remove_tree(universal.parent)
             if err:
                 print(f"dreamprm: warning: {err}", file=sys.stderr, flush=True)
+
+
+def kept_total_steps(cfg: Config, resumed_from: Path) -> int | None:
+    """The total_steps a run resumed from this checkpoint keeps: the one resolved when the run started, if
+    --epochs is the same (another number of ranks would give another one); None: resolved again."""
+    saved = ckpt.shared_state(resumed_from)["config"]["train"]
+    return saved["total_steps"] if saved.get("epochs") == cfg.train.epochs else None
+
+
+def resolve_epochs(cfg: Config, examples: int, world: int, resumed_from: Path | None) -> list[str]:
+    """--epochs N -> cfg.train.total_steps = ceil(N x examples / examples per update), examples being those kept
+    after cuts and drops; resolved once (kept_total_steps). config.yaml records both. Returns the notes to print."""
+    t = cfg.train
+    kept = kept_total_steps(cfg, resumed_from) if resumed_from is not None else None
+    if kept is not None:
+        t.total_steps = kept
+        notes = [f"--epochs {t.epochs:g}: total_steps {t.total_steps}, as resolved when the run started"]
+    else:
+        per_update = t.batch_size * t.grad_accum * world
+        t.total_steps = max(1, math.ceil(t.epochs * examples / per_update))
+        notes = [f"--epochs {t.epochs:g}: {examples} training examples, {per_update} per update (batch_size "
+                 f"{t.batch_size} x grad_accum {t.grad_accum} x {world} ranks) -> total_steps {t.total_steps}"]
+    if t.warmup_steps >= t.total_steps:
+        notes.append(f"warning: --warmup_steps {t.warmup_steps} >= total_steps {t.total_steps}: the learning rate "
+                     f"never reaches --lr {t.lr:g}; lower --warmup_steps")
+    return notes

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from dreamprm import checkpoint as ckpt
-from dreamprm import dist
-from dreamprm.checkpoint import MANIFEST, os_problem, write_json_atomic
+from dreamprm import dist, resume
+from dreamprm.checkpoint import os_problem, write_json_atomic
 from dreamprm.config import CHECKPOINTS_DIR
 from dreamprm.errors import CheckpointError, CollectiveError, DreamPRMError, RunLockError
 
@@ -159,26 +159,35 @@ def write_status(run_dir: Path, status: dict) -> None:
 
 
 def finished_note(cfg, ckpt_root: Path) -> str | None:
-    """What to say when the checkpoint to resume from is already at --total_steps, else None.
-    Read from its manifest, before anything is built; an unreadable one is left to the resume."""
+    """What to say when the checkpoint the run would resume from (resume.resolve_resume's choice) is already
+    at its total_steps (resume.kept_total_steps under --epochs), else None. Read before anything is built; a
+    checkpoint it cannot read is left to the resume."""
     if cfg.run.resume_from == "none":
         return None
-    try:
-        path = ckpt.latest(ckpt_root) if cfg.run.resume_from == "auto" else Path(cfg.run.resume_from)
-        step = json.loads((path / MANIFEST).read_text())["step"]
-    except (TypeError, OSError, ValueError, KeyError, CheckpointError):
-        return None
-    total, flag = cfg.train.total_steps, "--total_steps"
-    if cfg.train.epochs:  # total_steps was resolved when the run started: the checkpoint's config has it
+
+    def end(path: Path) -> tuple[int, int] | None:  # (step, total_steps) when nothing is left to train from path
+        step = ckpt.read_manifest(path)["step"]
+        total = resume.kept_total_steps(cfg, path) if cfg.train.epochs else cfg.train.total_steps
+        return (step, total) if total is not None and step >= total else None
+
+    def problems_of(path: Path) -> list[str]:
+        # Checksums are read only for a checkpoint at its end: the resume's fallbacks have lower steps, so one
+        # short of its end gives an unfinished run whether it is intact or not (the resume verifies it).
         try:
-            saved = ckpt.shared_state(path)["config"]["train"]
-        except (OSError, RuntimeError, KeyError):
-            return None
-        if saved.get("epochs") != cfg.train.epochs:  # other epochs: resolved again once the data is read
-            return None
-        total, flag = saved["total_steps"], "--epochs"
-    if step < total:
+            if end(path) is not None:
+                ckpt.verify(path)
+            return []
+        except CheckpointError as e:
+            return [str(e)]
+
+    try:
+        path, _ = resume.resolve_resume(cfg, ckpt_root, problems_of)
+        done = end(path) if path is not None else None
+    except (TypeError, OSError, ValueError, KeyError, RuntimeError, CheckpointError):
         return None
+    if done is None:
+        return None
+    (step, total), flag = done, "--epochs" if cfg.train.epochs else "--total_steps"
     more = f"--epochs {2 * cfg.train.epochs:g}" if cfg.train.epochs else f"--total_steps {2 * step}"
     return (f"{cfg.run.output_dir} is finished: checkpoint {path.name} is at update {step} and total_steps is "
             f"{total}, so there is nothing to train; nothing was changed. To train further, run the same command "
@@ -227,7 +236,9 @@ class RunGuard:
         try:
             if not self.cfg.run.dry_run:
                 self._take_lock()
-                self.finished = finished_note(self.cfg, self.run_dir / CHECKPOINTS_DIR)
+                # rank 0 reads it (checksums included) and every rank learns the outcome
+                self.finished = dist.broadcast_object(
+                    finished_note(self.cfg, self.run_dir / CHECKPOINTS_DIR) if self.rank == 0 else None)
                 if not self.finished:
                     total = None if self.cfg.train.epochs else self.cfg.train.total_steps  # None: --epochs, unresolved
                     self.status = {"state": "starting", "step": None, "total_steps": total, "last_checkpoint": None}

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
+from dreamprm.checkpoint import AtomicFolder
 from dreamprm.config import DEFAULT_STEP_TAG
 
 PAD, IM_START, IM_END, STEP_TAG = "<|endoftext|>", "<|im_start|>", "<|im_end|>", DEFAULT_STEP_TAG
@@ -132,7 +132,7 @@ def default_tiny_dir(**params) -> Path:
 
     params are passed to make_tiny_checkpoint and, with the library versions, name the cache folder, so a
     changed recipe never reuses a stale build. Concurrent builders (e.g. several ranks) race safely: each
-    writes a temporary folder and the first rename wins.
+    writes a temporary folder and the first rename wins (AtomicFolder.publish).
     """
     import transformers
 
@@ -143,13 +143,14 @@ def default_tiny_dir(**params) -> Path:
     if _whole(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=root))
+    folder = AtomicFolder(final, tmp=Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=root)))  # unique per builder
     try:
+        tmp = folder.begin()
         make_tiny_checkpoint(tmp, **params)
         if not _whole(tmp):  # never publish a partial folder: every later run would take it for the model
             raise RuntimeError(f"building the tiny model in {tmp} left out "
                                f"{', '.join(f for f in TINY_FILES if not (tmp / f).is_file())}")
-        os.rename(tmp, final)
+        folder.publish()
     except OSError:
         if not _whole(final):  # a real failure, not a lost race
             if final.exists():
@@ -158,7 +159,7 @@ def default_tiny_dir(**params) -> Path:
                                    f"delete it and run again") from None
             raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        folder.abort()
     return final
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +97,7 @@ def build(cfg: Config, rank: int, world: int, resumed_from: Path | None, load_un
     tokenizer = training_tokenizer(cfg.model)
     data = sources.run_data(cfg, tokenizer, rank, needs_meta=bilevel_run, world=world, records=records)
     if cfg.train.epochs:  # before anything reads total_steps (schedule, curriculum, streams)
-        for note in resolve_epochs(cfg, len(data.train_ex), world, resumed_from):
+        for note in resume.resolve_epochs(cfg, len(data.train_ex), world, resumed_from):
             print0(note, rank=rank)
     fixed = sources.transferred(cfg, data, records[0], rank) if cfg.meta.weights_from else None  # before the model
     eng = engine.create_engine(cfg, rank, world, sources.step_loss(cfg, data.pos_fraction), tokenizer=tokenizer,
@@ -120,26 +119,6 @@ def build(cfg: Config, rank: int, world: int, resumed_from: Path | None, load_un
            f"{cfg.meta.weights if bilevel_run else 'uniform (baseline)' if fixed is None else 'fixed (transferred)'}"
            f"{', hypergradient ' + cfg.meta.hypergrad if bilevel_run else ''}", rank=rank)
     return Run(cfg, rank, world, eng, data, state, eval_ex, resumed_from, base)
-
-
-def resolve_epochs(cfg: Config, examples: int, world: int, resumed_from: Path | None) -> list[str]:
-    """--epochs N -> cfg.train.total_steps = ceil(N x examples / examples per update), examples being those kept
-    after cuts and drops; resolved once: a resumed run with the same --epochs keeps its checkpoint's value
-    (another number of ranks would give another one). config.yaml records both. Returns the notes to print."""
-    t = cfg.train
-    saved = ckpt.shared_state(resumed_from)["config"]["train"] if resumed_from is not None else {}
-    if saved.get("epochs") == t.epochs:
-        t.total_steps = saved["total_steps"]
-        notes = [f"--epochs {t.epochs:g}: total_steps {t.total_steps}, as resolved when the run started"]
-    else:
-        per_update = t.batch_size * t.grad_accum * world
-        t.total_steps = max(1, math.ceil(t.epochs * examples / per_update))
-        notes = [f"--epochs {t.epochs:g}: {examples} training examples, {per_update} per update (batch_size "
-                 f"{t.batch_size} x grad_accum {t.grad_accum} x {world} ranks) -> total_steps {t.total_steps}"]
-    if t.warmup_steps >= t.total_steps:
-        notes.append(f"warning: --warmup_steps {t.warmup_steps} >= total_steps {t.total_steps}: the learning rate "
-                     f"never reaches --lr {t.lr:g}; lower --warmup_steps")
-    return notes
 
 
 def train_loop(run: Run, guard: RunGuard) -> int:

@@ -226,6 +226,18 @@ def test_atomic_folder_replaces_the_old_one_whole_or_leaves_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # and no temporary one
 
 
+def test_a_published_folder_keeps_the_one_that_was_first(tmp_path):
+    out = tmp_path / "tiny"
+    first, second = ck.AtomicFolder(out, tmp=tmp_path / "a"), ck.AtomicFolder(out, tmp=tmp_path / "b")
+    for folder in (first, second):
+        (folder.begin() / "model.txt").write_text(folder.tmp.name)
+    assert first.publish() == out
+    with pytest.raises(OSError):  # the second builder lost the race: its folder is not swapped in
+        second.publish()
+    second.abort()
+    assert (out / "model.txt").read_text() == "a" and sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
 def test_atomic_folder_names_a_leftover_it_cannot_delete(tmp_path, monkeypatch):
     folder = ck.AtomicFolder(tmp_path / "step_00000001", tmp=tmp_path / "step_00000001.tmp")
     folder.tmp.mkdir()

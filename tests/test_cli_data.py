@@ -13,8 +13,8 @@ import pytest
 
 from dreamprm import cli
 from dreamprm.cli import main
-from dreamprm.data.readers import read_records
 from dreamprm.data.record import Record
+from records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 

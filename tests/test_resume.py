@@ -116,3 +116,20 @@ def test_the_base_check_applies_to_checkpoints_that_record_a_base():
     with pytest.raises(CheckpointError, match="cannot resume from CKPT: .* /models/base, whose files are not the "
                        "ones the run started from: model.safetensors has the same size but another SHA-256"):
         check_base(fp, other, "CKPT")
+
+
+def test_epochs_resolve_once_and_a_resume_with_the_same_epochs_keeps_the_checkpoints_total_steps(tmp_path):
+    import torch
+
+    from dreamprm import checkpoint as ck
+    from dreamprm.resume import resolve_epochs
+    cfg = Config()
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.warmup_steps = 1.5, 2, 3, 0
+    assert resolve_epochs(cfg, 100, 2, None) == [
+        "--epochs 1.5: 100 training examples, 12 per update (batch_size 2 x grad_accum 3 x 2 ranks) -> total_steps 13"]
+    torch.save({"config": {"train": {"epochs": 1.5, "total_steps": 7}}}, tmp_path / ck.SHARED_STATE)
+    assert resolve_epochs(cfg, 100, 4, tmp_path) == ["--epochs 1.5: total_steps 7, as resolved when the run started"]
+    assert cfg.train.total_steps == 7
+    cfg.train.epochs, cfg.train.warmup_steps = 0.1, 5  # another --epochs: resolved again
+    notes = resolve_epochs(cfg, 100, 1, tmp_path)
+    assert cfg.train.total_steps == 2 and notes[1].startswith("warning: --warmup_steps 5 >= total_steps 2")

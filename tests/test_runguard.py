@@ -100,7 +100,7 @@ def test_a_dry_run_writes_nothing_and_a_finished_run_is_left_alone(tmp_path):
     from dreamprm import checkpoint as ck
     root = tmp_path / "run" / "checkpoints"
     (root / ck.tag(2000)).mkdir(parents=True)
-    (root / ck.tag(2000) / ck.MANIFEST).write_text(json.dumps({"step": 2000}))
+    (root / ck.tag(2000) / ck.MANIFEST).write_text(json.dumps({"step": 2000, "world": 1, "files": {}}))
     ck.write_latest(root, ck.tag(2000))
     (tmp_path / "run" / "status.json").write_text('{"state": "finished"}')
     with runguard.RunGuard(_cfg(tmp_path), 0) as g:
@@ -148,3 +148,41 @@ def test_a_finished_run_behind_a_garbled_pointer_is_still_found_finished(tmp_pat
     (root / ck.tag(2000) / ck.MANIFEST).write_text(json.dumps({"step": 2000, "world": 1, "files": {}}))
     (root / ck.LATEST).write_text("\x00\x00")
     assert "is finished: checkpoint step_00002000" in runguard.finished_note(_cfg(tmp_path), root)
+
+
+def _checkpoint(root, step, parent, train=None):
+    import torch
+
+    from dreamprm import checkpoint as ck
+    d = root / ck.tag(step)
+    d.mkdir(parents=True)
+    (d / "a.pt").write_bytes(b"x" * step)
+    if train is not None:  # the config a checkpoint holds; --epochs reads its total_steps
+        torch.save({"config": {"train": train}}, d / ck.SHARED_STATE)
+    ck.write_manifest(d, step, 1, 0, ck.tag(parent) if parent else None, ck.describe_files(d, ["a.pt"]))
+    ck.write_latest(root, ck.tag(step))
+    return d
+
+
+def test_the_finished_note_takes_the_checkpoint_the_resume_takes(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    _checkpoint(root, 2, None)
+    last = _checkpoint(root, 4, 2)
+    cfg = _cfg(tmp_path)
+    cfg.train.total_steps = 4
+    assert "is finished: checkpoint step_00000004 is at update 4" in runguard.finished_note(cfg, root)
+    (last / "a.pt").write_bytes(b"y" * 4)  # same size, other content: the resume passes over it to step 2
+    assert runguard.finished_note(cfg, root) is None
+    cfg.run.resume_from = str(last)  # named: the resume refuses it
+    assert runguard.finished_note(cfg, root) is None
+
+
+def test_the_finished_note_under_epochs_keeps_the_checkpoints_total_steps(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    _checkpoint(root, 4, None, train={"epochs": 0.5, "total_steps": 4})
+    cfg = _cfg(tmp_path)
+    cfg.train.epochs, cfg.train.total_steps = 0.5, 1000  # total_steps: what the checkpoint's config says
+    note = runguard.finished_note(cfg, root)
+    assert "total_steps is 4" in note and "a larger --epochs (e.g. --epochs 1)" in note
+    cfg.train.epochs = 1  # resolved again once the data is read
+    assert runguard.finished_note(cfg, root) is None

@@ -767,12 +767,6 @@ def _read(path, fmt: str, step_tag: str, format_flag: str = "--from") -> tuple[l
     return records, problems, fatal
 
 
-def read_records(path, fmt: str = "auto", step_tag: str = DEFAULT_STEP_TAG) -> tuple[list[Record], list[str]]:
-    """(valid records, every problem as 'FILE:LINE: field: message'); fmt may be "auto"."""
-    records, problems, _ = _read(path, fmt, step_tag)
-    return records, problems
-
-
 def load_records(path, fmt: str = "auto", step_tag: str = DEFAULT_STEP_TAG,
                  skip_invalid: bool = False, format_flag: str = "--from") -> list[Record]:
     """The records of a file, or DataError listing every problem. With skip_invalid, invalid

@@ -15,10 +15,10 @@ from dreamprm.data.readers import (
     detect_format,
     lean_steps,
     load_records,
-    read_records,
     summary,
 )
 from dreamprm.data.record import Record, write_jsonl
+from records import read_records
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 
