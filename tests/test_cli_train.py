@@ -62,6 +62,11 @@ def test_device_cpu_hides_gpus_before_the_stack_loads(monkeypatch):
         device=cfg.train.device, cuda=os.environ["CUDA_VISIBLE_DEVICES"], ds=os.environ["DS_ACCELERATOR"]) or 0)
     assert cli.train(["--device", "cpu"]) == 0
     assert seen == {"device": "cpu", "cuda": "", "ds": "cpu"}
+    # pre-flight imports torch and deepspeed to check a --deepspeed JSON: it must see the hidden GPUs too
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(cli.preflight, "check", lambda cfg, problems: seen.update(
+        preflight_cuda=os.environ["CUDA_VISIBLE_DEVICES"]) or [])
+    assert cli.train(["--device", "cpu"]) == 0 and seen["preflight_cuda"] == ""
 
 
 def test_readme_demos_use_separate_run_directories():
