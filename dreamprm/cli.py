@@ -153,15 +153,16 @@ def train(argv: list[str]) -> int:
     """launch/train.py and `dreamprm train`: the config's and the pre-flight's problems print as one message
     (exit 2), other known failures as one clear message (exit 1)."""
     cfg, problems, notes = parse_config(argv)
+    # before torch starts CUDA or DeepSpeed picks its accelerator (pre-flight imports both with --deepspeed)
+    if cfg.train.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         notes += preflight.check(cfg, problems)
     except ConfigError as e:
         if says_once():  # every rank of a launcher finds the same problems: one machine prints them once
             print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.train.device == "cpu":  # before torch starts CUDA or DeepSpeed picks its accelerator
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        os.environ["DS_ACCELERATOR"] = "cpu"
     from dreamprm.train import fit  # the heavy stack (torch, deepspeed) only once the flags are valid
     try:
         return fit(cfg, notes)

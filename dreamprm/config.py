@@ -323,10 +323,9 @@ def _coerce(value, typ, where: str, problems: list[str], sources: bool = False):
 _YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-4, 5E3: strings to YAML 1.1
 
 
-def _yaml_with_lines(path: Path, problems: list[str]):
+def _yaml_with_lines(path: Path, text: str, problems: list[str]):
     """Load YAML keeping the line of every top-level and section key for error messages; a key given twice
     in one mapping (YAML keeps the last silently) is a problem naming both lines."""
-    text = path.read_text(encoding="utf-8")
     node = yaml.compose(text)
     data = yaml.safe_load(text) or {}
     lines = {}
@@ -353,13 +352,27 @@ def _yaml_with_lines(path: Path, problems: list[str]):
 def apply_yaml(cfg: Config, path: Path, problems: list[str], given: dict | None = None) -> None:
     """Set the recipe's options on cfg; given (if passed) gets "section.key" -> "FILE:LINE" of each."""
     try:
-        data, lines = _yaml_with_lines(path, problems)
+        text = path.read_text(encoding="utf-8")
+        data, lines = _yaml_with_lines(path, text, problems)
     except UnicodeDecodeError as e:
         problems.append(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 4]!r}); save the "
                         "recipe as UTF-8")
         return
     except (OSError, yaml.YAMLError) as e:
         problems.append(f"{path}: cannot read YAML: {e}")
+        return
+    except RecursionError:  # yaml's composer recurses once per level
+        problems.append(f"{path}: cannot read YAML: nested too deeply (PyYAML stops at a few hundred levels); "
+                        "an option's value is at most a list of mappings")
+        return
+    except ValueError as e:  # yaml's int() past Python's digit limit, or datetime() of a date like 2020-13-45
+        limit = sys.get_int_max_str_digits()
+        long = re.search(r"\d{%d,}" % (limit + 1), text) if "integer string conversion" in str(e) else None
+        if long:
+            problems.append(f"{path}:{text.count(chr(10), 0, long.start()) + 1}: an integer has more than {limit} "
+                            "digits (Python's limit for reading integers); write it as a float or a string")
+        else:
+            problems.append(f"{path}: cannot read YAML: {e}")
         return
     if not isinstance(data, dict):
         problems.append(f"{path}: top level must be a mapping of sections ({', '.join(_sections())})")

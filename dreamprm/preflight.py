@@ -8,7 +8,8 @@ folders), the records of the data when anything else is wrong (so that one run r
 the machine (a GPU, bitsandbytes), the DeepSpeed JSON against the world size, --resume_step against
 the checkpoint folder, and on request the run directory's lock. Then the one length rule: max_length
 is capped at the model's limit. launch/train.py (dreamprm.cli.train) and slurm/preflight.py call it;
-torch is imported only to ask whether a GPU is visible.
+torch is imported only to ask whether a GPU is visible, and with deepspeed (dreamprm.engine.core) to have
+DeepSpeed check a --deepspeed JSON's fields once everything else passed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from dreamprm.audit import read_learned
 from dreamprm.config import MODEL_FLAG, Config, parse_sources
 from dreamprm.data.mixing import read_sources
+from dreamprm.data.readers import file_problem, read_json
 from dreamprm.errors import ConfigError, RunLockError, WeightsError
 from dreamprm.tiny import TINY_MAX_POSITIONS
 
@@ -40,6 +42,10 @@ def check(cfg: Config, problems=(), world: int | None = None, check_machine: boo
         p += apply_resume_step(cfg)
     p += list(problems)
     p += path_problems(cfg, world)
+    if not p and cfg.train.deepspeed:  # DeepSpeed's own checks of every field, once the config and ours pass
+        from dreamprm.engine.core import ds_config, ds_config_problems  # torch, deepspeed: only for a --deepspeed run
+
+        p += ds_config_problems(ds_config(cfg, 1), cfg.train.deepspeed)
     if p and cfg.data.train_file:  # the data's problems too, so that one run reports everything
         p += data_problems(cfg)
     notes = []
@@ -62,12 +68,10 @@ def path_problems(cfg: Config, world: int | None = None) -> list[str]:
     on `world` ranks (None: WORLD_SIZE of the environment)."""
     d, t, r, p = cfg.data, cfg.train, cfg.run, []
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
-    for flag, path in (("--eval_file", d.eval_file), ("--deepspeed", t.deepspeed)):
-        if path and not Path(path).is_file():
-            p.append(f"{flag}: {path} does not exist")
     sources = (parse_sources(d.train_file, "--train_file", d.train_format)[0]
                + parse_sources(d.meta_file, "--meta_file", d.meta_format)[0])
-    p += [f"{s.flag}: {s.path} does not exist" for s in sources if not Path(s.path).is_file()]
+    files = [("--eval_file", d.eval_file), ("--deepspeed", t.deepspeed), *((s.flag, s.path) for s in sources)]
+    p += [f"{flag}: {bad}" for flag, path in files if path and (bad := file_problem(path))]  # a FIFO is not opened
     if cfg.model.name_or_path and not Path(cfg.model.name_or_path).is_dir():
         p.append(f"{MODEL_FLAG}: {cfg.model.name_or_path} is not a local folder (dreamprm never downloads: "
                  "put a HF checkpoint there, e.g. with `huggingface-cli download`)")
@@ -79,7 +83,7 @@ def path_problems(cfg: Config, world: int | None = None) -> list[str]:
                  "if missing)")
     if r.resume_from not in ("auto", "none") and not Path(r.resume_from).is_dir():
         p.append(f"--resume_from: {r.resume_from} is not a checkpoint folder (or use auto / none)")
-    if t.deepspeed and Path(t.deepspeed).is_file():
+    if t.deepspeed and not file_problem(t.deepspeed):
         p += check_ds_json(cfg, Path(t.deepspeed), world)
     if cfg.meta.weights_from:
         p += weights_from_problems(cfg)
@@ -144,10 +148,9 @@ _DS_OBJECTS = {"zero_optimization": '{"stage": 3}', "bf16": '{"enabled": "auto"}
 
 def check_ds_json(cfg: Config, path: Path, world: int) -> list[str]:
     """The DeepSpeed JSON's settings that contradict the run config on `world` ranks."""
-    try:
-        ds = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return [f"--deepspeed: {path}: not valid JSON: {e}"]
+    ds, bad = read_json(path)
+    if bad:
+        return [f"--deepspeed: {bad}"]
     if not isinstance(ds, dict):
         return [f"--deepspeed: {path}: the top level is a {type(ds).__name__}; a DeepSpeed config is a JSON object "
                 "({\"zero_optimization\": {\"stage\": 3}, ...})"]

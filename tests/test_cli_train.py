@@ -1,5 +1,5 @@
 """`launch/train.py` before training starts: fast help and flag errors (nothing heavy imported),
-what the machine lacks said up front, the seed script's --device."""
+what the machine lacks said up front, the seed script's --device, a corpus of config faults."""
 
 import os
 import subprocess
@@ -62,6 +62,11 @@ def test_device_cpu_hides_gpus_before_the_stack_loads(monkeypatch):
         device=cfg.train.device, cuda=os.environ["CUDA_VISIBLE_DEVICES"], ds=os.environ["DS_ACCELERATOR"]) or 0)
     assert cli.train(["--device", "cpu"]) == 0
     assert seen == {"device": "cpu", "cuda": "", "ds": "cpu"}
+    # pre-flight imports torch and deepspeed to check a --deepspeed JSON: it must see the hidden GPUs too
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(cli.preflight, "check", lambda cfg, problems: seen.update(
+        preflight_cuda=os.environ["CUDA_VISIBLE_DEVICES"]) or [])
+    assert cli.train(["--device", "cpu"]) == 0 and seen["preflight_cuda"] == ""
 
 
 def test_readme_demos_use_separate_run_directories():
@@ -81,3 +86,69 @@ def test_readme_demos_use_separate_run_directories():
         argv = shlex.split(cmd)
         dirs.append(load_config(argv[argv.index("launch/train.py") + 1:])[0].run.output_dir)
     assert dirs[0] != dirs[1], dirs
+
+
+DEEP, DIGITS = b"[" * 100_000 + b"]" * 100_000, b"9" * 5000
+DEMO = ["--train_file", "dreamprm/demo/train.jsonl", "--train_format", "minif2f"]
+# name: (what F is: bytes written to it, or a directory / FIFO / symlink loop / nothing; the arguments;
+# how the first problem line starts). {F} is the file's path.
+CONFIG_FAULTS = {
+    "unknown flag": (None, ["--bogus_flag", "1"], "launch/train.py: error: unrecognized arguments: --bogus_flag 1"),
+    "flag of the wrong type": (None, ["--batch_size", "two"],
+                               "launch/train.py: error: argument --batch_size: invalid int value: 'two'"),
+    "NaN lr": (None, ["--lr", "nan"], "--lr: must be a finite number > 0 (got nan)"),
+    "negative seed": (None, ["--seed", "-1"], "--seed: must be in [0, 4294967295]"),
+    "train_file missing": (None, ["--train_file", "{F}", "--baseline"], "--train_file: {F}: no such file"),
+    "train_file a directory": ("dir", ["--train_file", "{F}", "--baseline"], "--train_file: {F}: is a directory"),
+    "train_file a FIFO": ("fifo", ["--train_file", "{F}", "--baseline"], "--train_file: {F}: is a named pipe (FIFO)"),
+    "meta_file a symlink loop": ("loop", [*DEMO, "--meta_file", "{F}"], "--meta_file: {F}: is a symbolic link loop"),
+    "eval_file a FIFO": ("fifo", ["--eval_file", "{F}"], "--eval_file: {F}: is a named pipe (FIFO)"),
+    "deepspeed a directory": ("dir", ["--deepspeed", "{F}"], "--deepspeed: {F}: is a directory"),
+    "YAML not UTF-8": ("run:\n  project_name: caf\xe9\n".encode("latin-1"), ["--config", "{F}"],
+                       "{F}: not UTF-8 text (byte 24"),
+    "YAML duplicate key": (b"train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", ["--config", "{F}"],
+                           "{F}:3: train.lr is given twice (also at line 2)"),
+    "YAML wrong type": (b"train:\n  batch_size: two\n", ["--config", "{F}"], "{F}:2: train.batch_size: 'two' is not"),
+    "YAML unknown option": (b"train:\n  bogus: 1\n", ["--config", "{F}"], "{F}:2: unknown option train.bogus"),
+    "YAML integer past the digit limit": (b"train:\n  batch_size: " + DIGITS, ["--config", "{F}"],
+                                          "{F}:2: an integer has more than 4300 digits"),
+    "YAML nested too deeply": (b"train:\n  lr_schedule: " + DEEP[:6000], ["--config", "{F}"],
+                               "{F}: cannot read YAML: nested too deeply"),
+    "DS JSON nested too deeply": (b'{"x": ' + DEEP + b"}", ["--deepspeed", "{F}"],
+                                  "--deepspeed: {F}: JSON nested too deeply"),
+    "DS JSON integer past the digit limit": (b'{"steps_per_print": ' + DIGITS + b"}", ["--deepspeed", "{F}"],
+                                             "--deepspeed: {F}: an integer has more than 4300 digits"),
+    "DS JSON nested value of the wrong type": (b'{"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}}',
+                                               ["--deepspeed", "{F}"],
+                                               "--deepspeed: {F}: zero_optimization.reduce_bucket_size: "),
+    "DS JSON a list": (b"[1]", ["--deepspeed", "{F}"], "--deepspeed: {F}: the top level is a list"),
+    "DS JSON syntax": (b'{\n "bf16": {}\n "fp16": {}\n}', ["--deepspeed", "{F}"],
+                       "--deepspeed: {F}: invalid JSON (Expecting ',' delimiter at line 3"),
+    "DS JSON UTF-16": ('{"bf16": {}}'.encode("utf-16"), ["--deepspeed", "{F}"],
+                       "--deepspeed: {F}: is UTF-16 text (byte-order mark)"),
+    "DS JSON duplicate key": (b'{"zero_optimization": {"stage": 2, "stage": 3}}', ["--deepspeed", "{F}"],
+                              "--deepspeed: {F}: duplicate key 'stage'"),
+    "DS JSON contradicting the run config": (b'{"train_batch_size": 64}', ["--deepspeed", "{F}"],
+                                             "--deepspeed: {F} sets train_batch_size=64 but the run config gives"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_FAULTS))
+def test_a_config_fault_gets_one_message_naming_the_file_or_flag_and_no_traceback(tmp_path, name):
+    """Through the documented entry point, as a user meets it: exit 1 or 2, the first problem names FILE[:LINE] or
+    the flag, no traceback. --dry_run and a run directory of its own: a fault that got through would build the
+    model and exit 0 (failing here), never train."""
+    what, argv, says = CONFIG_FAULTS[name]
+    f = tmp_path / "f"
+    if isinstance(what, bytes):
+        f.write_bytes(what)
+    elif what is not None:
+        {"dir": f.mkdir, "fifo": lambda: os.mkfifo(f), "loop": lambda: f.symlink_to(f.name)}[what]()
+    args = [a.replace("{F}", str(f)) for a in argv] + ["--output_dir", str(tmp_path / "run"), "--dry_run",
+                                                       "--disable_wandb"]
+    p = subprocess.run([sys.executable, "launch/train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    lines = p.stderr.splitlines()
+    first = lines[1].strip() if lines[:1] == ["error: invalid configuration:"] else (lines or [""])[0]
+    assert p.returncode in (1, 2) and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert first.startswith(says.replace("{F}", str(f))), p.stderr[-3000:]

@@ -325,6 +325,21 @@ def test_yaml_faults_get_one_message_naming_file_and_line(tmp_path):
     assert problems == [f"--config: {tmp_path} is a directory; pass a YAML recipe file (e.g. recipes/minif2f.yaml)"]
 
 
+@pytest.mark.parametrize("text,says", [
+    ("run:\n  seed: 7\ntrain:\n  batch_size: " + "9" * 5000 + "\n",
+     ":4: an integer has more than 4300 digits (Python's limit for reading integers); write it as a float or a string"),
+    ("train:\n  lr_schedule: " + "[" * 3000 + "]" * 3000 + "\n",
+     ": cannot read YAML: nested too deeply (PyYAML stops at a few hundred levels)"),
+    ("run:\n  experiment_name: 2020-13-45\n", ": cannot read YAML: month must be in 1..12")],
+    ids=["digits", "deep", "bad date"])
+def test_yaml_values_python_cannot_read_get_one_message_naming_the_file(tmp_path, text, says):
+    """PyYAML's int() and datetime() raise ValueError, its composer RecursionError: no traceback."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    _, problems, _ = parse_config(["--config", str(recipe)])
+    assert len(problems) == 1 and problems[0].startswith(str(recipe) + says), problems
+
+
 def test_yaml_1e_minus_4_is_read_as_the_number_it_means(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  lr: 1e-4\nmeta:\n  meta_lr: 5E-2\n  fd_radius: 'small'\n")

@@ -1,6 +1,8 @@
 """dreamprm/preflight.py: what lies outside the config (files, model folder, machine, DeepSpeed JSON,
 --resume_step, the lock, the model's length limit), reported with the config's own problems at once."""
 
+import bz2
+import gzip
 import json
 import os
 from pathlib import Path
@@ -36,8 +38,8 @@ def test_files_and_folders_the_config_names_are_checked_here_not_in_the_config(t
     cfg, problems, _ = parse_config(list(map(str, argv)))
     assert problems == []  # the config itself is fine
     assert preflight.path_problems(cfg, 1) == [
-        f"--eval_file: {tmp_path / 'e.jsonl'} does not exist", f"--deepspeed: {tmp_path / 'ds.json'} does not exist",
-        f"--train_file: {tmp_path / 'a.jsonl'} does not exist", f"--meta_file: {tmp_path / 'm.jsonl'} does not exist",
+        f"--eval_file: {tmp_path / 'e.jsonl'}: no such file", f"--deepspeed: {tmp_path / 'ds.json'}: no such file",
+        f"--train_file: {tmp_path / 'a.jsonl'}: no such file", f"--meta_file: {tmp_path / 'm.jsonl'}: no such file",
         f"--model_name / --name_or_path: {tmp_path / 'model'} is not a local folder (dreamprm never downloads: "
         "put a HF checkpoint there, e.g. with `huggingface-cli download`)",
         f"--resume_from: {tmp_path / 'ckpt'} is not a checkpoint folder (or use auto / none)"]
@@ -176,6 +178,54 @@ def test_a_deepspeed_json_with_values_of_the_wrong_type_is_named(tmp_path, text,
     ds.write_text(text)
     problems = preflight.check_ds_json(Config(), ds, 1)
     assert len(problems) == 1 and problems[0].startswith(f"--deepspeed: {ds}: {says}"), problems
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("directory", "is a directory, not a data file"), ("fifo", "is a named pipe (FIFO), not a data file"),
+    ("symlink loop", "is a symbolic link loop (it leads back to itself)")])
+@pytest.mark.parametrize("flag", ["--train_file", "--meta_file", "--eval_file", "--deepspeed"])
+def test_a_file_flag_given_a_directory_fifo_or_symlink_loop_says_what_it_is(tmp_path, flag, kind, says):
+    """The readers' classifier (stat only: a FIFO is never opened), not "does not exist"."""
+    f = tmp_path / "x.json"
+    {"directory": f.mkdir, "fifo": lambda: os.mkfifo(f), "symlink loop": lambda: f.symlink_to(f.name)}[kind]()
+    demo = str(ROOT / "dreamprm/demo/train.jsonl")
+    argv = {"--train_file": ["--train_file", f, "--meta_file", demo], "--meta_file": ["--train_file", demo,
+            "--meta_file", f], "--eval_file": ["--eval_file", f], "--deepspeed": ["--deepspeed", f]}[flag]
+    cfg, _, _ = parse_config(list(map(str, argv)))
+    problems = preflight.path_problems(cfg, 1)
+    assert len(problems) == 1 and problems[0].startswith(f"{flag}: {f}: {says}"), problems
+
+
+@pytest.mark.parametrize("data,says", [
+    (b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", ": JSON nested too deeply"),
+    (b'{"steps_per_print": ' + b"9" * 5000 + b"}", ": an integer has more than 4300 digits"),
+    (b'{"zero_optimization": {"stage": 2, "stage": 3}}', ": duplicate key 'stage' in one JSON object"),
+    (b'{\n  "zero_optimization": {"stage": 2}\n  "bf16": {}\n}', ": invalid JSON (Expecting ',' delimiter at line 3, "),
+    (gzip.compress(b'{"zero_optimization": {"stage": 2}}'), ": is gzip-compressed, not UTF-8 JSON text"),
+    (bz2.compress(b'{"zero_optimization": {"stage": 2}}'), ": is bzip2-compressed, not UTF-8 JSON text"),
+    (b'{"a": "caf\xe9"}', ":1: not valid UTF-8 (byte 0xe9)"), (b" \n", ": is empty; it must hold one JSON value")],
+    ids=["deep", "digits", "duplicate key", "syntax", "gzip", "bz2", "latin-1", "blank"])
+def test_a_deepspeed_json_python_cannot_read_gets_one_message_naming_the_file(tmp_path, data, says):
+    """The data readers' JSON guard (readers.read_json): no RecursionError or digit-limit ValueError, no duplicate
+    key kept silently, a compressed file named as such."""
+    ds = tmp_path / "ds.json"
+    ds.write_bytes(data)
+    problems = preflight.check_ds_json(Config(), ds, 1)
+    assert len(problems) == 1 and problems[0].startswith(f"--deepspeed: {ds}{says}"), problems
+
+
+def test_deepspeed_checks_every_field_of_the_json_before_the_model_is_built(tmp_path):
+    """A wrong-typed nested value used to pass pre-flight and end in pydantic's ValidationError at engine build."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big",
+                                                    "offload_optimizer": {"device": "tpu"}}}))
+    with pytest.raises(ConfigError) as e:
+        load(["--deepspeed", ds], check_machine=False)
+    (size, device), = [e.value.problems]  # pydantic's own words in between
+    assert size.startswith(f"--deepspeed: {ds}: zero_optimization.reduce_bucket_size: Input should be a valid integer")
+    assert size.endswith(' (got "big")')
+    assert device.startswith(f"--deepspeed: {ds}: zero_optimization.offload_optimizer.device: Input should be ")
+    assert "'nvme'" in device and device.endswith(' (got "tpu")')
 
 
 def test_an_output_dir_that_is_a_file_is_named(tmp_path):

@@ -483,6 +483,7 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
 _NOT_TEXT = ((b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip -k FILE)"),
              (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz -k FILE)"),
              (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd FILE)"),
+             (b"BZh", "bzip2-compressed", "decompress it first (bunzip2 -k FILE)"),
              (b"PK\x03\x04", "a zip archive", "unzip it and pass the data file inside"),
              (b"PAR1", "a Parquet file", "write it out as JSONL first (pandas: read_parquet(FILE).to_json(OUT, "
                                          "orient='records', lines=True))"),
@@ -519,8 +520,8 @@ def file_problem(path) -> str | None:
     return f"{path}: is {kind}, not a data file; write the data to a regular JSONL or JSON file and pass that"
 
 
-def _content_problem(path: Path, data: bytes) -> str | None:
-    """The one message for a file that is not UTF-8 JSON text at all, or has no records."""
+def _not_text(path: Path, data: bytes) -> str | None:
+    """The one message for a file that is not UTF-8 JSON text at all (compressed, another encoding)."""
     for magic, what, fix in _NOT_TEXT:
         if data.startswith(magic):
             return f"{path}: is {what}, not UTF-8 JSON text; {fix}"
@@ -528,7 +529,12 @@ def _content_problem(path: Path, data: bytes) -> str | None:
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
         return (f"{path}:{line}: holds NUL bytes: UTF-16 text without a byte-order mark, "
-                "or not a text file; re-encode it as UTF-8 JSONL")
+                "or not a text file; re-encode it as UTF-8")
+    return None
+
+
+def _no_records(path: Path, data: bytes) -> str | None:
+    """The one message for a data file with nothing but blank lines."""
     body = data.removeprefix(codecs.BOM_UTF8)
     if not body:
         return f"{path}: is empty (no records); pass a file with one JSON record per line"
@@ -539,12 +545,42 @@ def _content_problem(path: Path, data: bytes) -> str | None:
     return None
 
 
+def file_bytes(path) -> tuple[bytes | None, str | None]:
+    """A whole file the user passed, as (bytes, None), or (None, 'FILE: why it is no JSON text'): not a regular
+    file (file_problem; a FIFO is never opened), unreadable, compressed or in another encoding."""
+    path = Path(path)
+    bad = file_problem(path)
+    if bad is None:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            return None, f"{path}: cannot read: {e.strerror or e}"
+        bad = _not_text(path, data)
+    return (None, bad) if bad else (data, None)
+
+
+def read_json(path) -> tuple[object, str | None]:
+    """A file that holds one JSON value (a DeepSpeed config), as (value, None) or (None, 'FILE[:LINE]: what is
+    wrong'): the file's kind (file_bytes), UTF-8, and everything parse_json refuses."""
+    data, bad = file_bytes(path)
+    if bad:
+        return None, bad
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return None, f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file as UTF-8"
+    if not text.strip():
+        return None, f"{path}: is empty; it must hold one JSON value"
+    return parse_json(text, str(path))
+
+
 def _json_problem(e: Exception) -> str:
     """What a json error means for the user who wrote the file."""
     if isinstance(e, RecursionError):
         return "JSON nested too deeply (Python's parser stops near 1000 levels); flatten the record"
-    if isinstance(e, json.JSONDecodeError):
-        return f"invalid JSON ({e.msg} at column {e.colno})"
+    if isinstance(e, json.JSONDecodeError):  # a whole file (read_json) has lines, a JSONL line has one
+        return f"invalid JSON ({e.msg} at {f'line {e.lineno}, ' if e.lineno > 1 else ''}column {e.colno})"
     if "integer string conversion" in str(e):
         return (f"an integer has more than {sys.get_int_max_str_digits()} digits (Python's limit for reading "
                 "integers); write it as a string or a float")
@@ -587,7 +623,9 @@ def _checked(obj, text: str, dups: list, where: str) -> str | None:
         return (f"{where}: duplicate key {dups[0]!r} in one JSON object (a JSON reader keeps only the last "
                 "value); keep one")
     if _SURROGATE_ESCAPE.search(text) and (bad := _lone_surrogate(obj)):
-        return bad if where == "line" else f"{where}.{bad}"
+        if where == "line":
+            return bad
+        return f"{where}.{bad}" if where.startswith("[") else f"{where}: {bad}"  # [3].question; FILE: x (read_json)
     return None
 
 
@@ -630,14 +668,8 @@ def _one_object(path: Path, text: str, first: str) -> str | None:
 def _rows(path: Path, problems: list) -> tuple[list, bool]:
     """([(row, obj)], fatal): objects of a JSONL file or a JSON array, with their lines.
     Row-level problems (bad JSON on a line) are skippable; fatal ones lose the rest of the file."""
-    bad = file_problem(path)
-    if bad is None:
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            bad = f"{path}: cannot read: {e.strerror or e}"
-        else:
-            bad = _content_problem(path, data)
+    data, bad = file_bytes(path)
+    bad = bad or _no_records(path, data)
     if bad:
         problems.append(bad)
         return [], True

@@ -17,18 +17,20 @@ import socket
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's own pick here, without its "no GPU detected" warning
 import deepspeed  # the one module of dreamprm that imports deepspeed (checkpoint_io takes what it needs here)
+import pydantic
+from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
 from deepspeed.utils import safe_get_local_grad
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: F401 (checkpoint_io)
 
 from dreamprm import bilevel, dist, hypergrad
 from dreamprm.config import Config, RunConfig
+from dreamprm.data.readers import read_json
 from dreamprm.errors import ConfigError
 from dreamprm.model import build_prm
 
@@ -84,7 +86,11 @@ def close_distributed() -> None:
 
 def ds_config(cfg: Config, world: int) -> dict:
     """The DeepSpeed JSON (engine settings) completed with the batch fields of the run config."""
-    ds = json.loads(Path(cfg.train.deepspeed).read_text()) if cfg.train.deepspeed else {}
+    ds = {}
+    if cfg.train.deepspeed:  # pre-flight read it the same way; a file edited since is refused, not half-read
+        ds, bad = read_json(cfg.train.deepspeed)
+        if bad or not isinstance(ds, dict):
+            raise ConfigError([f"--deepspeed: {bad or f'{cfg.train.deepspeed}: not a JSON object'}"])
     t = cfg.train
     ds.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
               train_batch_size=t.batch_size * t.grad_accum * world, gradient_clipping=t.grad_clip)
@@ -95,6 +101,40 @@ def ds_config(cfg: Config, world: int) -> dict:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def ds_config_problems(dsc: dict, path: str) -> list[str]:
+    """What DeepSpeed's own config model refuses in dsc (a ds_config): a field of the wrong type, an unknown key, a
+    value outside its choices, one line each naming --deepspeed, the file and the field. It builds the DeepSpeedConfig
+    that deepspeed.initialize would, needing no process group, so pre-flight asks it before the model is built.
+    train_batch_size is left for DeepSpeed to derive (pre-flight checks the JSON's own against the world size)."""
+    try:
+        DeepSpeedConfig({k: v for k, v in dsc.items() if k != "train_batch_size"})
+    except pydantic.ValidationError as e:
+        return [f"--deepspeed: {path}: {_ds_field(dsc, err['loc'], err['input'], e.title)}: {err['msg']}"
+                + ("" if err["type"] == "missing" else f" (got {json.dumps(err['input'], default=str)[:80]})")
+                for err in e.errors()]
+    except (DeepSpeedConfigError, AssertionError, TypeError, ValueError, KeyError) as e:
+        # DeepSpeedConfig only reads the dict, so whatever its own checks raise the JSON caused ("enabled": "maybe"
+        # of flops_profiler is a TypeError inside it, an unknown checkpoint.tag_validation a DeepSpeedConfigError)
+        return [f"--deepspeed: {path}: DeepSpeed refuses it: {str(e) or type(e).__name__}"]
+    return []
+
+
+def _ds_field(dsc: dict, loc: tuple, value, model: str) -> str:
+    """The dotted path in dsc of a pydantic error's loc, which DeepSpeed gives inside the block it validated
+    (zero_optimization.reduce_bucket_size is just ('reduce_bucket_size',)): every path ending in loc that holds
+    value; loc itself, with DeepSpeed's model name, where none does."""
+    loc, found, todo = tuple(map(str, loc)), [], [((), dsc)]
+    while todo and loc:
+        where, d = todo.pop()
+        for k, v in d.items():
+            path = (*where, str(k))
+            if path[-len(loc):] == loc and v == value:
+                found.append(".".join(path))
+            if isinstance(v, dict):
+                todo.append((path, v))
+    return " or ".join(sorted(found)) or f"{'.'.join(loc) or 'a block'} (of DeepSpeed's {model})"
 
 
 def to_device(batch: dict, device) -> dict:
@@ -199,6 +239,8 @@ def create_engine(cfg: Config, rank: int, world: int, step_loss: hypergrad.StepL
     dsc = ds_config(cfg, world)
     if load_universal:
         dsc["checkpoint"] = {**dsc.get("checkpoint", {}), "load_universal": True}
+    if problems := ds_config_problems(dsc, cfg.train.deepspeed):  # before HfDeepSpeedConfig and initialize read it
+        raise ConfigError(problems)
     stage = dsc["zero_optimization"].get("stage", 0)
     hf_ds = None
     if stage == 3:

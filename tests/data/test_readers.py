@@ -1,6 +1,7 @@
 """Readers: every format on small inline files, every kind of bad input reported with
 FILE:LINE and the field in one run, auto-detection, and the real files under ../shared."""
 
+import bz2
 import gzip
 import json
 import logging
@@ -508,6 +509,8 @@ WHOLE_FILE = {
     "bom only": (lambda p: p.write_bytes(b"\xef\xbb\xbf\n"), "is empty: its 1 line(s) are blank"),
     "gzip": (lambda p: p.write_bytes(gzip.compress(b'{"id": "a"}\n' * 50)),
              "is gzip-compressed, not UTF-8 JSON text; decompress it first (gunzip -k FILE)"),
+    "bz2": (lambda p: p.write_bytes(bz2.compress(b'{"id": "a"}\n' * 50)),
+            "is bzip2-compressed, not UTF-8 JSON text; decompress it first (bunzip2 -k FILE)"),
     "utf-16": (lambda p: p.write_bytes((json.dumps(GOOD) + "\n").encode("utf-16") * 20),
                "is UTF-16 text (byte-order mark), not UTF-8 JSON text; re-encode it as UTF-8 (iconv -f UTF-16"),
     "utf-16-be": (lambda p: p.write_bytes(b"\xfe\xff" + (json.dumps(GOOD) + "\n").encode("utf-16-be")),

@@ -44,3 +44,23 @@ def test_finite_diff_refused_where_deepspeed_leaves_the_perturbed_parameters_in_
     assert p.returncode != 0
     assert "--hypergrad finite_diff" in p.stderr and "bfloat16" in p.stderr and "Traceback" not in p.stderr, \
         p.stderr[-3000:]
+
+
+def test_the_engine_refuses_a_deepspeed_json_it_cannot_use_before_building_the_model(tmp_path):
+    """Pre-flight checks the JSON, but the file may change before the engine reads it again (and bench/ builds
+    engines without pre-flight): the same checks, the same one message naming --deepspeed and the file."""
+    from dreamprm.config import Config
+    from dreamprm.engine import core
+    from dreamprm.errors import ConfigError
+
+    cfg, ds = Config(), tmp_path / "ds.json"
+    cfg.train.deepspeed = str(ds)
+    ds.write_text('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match=f"--deepspeed: {ds}: JSON nested too deeply"):
+        core.ds_config(cfg, 1)
+    ds.write_text("[1]")
+    with pytest.raises(ConfigError, match=f"--deepspeed: {ds}: not a JSON object"):
+        core.ds_config(cfg, 1)
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}}))
+    with pytest.raises(ConfigError, match=f"--deepspeed: {ds}: zero_optimization.reduce_bucket_size: .*got \"big\""):
+        core.create_engine(cfg, 0, 1, step_loss=None)  # raised before build_prm: no model, no process group
