@@ -8,7 +8,9 @@
 
 The weights are RUN_DIR/instance_weights.jsonl (the trainer writes it at each checkpoint and at the end),
 matched by source and id to the records of the run's training sources (config.yaml data.train_file, read
-again, so they must still be where the run read them). Kept records are written in the internal format, in
+again, so they must still be where the run read them). The report names the checkpoint they are from and warns
+when it is not the run's newest intact one (data/learned.py: after a resume that fell back, until the next
+save). Kept records are written in the internal format, in
 training order, each with its learned weight in meta["weight"] and its training domain; ties at the --keep
 cut go to the record earlier in training order.
 """
@@ -27,15 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from dreamprm.checkpoint import os_problem, write_atomic
-from dreamprm.config import DEFAULT_STEP_TAG, DEMO_DIR, Source, parse_sources
+from dreamprm.config import DEFAULT_STEP_TAG, Source
+from dreamprm.data.learned import WEIGHTS_FILE, Learned, read_learned, run_sources_of, written_at
 from dreamprm.data.mixing import read_sources
 from dreamprm.data.record import Record, write_jsonl
 from dreamprm.errors import WeightsError
 
-WEIGHTS_FILE = "instance_weights.jsonl"
 QUANTILES = (("min", 0), ("10%", 10), ("50%", 50), ("90%", 90), ("max", 100))
 WIDTH = 110  # characters of one question or step line in the text report
 SHOWN = 20  # ids or problem lines named in one message
@@ -54,7 +55,9 @@ class Weighted:
 class Run:
     path: Path
     status: dict
-    weights_kind: str
+    weights_kind: str  # the weight module that learned them, or "fixed, transferred from X"
+    weights_step: int | None  # the update of the checkpoint they are from (None: the file does not say)
+    stale: str | None  # why they are not the weights of the run's newest intact checkpoint (Learned.stale)
     items: list[Weighted]  # every record of every training source, in source order then file order
     sources: list[Source]
 
@@ -65,80 +68,6 @@ def _some(items: list[str], total: int | None = None) -> str:
 
 
 # ---------------------------------------------------------------- reading a run
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise WeightsError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); the trainer writes "
-                           "config.yaml whole: restore it, or this is not a run directory") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: cannot read: {e}") from None
-    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k, {}), dict) for k in ("data", "model", "meta")):
-        raise WeightsError(f"{path}: not a run config (no data/model/meta sections); pass the --output_dir of a "
-                           "training run")
-    return cfg
-
-
-def _read_status(path: Path) -> dict:
-    """status.json, or {} when missing or unreadable (it only labels the report)."""
-    try:
-        status = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
-
-
-def read_weight_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) of every row of an instance_weights.jsonl, or WeightsError naming FILE:LINE of each
-    damaged row. A row: {"id": str, "index": int, "domain": str | null, "weight": number >= 0 | null} and
-    optionally "source": str."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: cannot read: {e}") from None
-    rows, problems, line_of_index = [], [], {}
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{path}:{n}: not JSON ({e.msg})")
-            continue
-        bad = []
-        if not isinstance(row, dict):
-            problems.append(f"{path}:{n}: not a JSON object")
-            continue
-        if not isinstance(row.get("id"), str) or not row["id"]:
-            bad.append("id: must be a non-empty string")
-        index = row.get("index")
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            bad.append("index: must be an integer >= 0")
-        elif index in line_of_index:
-            bad.append(f"index: {index} is also at line {line_of_index[index]}")
-        else:
-            line_of_index[index] = n
-        if "domain" not in row or not (row["domain"] is None or isinstance(row["domain"], str)):
-            bad.append("domain: must be a string or null")
-        w = row.get("weight", "missing")
-        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
-                              or w < 0):
-            bad.append(f"weight: {w!r} is not a finite number >= 0 (or null)")
-        if "source" in row and not isinstance(row["source"], str):
-            bad.append("source: must be a string")
-        problems += [f"{path}:{n}: {b}" for b in bad]
-        if not bad:
-            rows.append((n, row))
-    if not rows and not problems:
-        problems.append(f"{path}: empty (no rows)")
-    if problems:
-        raise WeightsError(f"{path} is damaged:\n  " + "\n  ".join(problems[:SHOWN])
-                           + (f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else "")
-                           + "\nthe trainer writes it whole at each checkpoint and at the end: resume the run (the "
-                             "same command) to write it again")
-    return rows
 
 
 def _training_records(learned: Learned) -> tuple[list[Source], list[list[Record]]]:
@@ -210,71 +139,13 @@ def match(rows: list[tuple[int, dict]], sources: list[Source], records: list[lis
             for i, (s, recs) in enumerate(zip(sources, records)) for k, r in enumerate(recs)]
 
 
-@dataclass
-class Learned:
-    """The learned weights of a run, read and checked (dreamprm weights, --weights_from)."""
-    path: Path  # its instance_weights.jsonl
-    cfg: dict | None  # its config.yaml (None: a bare weights file with no config.yaml beside it)
-    cfg_path: Path
-    status: dict
-    rows: list[tuple[int, dict]]  # (line, row) of read_weight_rows
-
-    @property
-    def kind(self) -> str:
-        return str((self.cfg or {}).get("meta", {}).get("weights", "?"))
-
-
-def read_learned(where, flag: str = "RUN_DIR", allow_file: bool = False) -> Learned:
-    """A run directory's learned weights (allow_file: or an instance_weights.jsonl given itself); WeightsError
-    naming `flag` and what is wrong (not a run directory, a baseline run, no weights yet, damaged weights)."""
-    given = Path(where).expanduser()
-    if allow_file and given.is_file():
-        run, wpath = given.parent, given
-    else:
-        run, wpath = given, given / WEIGHTS_FILE
-    cfg_path = run / "config.yaml"
-    if wpath == given:  # a file: its run's config.yaml, when it sits in one
-        cfg = _read_config(cfg_path) if cfg_path.is_file() else None
-    elif not run.is_dir() or not cfg_path.is_file():
-        other = f" or its {WEIGHTS_FILE}" if allow_file else ""
-        raise WeightsError(f"{flag} {run}: not a run directory (no config.yaml); pass the --output_dir of a "
-                           f"training run{other}")
-    else:
-        cfg = _read_config(cfg_path)
-    status = _read_status(run / "status.json")
-    if cfg is not None and cfg.get("meta", {}).get("baseline"):
-        raise WeightsError(f"{flag} {run}: a baseline run ({cfg_path}: meta.baseline true): it trained with uniform "
-                           "weights and learned none; use a run trained without --baseline")
-    if not wpath.is_file():
-        state, step = status.get("state", "unknown"), status.get("step", "?")
-        every = (cfg or {}).get("run", {}).get("save_every", "?")
-        raise WeightsError(f"{wpath}: not written yet (status.json: {state} at step {step}); the trainer writes it "
-                           f"at each checkpoint (every --save_every {every} updates) and at the end: run this again "
-                           "after the next checkpoint" + (", or resume the run (the same command)"
-                                                          if state != "running" else ""))
-    return Learned(wpath, cfg, cfg_path, status, read_weight_rows(wpath))
-
-
-def run_sources_of(learned: Learned) -> list[Source]:
-    """The training sources of the run that learned the weights, from its config.yaml ([] without one)."""
-    if learned.cfg is None:
-        return []
-    d = learned.cfg.get("data", {})
-    if not d.get("train_file"):
-        return [Source("--train_file", str(DEMO_DIR / "train.jsonl"), "train", "minif2f", None)]  # the demo
-    sources, problems = parse_sources(d["train_file"], "--train_file", str(d.get("train_format", "auto")))
-    if problems:
-        raise WeightsError(f"{learned.cfg_path}: data.train_file: " + "; ".join(problems))
-    return sources
-
-
 def load_run(run_dir, allow_unweighted: bool = False) -> Run:
     """A run directory's training records with their learned weights; WeightsError saying what is wrong
     (not a run directory, a baseline run, no weights yet, damaged weights, weights from other data)."""
     learned = read_learned(run_dir)
     sources, records = _training_records(learned)
     items = match(learned.rows, sources, records, learned.path, allow_unweighted)
-    return Run(learned.path.parent, learned.status, learned.kind, items, sources)
+    return Run(learned.path.parent, learned.status, learned.label, learned.step, learned.stale(), items, sources)
 
 
 # ---------------------------------------------------------------- the report
@@ -304,7 +175,8 @@ def report(run: Run, top: int) -> dict:
     domains = sorted({it.record.domain or "(none)" for it in run.items})
     by_domain = {d: _stats([it for it in run.items if (it.record.domain or "(none)") == d]) for d in domains}
     return {"run_dir": str(run.path), "state": run.status.get("state"), "step": run.status.get("step"),
-            "weights": run.weights_kind, "weights_file": str(run.path / WEIGHTS_FILE), **_stats(run.items),
+            "weights": run.weights_kind, "weights_file": str(run.path / WEIGHTS_FILE),
+            "weights_step": run.weights_step, "warnings": [run.stale] if run.stale else [], **_stats(run.items),
             "by_source": by_source, "by_domain": by_domain,
             "lowest": [_entry(it) for it in sorted(weighted, key=lambda it: (it.weight, it.index))[:top]],
             "highest": [_entry(it) for it in sorted(weighted, key=lambda it: (-it.weight, it.index))[:top]]}
@@ -331,8 +203,9 @@ def _stats_table(title: str, groups: dict) -> list[str]:
 
 def format_report(rep: dict) -> str:
     state = f"{rep['state']} at step {rep['step']}" if rep["state"] else "no status.json"
-    lines = [f"run {rep['run_dir']} ({state}): weights {rep['weights']}, from {rep['weights_file']}",
-             f"{rep['records']} training records, {rep['weighted']} with a learned weight"
+    lines = [f"run {rep['run_dir']} ({state}): weights {rep['weights']}, from {rep['weights_file']}, "
+             f"{written_at(rep['weights_step'])}",
+             f"{rep['records']} training records, {rep['weighted']} with a weight"
              + (f" (mean {rep['mean']:.4f})" if rep["weighted"] else ""), ""]
     lines += _stats_table("source", rep["by_source"]) + [""] + _stats_table("domain", rep["by_domain"])
     for what in ("lowest", "highest"):
@@ -543,6 +416,8 @@ def run_weights(args) -> int:
     except WeightsError as e:
         print(f"dreamprm weights: {e}", file=sys.stderr)
         return 1
+    for w in rep["warnings"]:
+        print(f"dreamprm weights: warning: {w}", file=sys.stderr)
     print(json.dumps(rep, indent=1, ensure_ascii=False) if args.json else format_report(rep))
     return 0
 

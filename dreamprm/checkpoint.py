@@ -212,6 +212,12 @@ def write_manifest(folder: Path, step: int, world: int, stage: int, parent: str 
                                           "parent": parent, "files": dict(sorted(files.items()))})
 
 
+def manifest_id(ckpt: Path) -> str:
+    """What identifies a complete checkpoint: the first 16 hex digits of its manifest's SHA-256 (the manifest
+    holds every file's checksum, so a folder of the same name rewritten by another history has another)."""
+    return hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
 def write_latest(root: Path, name: str) -> None:
     write_atomic(root / LATEST, name + "\n")
 
@@ -263,11 +269,11 @@ def manifest_misfit(ckpt: Path, man: dict) -> str | None:
     return None
 
 
-def file_problems(ckpt: Path, man: dict, part: int = 0, parts: int = 1) -> list[str]:
+def file_problems(ckpt: Path, man: dict, part: int = 0, parts: int = 1, checksums: bool = True) -> list[str]:
     """What is wrong with the files of a checkpoint: missing, other size, other checksum.
 
     Sizes are checked for every file; checksums only for files[part::parts], so that the ranks
-    of a job can each read a share of a multi-GB checkpoint."""
+    of a job can each read a share of a multi-GB checkpoint, and none without checksums (a quick look)."""
     bad = []
     for i, (name, entry) in enumerate(man["files"].items()):
         size, digest = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry.get(HASH))
@@ -276,7 +282,7 @@ def file_problems(ckpt: Path, man: dict, part: int = 0, parts: int = 1) -> list[
             bad.append(f"{name} (missing)")
         elif f.stat().st_size != size:
             bad.append(f"{name} ({f.stat().st_size} bytes, expected {size})")
-        elif digest is not None and i % parts == part and file_digest(f) != digest:
+        elif checksums and digest is not None and i % parts == part and file_digest(f) != digest:
             bad.append(f"{name} (checksum differs: the content changed after it was written)")
     return bad
 

@@ -19,8 +19,8 @@ import json
 import os
 from pathlib import Path
 
-from dreamprm.audit import read_learned
 from dreamprm.config import MODEL_FLAG, Config, parse_sources
+from dreamprm.data.learned import read_learned, stale_problem
 from dreamprm.data.mixing import read_sources
 from dreamprm.data.readers import file_problem, read_json
 from dreamprm.errors import ConfigError, RunLockError, WeightsError
@@ -94,10 +94,10 @@ def weights_from_problems(cfg: Config) -> list[str]:
     """--weights_from: a run directory (or its instance_weights.jsonl) with learned weights that can be read; that
     they fit this run's data is checked once the records are read (data.sources.record_weights)."""
     try:
-        read_learned(cfg.meta.weights_from, "--weights_from", allow_file=True)
+        stale = read_learned(cfg.meta.weights_from, "--weights_from", allow_file=True).stale()
     except WeightsError as e:
         return [str(e)]
-    return []
+    return [stale_problem(f"--weights_from {cfg.meta.weights_from}", stale)] if stale else []
 
 
 def data_problems(cfg: Config) -> list[str]:

@@ -252,9 +252,10 @@ class RunLog:
 
 
 def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, rank: int, baseline: bool,
-                          domains: list[str]):
+                          domains: list[str], saved: Path):
     """instance_weights.jsonl: the learned weight of every training record, by id, with its
-    domain by name (null for a record without one).
+    domain by name (null for a record without one), and the checkpoint just saved (step and
+    checkpoint.manifest_id), so that a reader can tell weights of a checkpoint the run set aside.
 
     Tables give every row's current weight; the instance net's weight depends on features
     seen in training, so it is the weight it gave the record when last trained on (null if
@@ -266,6 +267,7 @@ def dump_instance_weights(wmod, train_ex, last_w: torch.Tensor, run_dir: Path, r
     w = torch.ones(len(train_ex)) if baseline else wmod.instance_weights()
     if w is None:  # the instance net: the weight each record was last trained with
         w = torch.where(last_w >= 0, last_w, torch.full_like(last_w, math.nan))
+    at = {"step": ckpt.step_of(saved.name), "manifest": ckpt.manifest_id(saved)}
     rows = [{"id": ex.id, "index": ex.index, "domain": domains[ex.domain] if ex.domain else None,  # 0: none
-             "weight": None if math.isnan(wi) else wi} for ex, wi in zip(train_ex, w.tolist())]
+             "weight": None if math.isnan(wi) else wi, **at} for ex, wi in zip(train_ex, w.tolist())]
     ckpt.write_atomic(run_dir / "instance_weights.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

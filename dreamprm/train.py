@@ -225,7 +225,8 @@ def save(run: Run, guard: RunGuard) -> Path:
     for n in notes:  # old checkpoints that could not be deleted: the run goes on, the disk fills
         print(f"dreamprm: warning: {n}", file=sys.stderr, flush=True)
     guard.status["last_checkpoint"] = str(path)
+    guard.write()  # before the weights: a reader takes the checkpoint status.json names as the run's own
     # the weights as of this checkpoint, so that `dreamprm weights` reads a running or stopped run too
     dump_instance_weights(run.state.wmod, run.data.train_ex, run.state.last_w, run.run_dir, run.rank,
-                          run.cfg.meta.baseline, run.data.domains)
+                          run.cfg.meta.baseline, run.data.domains, path)
     return path

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dreamprm import audit, cli
+from dreamprm import audit, checkpoint, cli
 from dreamprm.data.readers import load_records
 from dreamprm.data.record import Record, write_jsonl
 
@@ -103,6 +103,35 @@ def test_json_report(demo, capsys):
         r = recs[e["id"]]
         assert (e["question"], e["steps"], e["labels"], e["weight"]) == (r.question, r.steps, r.labels, w[e["id"]])
     assert [e["id"][:5] for e in rep["lowest"]] == ["noisy"] * 3 and len(rep["highest"]) == 3
+
+
+def test_the_weights_name_the_checkpoint_they_are_from(demo, capsys):
+    rows = [json.loads(ln) for ln in (demo / "instance_weights.jsonl").open()]
+    last = demo / "checkpoints" / "step_00000200"
+    assert {(r["step"], r["manifest"]) for r in rows} == {(200, checkpoint.manifest_id(last))}
+    assert weights(demo, "--top", 0) == 0
+    cap = capsys.readouterr()
+    assert "instance_weights.jsonl, as of step 200 (checkpoint step_00000200)" in cap.out.splitlines()[0]
+    assert not cap.err
+    assert weights(demo, "--json", "--top", 0) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["weights_step"] == 200 and rep["warnings"] == []
+
+
+def test_weights_of_a_checkpoint_the_run_set_aside_are_reported_with_a_warning(demo, tmp_path, capsys):
+    """As after a resume that fell back from step 200 to step 100: status.json names step 100, the weights file
+    is still step 200's until the next save."""
+    run = tmp_path / "run"
+    shutil.copytree(demo, run)
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps(status | {"state": "running",
+                                                          "last_checkpoint": str(run / "checkpoints/step_00000100")}))
+    assert weights(run, "--json", "--top", 0) == 0
+    cap = capsys.readouterr()
+    rep = json.loads(cap.out)
+    assert rep["weights_step"] == 200 and len(rep["warnings"]) == 1
+    assert cap.err == f"dreamprm weights: warning: {rep['warnings'][0]}\n"
+    assert "holds the weights of step_00000200, but the run's newest intact checkpoint is step_00000100" in cap.err
 
 
 def test_keep_half_writes_a_file_data_check_passes(demo, tmp_path, capsys):
@@ -299,6 +328,18 @@ def test_kept_ids_shared_by_two_sources_cannot_share_a_file(tmp_path, capsys):
                    {"a": [1.0, 1.0], "b": [1.0, 1.0]})
     err = fail(capsys, run, "--keep", 1, "--out", tmp_path / "k.jsonl")
     assert "share an id: 'x' (a, b)" in err and not (tmp_path / "k.jsonl").exists()
+
+
+def test_a_transfer_run_says_its_weights_are_fixed_and_whose(tmp_path, capsys):
+    """A run trained with --weights_from learned nothing: its weights are another run's, not its module's."""
+    run = fake_run(tmp_path, {"a": [rec("a0"), rec("a1")]}, {"a": [0.5, 1.5]})
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["meta"]["weights_from"] = "runs/proxy"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert weights(run, "--top", 0) == 0
+    assert "weights fixed, transferred from runs/proxy, from" in capsys.readouterr().out.splitlines()[0]
+    assert weights(run, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == "fixed, transferred from runs/proxy"
 
 
 def test_weight_null_is_reported_and_not_kept(tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamprm import preflight, runguard
+from dreamprm import checkpoint, preflight, runguard
 from dreamprm.config import Config, ConfigError, parse_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,3 +255,22 @@ def test_weights_from_must_be_a_run_with_learned_weights(tmp_path):
     (run / "instance_weights.jsonl").write_text('{"id": "a", "index": 0, "domain": null, "weight": -1}\n')
     with pytest.raises(ConfigError, match=r"instance_weights.jsonl:1: weight: -1 is not a finite number >= 0"):
         load(argv + ["--weights_from", run / "instance_weights.jsonl"])
+
+
+def test_weights_from_refuses_weights_their_run_set_aside(tmp_path):
+    """A proxy resumed from step 20 after step 40 was found damaged still has step 40's weights file: refused
+    before any rank starts, naming both checkpoints."""
+    run = tmp_path / "proxy"
+    root = run / "checkpoints"
+    for step, parent in ((20, None), (40, checkpoint.tag(20))):
+        (root / checkpoint.tag(step)).mkdir(parents=True)
+        checkpoint.write_manifest(root / checkpoint.tag(step), step, 1, 0, parent, {})
+    (run / "config.yaml").write_text("data: {}\nmodel: {}\nmeta: {baseline: false}\n")
+    (run / "status.json").write_text(json.dumps({"state": "running", "last_checkpoint": str(root / "step_00000020")}))
+    (run / "instance_weights.jsonl").write_text(json.dumps(
+        {"id": "a", "index": 0, "domain": None, "weight": 1.0, "step": 40,
+         "manifest": checkpoint.manifest_id(root / checkpoint.tag(40))}) + "\n")
+    argv = ["--train_file", ROOT / "dreamprm/demo/train.jsonl", "--train_format", "minif2f", "--weights_from", run]
+    with pytest.raises(ConfigError, match=r"--weights_from .*proxy: .*holds the weights of step_00000040, but the "
+                                          r"run's newest intact checkpoint is step_00000020"):
+        load(argv)

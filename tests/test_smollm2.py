@@ -187,7 +187,9 @@ def test_smollm2_lora_checkpoint_leaves_the_base_out_resumes_exactly_and_exports
     rows = [[{k: r[k] for k in keys} for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
             for d in (straight, split)]
     assert rows[0] == rows[1] and len(rows[0]) == 3
-    assert (straight / "instance_weights.jsonl").read_text() == (split / "instance_weights.jsonl").read_text()
+    weights = [[{k: v for k, v in r.items() if k != "manifest"} for r in map(json.loads, (d / "instance_weights.jsonl")
+                .read_text().splitlines())] for d in (straight, split)]  # the manifests differ: other parents
+    assert weights[0] == weights[1] and weights[0][0]["step"] == 3
 
     last = straight / "checkpoints" / "step_00000003"
     size = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())

@@ -330,6 +330,29 @@ def test_transferred_weights_with_packing_and_a_curriculum_sampler(proxy_run, tm
     assert len(seen) > 100 and seen == pytest.approx({rid: learned[rid] for rid in seen}, abs=0)
 
 
+def test_transferred_weights_with_two_sources_drawn_by_temperature(proxy_run, tmp_path):
+    """The proxy learned on one file; the target mixes its two halves as two sources (--mix temperature): every
+    record keeps the weight learned for its id, whichever source's draw brought it."""
+    proxy, learned = proxy_run
+    lines = (ROOT / "dreamprm/demo/train.jsonl").read_text().splitlines(keepends=True)
+    halves = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
+    halves[0].write_text("".join(lines[:80]))
+    halves[1].write_text("".join(lines[80:]))
+    out = tmp_path / "mixed"
+    p = train("--train_file", halves[0], "--train_file", halves[1], *DEMO[2:], "--weights_from", proxy,
+              "--mix", "temperature", "--mix_alpha", "0", "--mode", "full", "--total_steps", "30",
+              "--batch_size", "8", "--output_dir", out)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "matched by record id" in p.stdout
+    ck = checkpoint.resume_candidates(out / "checkpoints")[0][0]
+    last = torch.load(ck / checkpoint.rank_file(0), weights_only=True)["last_w"]
+    rows = [json.loads(ln) for ln in (out / "instance_weights.jsonl").open()]
+    seen = {r["id"]: last[r["index"]].item() for r in rows if last[r["index"]] >= 0}
+    first = {json.loads(ln)["id"] for ln in lines[:80]}
+    assert len(seen.keys() & first) > 40 and len(seen.keys() - first) > 40  # both sources drawn (uniformly: alpha 0)
+    assert seen == pytest.approx({rid: learned[rid] for rid in seen}, abs=0)
+
+
 def test_transfer_from_other_data_or_with_records_left_over_is_refused(proxy_run, tmp_path):
     proxy, _ = proxy_run
     other = tmp_path / "other.jsonl"

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from dreamprm.audit import Learned, read_learned, run_sources_of
 from dreamprm.config import Config, Source, run_sources
+from dreamprm.data.learned import Learned, read_learned, run_sources_of, stale_problem, written_at
 from dreamprm.data.loader import BatchStream, collate, with_workers
 from dreamprm.data.mixing import Curriculum, MixtureStream, mixture_probs, read_sources
 from dreamprm.data.packing import check_attention, collate_packed
@@ -169,7 +169,8 @@ def record_weights(cfg: Config, train_src: list[Source], train_recs: list[list],
     A domain_table run's weights go by domain name (a larger dataset's domains get the weight the proxy learned
     for them); any other run's by record id, and by source where its rows name one. A record with no learned
     weight (the proxy left it out, or never trained on it) gets --unmatched_weight; rows of records this run does
-    not have mean the weights were learned on other data, which is refused."""
+    not have mean the weights were learned on other data, which is refused, and so are weights that are not those
+    of their run's newest intact checkpoint (Learned.stale)."""
     flag = f"--weights_from {cfg.meta.weights_from}"
     learned = learned or read_learned(cfg.meta.weights_from, "--weights_from", allow_file=True)
     theirs = run_sources_of(learned)
@@ -179,6 +180,9 @@ def record_weights(cfg: Config, train_src: list[Source], train_recs: list[list],
                  for s, recs in zip(train_src, train_recs)]
     got: list[dict] = [{} for _ in train_src]
     problems, notes = [], []
+    stale = learned.stale()
+    if stale:
+        problems.append(stale_problem(flag, stale))
     policy = cfg.meta.unmatched_weight
     if learned.kind == "domain_table":
         table: dict = {}
@@ -260,7 +264,8 @@ def record_weights(cfg: Config, train_src: list[Source], train_recs: list[list],
     if theirs and sorted(str(Path(s.path).resolve()) for s in theirs) != sorted(str(Path(s.path).resolve())
                                                                                for s in train_src):
         notes.append(f"the weights were learned on {their_files}; this run trains on {ours}")
-    notes.insert(0, f"weights from {learned.path} ({learned.kind}, fixed: no meta pass), matched {how}")
+    notes.insert(0, f"weights from {learned.path} ({learned.label}), {written_at(learned.step)}, fixed: no meta "
+                    f"pass, matched {how}")
     return got, notes
 
 

@@ -9,6 +9,7 @@ import json
 import pytest
 import yaml
 
+from dreamprm import checkpoint as ck
 from dreamprm.config import Config, Source
 from dreamprm.data.record import Record
 from dreamprm.data.sources import read_run_records, record_weights, run_data
@@ -174,3 +175,21 @@ def test_a_bare_weights_file_matches_by_id(tmp_path):
     f.write_text(json.dumps({"id": "a", "index": 0, "domain": None, "weight": 0.25}) + "\n")
     got, notes = record_weights(cfg_for(f), SRC, [[rec("a")]])
     assert got == [{"a": 0.25}] and "matched by record id" in notes[0]
+
+
+def test_weights_its_run_set_aside_are_refused_and_the_step_is_named(tmp_path):
+    """After a resume that fell back to step 20, the proxy's file still holds the weights of the step 40 it set
+    aside (until its next save): they would be fixed for the whole run, so they are refused."""
+    run = learned_run(tmp_path, [])
+    root = run / "checkpoints"
+    for step, parent in ((20, None), (40, ck.tag(20))):
+        (root / ck.tag(step)).mkdir(parents=True)
+        ck.write_manifest(root / ck.tag(step), step, 1, 0, parent, {})
+    at = {"step": 40, "manifest": ck.manifest_id(root / ck.tag(40))}
+    (run / "instance_weights.jsonl").write_text(json.dumps(rows([("a", 0.5)])[0] | at) + "\n")
+    got, notes = record_weights(cfg_for(run), SRC, [[rec("a")]])
+    assert got == [{"a": 0.5}] and "as of step 40 (checkpoint step_00000040)" in notes[0]
+    (run / "status.json").write_text(json.dumps({"state": "running", "last_checkpoint": str(root / ck.tag(20))}))
+    with pytest.raises(WeightsError, match=r"--weights_from .*proxy: .*holds the weights of step_00000040, but the "
+                                           r"run's newest intact checkpoint is step_00000020.*copy the file out"):
+        record_weights(cfg_for(run), SRC, [[rec("a")]])
