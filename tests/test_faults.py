@@ -316,8 +316,8 @@ def test_6_a_damaged_or_stale_latest_resumes_from_the_newest_checkpoint_and_a_ch
     ckpts = out / "checkpoints"
     data = tmp_path / "train.jsonl"  # the demo's, in a file this test may edit
     data.write_text((ROOT / "dreamprm/demo/train.jsonl").read_text())
-    run = ["--config", "dreamprm/demo/demo.yaml", "--output_dir", out, "--train_file", data, "--train_format", "minif2f", "--meta_file",
-           ROOT / "dreamprm/demo/meta.jsonl", "--meta_format", "minif2f", *FAST]
+    run = ["--config", "dreamprm/demo/demo.yaml", "--output_dir", out, "--train_file", data, "--train_format",
+           "minif2f", "--meta_file", ROOT / "dreamprm/demo/meta.jsonl", "--meta_format", "minif2f", *FAST]
     p = train("--total_steps", 3, "--save_every", 1, "--keep_last", 5, *run)
     assert p.returncode == 0, p.stderr[-3000:]
     (ckpts / ck.LATEST).write_text("")  # empty (a crash of an older writer, a full disk, a hand edit)
@@ -347,4 +347,9 @@ def test_6_a_damaged_or_stale_latest_resumes_from_the_newest_checkpoint_and_a_ch
         assert "ranks 1, ZeRO stage" not in p.stdout  # before the model was built
         status = json.loads((out / "status.json").read_text())
         assert status["state"] == "failed" and says in status["error"]
+        if flags[:1] in (["--deepspeed"], []):  # the two a requeued Slurm job would otherwise meet on every rank
+            p = subprocess.run([sys.executable, "slurm/preflight.py", "--nodes", "1", "--ranks_per_node", "1",
+                                *map(str, run), "--total_steps", "6", *flags],
+                               cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+            assert p.returncode == 1 and "preflight: error: " in p.stderr and says in p.stderr, p.stderr[-3000:]
     assert ck.latest(ckpts).name == ck.tag(5)
