@@ -136,8 +136,8 @@ def check_resume_config(cfg: Config, saved: dict) -> None:
 
 def check_stage(cfg: Config, resume: Path, world: int) -> None:
     """A checkpoint resumes only under the ZeRO stage that wrote it: DeepSpeed lays the optimizer state out per
-    stage (whole at 0, flat partitions at 1/2, per-parameter shards at 3) and loads none into another (stage 0
-    into 3 ends in a bare AssertionError). A manifest without a stage is not compared."""
+    stage (whole at 0, flat partitions at 1/2, per-parameter shards at 3); a stage-0 checkpoint under stage 3 ends
+    in its bare AssertionError. A manifest without a stage is not compared."""
     saved = ckpt.read_manifest(resume).get("stage")
     now = engine.ds_config(cfg, world)["zero_optimization"].get("stage", 0)
     if saved is None or saved == now:

@@ -211,3 +211,21 @@ def test_a_mixture_is_compared_per_source_and_a_baseline_has_no_meta_stream(tmp_
                        r"139 now") as e:
         check_data(_run_data([100, 139], 0), path)
     assert "t0.jsonl" not in str(e.value)
+
+
+def test_the_readme_resume_rules_name_every_option_on_the_right_side():
+    """README.md's "Resume rules" paragraph: every RESUME_MUST_MATCH and RESUME_FROM_STATE flag before "Everything
+    else may change", every other option after it (wandb_mode and disable_wandb as "wandb options")."""
+    from pathlib import Path
+
+    from dreamprm.config import _fields
+    from dreamprm.resume import RESUME_FROM_STATE, RESUME_MUST_MATCH
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rules = readme[readme.index("Resume rules."):readme.index("Input checks.")]
+    fixed, free = rules.split("Everything else may change")
+    fixed = fixed.replace("`/`_steps`/`_schedule`", "` `--curriculum_steps` `--curriculum_schedule`")
+    kept = {k for _, k in RESUME_MUST_MATCH + RESUME_FROM_STATE}
+    assert [k for k in sorted(kept) if f"`--{k}`" not in fixed] == []
+    other = [f.name for _, f, _ in _fields() if f.name not in kept | {"output_dir", "wandb_mode", "disable_wandb"}]
+    assert [k for k in other if f"`--{k}`" not in free] == []
+    assert "wandb options" in free
