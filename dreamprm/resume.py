@@ -5,8 +5,9 @@
     choose(cfg, rank, world, base)  partial saves removed; the checkpoint to resume from picked and verified
                                   (--resume_from auto: the newest intact one of the run's lineage, saying
                                   which it passed over and why); its config checked against this run's, its
-                                  base fingerprint against the base folder's now;
-                                  for another number of ranks, its DeepSpeed universal form made
+                                  base fingerprint against the base folder's now, its ZeRO stage against
+                                  this run's; for another number of ranks, its DeepSpeed universal form made
+    check_data(data, resume)      the data read now has as many examples per source as the checkpoint's streams
     resolve_epochs(cfg, ...)      --epochs N turned into total_steps once the data is read; a resumed run with
                                   the same --epochs keeps its checkpoint's (kept_total_steps)
     restore(eng, state, ...)      the engine, the TrainState and the RNG put back where the checkpoint was
@@ -133,6 +134,45 @@ def check_resume_config(cfg: Config, saved: dict) -> None:
                               "new run in another --output_dir")
 
 
+def check_stage(cfg: Config, resume: Path, world: int) -> None:
+    """A checkpoint resumes only under the ZeRO stage that wrote it: DeepSpeed lays the optimizer state out per
+    stage (whole at 0, flat partitions at 1/2, per-parameter shards at 3); a stage-0 checkpoint under stage 3 ends
+    in its bare AssertionError. A manifest without a stage is not compared."""
+    saved = ckpt.read_manifest(resume).get("stage")
+    now = engine.ds_config(cfg, world)["zero_optimization"].get("stage", 0)
+    if saved is None or saved == now:
+        return
+    old = (ckpt.shared_state(resume)["config"].get("train") or {}).get("deepspeed") or "none"
+    raise CheckpointError(f"cannot resume from {resume}: --deepspeed {cfg.train.deepspeed or 'none'} gives ZeRO "
+                          f"stage {now}, but the checkpoint was written under stage {saved} (--deepspeed {old}); a "
+                          f"checkpoint resumes only under its own stage. Resume with a --deepspeed JSON of stage "
+                          f"{saved}{' (or none)' if saved == 0 else ''}, or start a new run in another --output_dir "
+                          "(`dreamprm export` keeps this run's PRM)")
+
+
+def check_data(data, resume: Path) -> None:
+    """The data read now (data: sources.RunData) against the sizes the checkpoint's streams were built on (rank 0's
+    stream state: n, or a mixture's per-source sizes): a stream position means nothing in data of another size (a
+    file edited under the same path, --skip_invalid dropping other records). Before the model is built."""
+    saved = torch.load(resume / ckpt.rank_file(0), weights_only=True)
+    train, meta = saved.get("train_stream") or {}, saved.get("meta_stream") or {}
+    sizes = [data.source_of.count(k) for k in range(len(data.train_sources))]
+    diff = []
+    if "sizes" in train and train["sizes"] != sizes:  # a mixture: one stream per source
+        diff += [(s.where(), old, new) for s, old, new in zip(data.train_sources, train["sizes"], sizes) if old != new]
+    elif "n" in train and train["n"] != len(data.train_ex):
+        diff.append((", ".join(s.where() for s in data.train_sources), train["n"], len(data.train_ex)))
+    if "n" in meta and meta["n"] != len(data.meta_ex):
+        diff.append((", ".join(s.where() for s in data.meta_sources), meta["n"], len(data.meta_ex)))
+    if diff:
+        raise CheckpointError(f"cannot resume from {resume}: the data differs from the run's:\n  "
+                              + "\n  ".join(f"{where}: {old} examples in the checkpoint's run, {new} now"
+                                             for where, old, new in diff)
+                              + "\nthe files changed since the run started (records added or removed, or "
+                              "--skip_invalid dropping others); resume with the same data, or start a new run "
+                              "in another --output_dir")
+
+
 def check_transferred(state, shared: dict, resume: Path) -> None:
     """--weights_from: the transferred weights are part of the run's identity. The same flag can give other weights
     when the file changed since the run started (the proxy run resumed, the data edited): refused, not mixed."""
@@ -191,6 +231,8 @@ def choose(cfg: Config, rank: int, world: int, base: dict | None = None) -> tupl
     if cfg.run.dry_run:
         return None, None
     resume = find_resume(cfg, Path(cfg.run.output_dir) / CHECKPOINTS_DIR, rank, base)
+    if resume is not None:
+        check_stage(cfg, resume, world)
     universal = engine.universal_copy(resume, world, rank) if resume is not None else None
     return resume, universal
 

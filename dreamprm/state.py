@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dreamprm.dist import all_reduce_
+from dreamprm.errors import CheckpointError
 
 
 @dataclass
@@ -68,13 +69,20 @@ class TrainState:
     def load_state_dict(self, shared: dict, per_rank: dict, world_changed: bool) -> None:
         """world_changed: the checkpoint was written by another number of ranks; the data streams go on at the
         same fraction of the epoch, split over the new ranks (BatchStream.load_state_dict)."""
+        for flag, stream, saved in (("--train_file", self.train_stream, per_rank["train_stream"]),
+                                    ("--meta_file", self.meta_stream, per_rank["meta_stream"])):
+            if stream is None:
+                continue
+            try:  # before the weights: data of another size misfits an instance table too, less clearly
+                stream.load_state_dict(saved, allow_world_change=world_changed)
+            except ValueError as e:  # resume.check_data refuses a size change earlier, before the model is built
+                raise CheckpointError(f"{flag}: the checkpoint's data stream cannot go on in this run's data ({e}); "
+                                      "resume with the same data (a --mix or --curriculum stream also on the same "
+                                      "number of ranks), or start a new run in another --output_dir") from e
         self.step = shared["step"]
         self.wmod.load_state_dict(shared["weights"])
         if self.wopt is not None:
             self.wopt.load_state_dict(shared["weights_opt"])
-        self.train_stream.load_state_dict(per_rank["train_stream"], allow_world_change=world_changed)
-        if self.meta_stream is not None:
-            self.meta_stream.load_state_dict(per_rank["meta_stream"], allow_world_change=world_changed)
         self.src_base = torch.tensor(shared.get("source_totals", self.src_base.tolist()), dtype=torch.float64)
         if "last_w" in per_rank:  # checkpoints before 2026-12 lack it: unseen, as in a new run
             self.last_w = per_rank["last_w"].clone()

@@ -96,6 +96,8 @@ def build(cfg: Config, rank: int, world: int, resumed_from: Path | None, load_un
     records = sources.read_run_records(cfg, needs_meta=bilevel_run)  # every source's problems, before any model
     tokenizer = training_tokenizer(cfg.model)
     data = sources.run_data(cfg, tokenizer, rank, needs_meta=bilevel_run, world=world, records=records)
+    if resumed_from is not None:  # data of another size: refused here, not when the streams are restored
+        resume.check_data(data, resumed_from)
     if cfg.train.epochs:  # before anything reads total_steps (schedule, curriculum, streams)
         for note in resume.resolve_epochs(cfg, len(data.train_ex), world, resumed_from):
             print0(note, rank=rank)

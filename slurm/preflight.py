@@ -11,9 +11,9 @@ multi-node job needs:
   across ranks, BatchStream), so the node count must not exceed what the data can divide;
 - the run directory is not locked by a live job (a stale lock of this job, requeued, is fine);
 - the checkpoint the job will resume from is complete, its checksums match (a damaged one is
-  passed over for the newest intact one, saying so), and it has the same structural settings
-  (another number of ranks is fine: it says that the checkpoint will be converted); a requeued
-  job would otherwise fail only after every rank has loaded the model;
+  passed over for the newest intact one, saying so), and it has the same structural settings,
+  ZeRO stage and data sizes (another number of ranks is fine: it says that the checkpoint will
+  be converted); a requeued job would otherwise fail only after every rank has loaded the model;
 - the DeepSpeed JSON's batch fields against this world size;
 - that this Python can import dreamprm at all.
 
@@ -61,10 +61,11 @@ def main(argv: list[str]) -> int:
     from dreamprm.errors import CheckpointError
     from dreamprm.data.sources import data_paths, run_data
     from dreamprm.model import training_tokenizer
-    from dreamprm.resume import check_resume_config, resolve_resume
+    from dreamprm.resume import check_data, check_resume_config, check_stage, resolve_resume
 
     problems = []
     bilevel = not cfg.meta.baseline
+    data = None  # the data as read (one rank), for the resume check
     try:
         tokenizer = training_tokenizer(cfg.model)
         # first the counts alone (one rank, batches of one), so that a job too wide for its data is told how
@@ -102,6 +103,9 @@ def main(argv: list[str]) -> int:
         if ckpt is not None:
             man = checkpoint.read_manifest(ckpt)
             check_resume_config(cfg, checkpoint.shared_state(ckpt)["config"])
+            check_stage(cfg, ckpt, world)
+            if data is not None:
+                check_data(data, ckpt)
             if man["world"] != world:
                 print(f"preflight: {ckpt} was written by {man['world']} ranks and this job has {job}: "
                       + ("rank 0 converts it to a DeepSpeed universal checkpoint first (minutes for large models); "

@@ -12,6 +12,10 @@
                                                            silent rank; status.json says failed
 5 a held LOCK                                           -> found by slurm/preflight.py before any
                                                            model is built; a requeued job takes over
+6 `latest` empty or edited back; a changed model,       -> resumes from the newest checkpoint of the
+  ZeRO stage or data size on resume                        lineage, with a note; the changes are refused
+                                                           before the model is built, naming the flag
+7 SIGTERM under torchrun (slurm/minif2f.sbatch)         -> the ranks checkpoint; the job exits 143
 Rank-count changes on resume are in tests/test_train.py (ZeRO-3, 2 -> 1 and 1 -> 2).
 """
 
@@ -310,26 +314,42 @@ def test_7_sigterm_of_a_job_under_torchrun_exits_143_as_a_single_process_does(tm
 def test_6_a_damaged_or_stale_latest_resumes_from_the_newest_checkpoint_and_a_changed_model_is_refused(tmp_path):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
-    p = train("--total_steps", 3, "--save_every", 1, "--keep_last", 5, "--output_dir", out, *FAST)
+    data = tmp_path / "train.jsonl"  # the demo's, in a file this test may edit
+    data.write_text((ROOT / "dreamprm/demo/train.jsonl").read_text())
+    run = ["--config", "dreamprm/demo/demo.yaml", "--output_dir", out, "--train_file", data, "--train_format",
+           "minif2f", "--meta_file", ROOT / "dreamprm/demo/meta.jsonl", "--meta_format", "minif2f", *FAST]
+    p = train("--total_steps", 3, "--save_every", 1, "--keep_last", 5, *run)
     assert p.returncode == 0, p.stderr[-3000:]
     (ckpts / ck.LATEST).write_text("")  # empty (a crash of an older writer, a full disk, a hand edit)
-    p = train("--total_steps", 4, "--save_every", 1, "--keep_last", 5, "--output_dir", out, *FAST)
+    p = train("--total_steps", 4, "--save_every", 1, "--keep_last", 5, *run)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"{ckpts / ck.LATEST} is empty: resuming from {ck.tag(3)}" in p.stdout
     assert f"resumed from {ckpts / ck.tag(3)}" in p.stdout
     ck.write_latest(ckpts, ck.tag(2))  # edited back: step_4 continues from step_2 and is newer
-    p = train("--total_steps", 5, "--save_every", 1, "--keep_last", 5, "--output_dir", out, *FAST)
+    p = train("--total_steps", 5, "--save_every", 1, "--keep_last", 5, *run)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"names {ck.tag(2)}, but {ck.tag(4)} continues from it" in p.stdout
     assert f"resumed from {ckpts / ck.tag(4)}" in p.stdout and ck.latest(ckpts).name == ck.tag(5)
-    # a changed model definition: refused before anything is loaded, naming the flag; status says failed
+    # a changed model definition, another ZeRO stage, data of another size: refused before the model is built,
+    # naming the flag; status says failed
+    grown = data.read_text() + data.read_text().splitlines()[0].replace('"clean-', '"added-') + "\n"
     for flags, says in ((["--mode", "lora", "--lora_alpha", "64"], "--lora_alpha: checkpoint has 32, this run 64"),
                         (["--precision", "bf16"], "--precision: checkpoint has 'fp32', this run 'bf16'"),
                         (["--lora_targets", "q_proj"], "--lora_targets: checkpoint has"),
-                        (["--lr", "0.01"], "--lr: checkpoint has 0.001, this run 0.01 (a resumed run takes it")):
-        p = train("--total_steps", 6, "--output_dir", out, *FAST, *flags)
+                        (["--lr", "0.01"], "--lr: checkpoint has 0.001, this run 0.01 (a resumed run takes it"),
+                        (["--deepspeed", "ds_configs/zero3.json"], "--deepspeed ds_configs/zero3.json gives ZeRO "
+                         "stage 3, but the checkpoint was written under stage 0 (--deepspeed none)"),
+                        ([], f"--train_file {data}: 240 examples in the checkpoint's run, 241 now")):
+        if not flags:  # one record appended to the training file
+            data.write_text(grown)
+        p = train("--total_steps", 6, *run, *flags)
         assert p.returncode == 1 and says in p.stderr and "Traceback" not in p.stderr, (flags, p.stderr[-3000:])
         assert "ranks 1, ZeRO stage" not in p.stdout  # before the model was built
         status = json.loads((out / "status.json").read_text())
         assert status["state"] == "failed" and says in status["error"]
+        if flags[:1] in (["--deepspeed"], []):  # the two a requeued Slurm job would otherwise meet on every rank
+            p = subprocess.run([sys.executable, "slurm/preflight.py", "--nodes", "1", "--ranks_per_node", "1",
+                                *map(str, run), "--total_steps", "6", *flags],
+                               cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+            assert p.returncode == 1 and "preflight: error: " in p.stderr and says in p.stderr, p.stderr[-3000:]
     assert ck.latest(ckpts).name == ck.tag(5)

@@ -133,3 +133,99 @@ def test_epochs_resolve_once_and_a_resume_with_the_same_epochs_keeps_the_checkpo
     cfg.train.epochs, cfg.train.warmup_steps = 0.1, 5  # another --epochs: resolved again
     notes = resolve_epochs(cfg, 100, 1, tmp_path)
     assert cfg.train.total_steps == 2 and notes[1].startswith("warning: --warmup_steps 5 >= total_steps 2")
+
+
+def _checkpoint_of(root, stage=0, train_stream=None, meta_stream=None, deepspeed=""):
+    """A checkpoint folder with what check_stage and check_data read: the manifest's stage, the config, rank 0's
+    stream states."""
+    import torch
+
+    from dreamprm import checkpoint as ck
+    d = root / ck.tag(4)
+    d.mkdir(parents=True)
+    cfg = Config()
+    cfg.train.deepspeed = deepspeed
+    torch.save({"config": cfg.to_dict()}, d / ck.SHARED_STATE)
+    torch.save({"train_stream": train_stream or {}, "meta_stream": meta_stream or {}}, d / ck.rank_file(0))
+    ck.write_manifest(d, 4, 1, stage, None, ck.describe_files(d, ck.list_files(d)))
+    return d
+
+
+@pytest.mark.parametrize("saved,ds,now", [(0, "ds_configs/zero3.json", 3), (0, "ds_configs/zero2.json", 2),
+                                          (3, "", 0), (2, "ds_configs/zero3.json", 3)])
+def test_another_zero_stage_is_refused_naming_deepspeed_and_both_stages(tmp_path, saved, ds, now):
+    from dreamprm.resume import check_stage
+    old = {0: "", 2: "ds_configs/zero2.json", 3: "ds_configs/zero3.json"}[saved]
+    path = _checkpoint_of(tmp_path, stage=saved, deepspeed=old)
+    cfg = Config()
+    cfg.train.deepspeed = ds
+    with pytest.raises(CheckpointError, match=rf"--deepspeed {ds or 'none'} gives ZeRO stage {now}, but the "
+                       rf"checkpoint was written under stage {saved} \(--deepspeed {old or 'none'}\).* a --deepspeed "
+                       rf"JSON of stage {saved}"):
+        check_stage(cfg, path, world=1)
+    cfg.train.deepspeed = old  # the checkpoint's own stage
+    check_stage(cfg, path, world=1)
+
+
+def test_a_manifest_without_a_stage_is_not_compared(tmp_path):
+    import json
+
+    from dreamprm import checkpoint as ck
+    from dreamprm.resume import check_stage
+    path = _checkpoint_of(tmp_path, stage=0)
+    man = json.loads((path / ck.MANIFEST).read_text())
+    del man["stage"]
+    (path / ck.MANIFEST).write_text(json.dumps(man))
+    cfg = Config()
+    cfg.train.deepspeed = "ds_configs/zero3.json"
+    check_stage(cfg, path, world=1)
+
+
+def _run_data(train_sizes, n_meta):
+    from dreamprm.config import Source
+    from dreamprm.data.sources import RunData
+    train = [Source("--train_file", f"/d/t{k}.jsonl", f"t{k}", "dreamprm", None) for k in range(len(train_sizes))]
+    source_of = [k for k, n in enumerate(train_sizes) for _ in range(n)]
+    return RunData(train_ex=[None] * len(source_of), meta_ex=[None] * n_meta, domains=[], train_sources=train,
+                   meta_sources=[Source("--meta_file", "/d/m.jsonl", "m", "dreamprm", None)], source_of=source_of,
+                   difficulty=None, profiles={}, pos_fraction=0.5)
+
+
+def test_data_of_another_size_is_refused_naming_the_file_and_both_counts(tmp_path):
+    from dreamprm.resume import check_data
+    path = _checkpoint_of(tmp_path, train_stream={"epoch": 0, "pos": 4, "n": 240, "world": 1, "seed": 0},
+                          meta_stream={"epoch": 0, "pos": 2, "n": 64, "world": 1, "seed": 1})
+    check_data(_run_data([240], 64), path)
+    with pytest.raises(CheckpointError, match=r"(?s)--train_file /d/t0.jsonl: 240 examples in the checkpoint's run, "
+                       r"241 now\n.*resume with the same data, or start a new run in another --output_dir"):
+        check_data(_run_data([241], 64), path)
+    with pytest.raises(CheckpointError, match=r"--meta_file /d/m.jsonl: 64 examples in the checkpoint's run, 63 now"):
+        check_data(_run_data([240], 63), path)
+
+
+def test_a_mixture_is_compared_per_source_and_a_baseline_has_no_meta_stream(tmp_path):
+    from dreamprm.resume import check_data
+    path = _checkpoint_of(tmp_path, train_stream={"kind": "mixture", "sizes": [100, 140], "t": 3})
+    check_data(_run_data([100, 140], 0), path)
+    with pytest.raises(CheckpointError, match=r"--train_file /d/t1.jsonl: 140 examples in the checkpoint's run, "
+                       r"139 now") as e:
+        check_data(_run_data([100, 139], 0), path)
+    assert "t0.jsonl" not in str(e.value)
+
+
+def test_the_readme_resume_rules_name_every_option_on_the_right_side():
+    """README.md's "Resume rules" paragraph: every RESUME_MUST_MATCH and RESUME_FROM_STATE flag before "Everything
+    else may change", every other option after it (wandb_mode and disable_wandb as "wandb options")."""
+    from pathlib import Path
+
+    from dreamprm.config import _fields
+    from dreamprm.resume import RESUME_FROM_STATE, RESUME_MUST_MATCH
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rules = readme[readme.index("Resume rules."):readme.index("Input checks.")]
+    fixed, free = rules.split("Everything else may change")
+    fixed = fixed.replace("`/`_steps`/`_schedule`", "` `--curriculum_steps` `--curriculum_schedule`")
+    kept = {k for _, k in RESUME_MUST_MATCH + RESUME_FROM_STATE}
+    assert [k for k in sorted(kept) if f"`--{k}`" not in fixed] == []
+    other = [f.name for _, f, _ in _fields() if f.name not in kept | {"output_dir", "wandb_mode", "disable_wandb"}]
+    assert [k for k in other if f"`--{k}`" not in free] == []
+    assert "wandb options" in free

@@ -65,3 +65,15 @@ def test_a_checkpoint_without_last_weights_resumes_as_unseen():
     b = _state()
     b.load_state_dict(shared, per_rank, world_changed=False)
     assert b.last_w.tolist() == [-1.0] * 6
+
+
+def test_a_stream_that_does_not_fit_the_data_is_a_checkpoint_error_naming_the_flag():
+    import pytest
+
+    from dreamprm.errors import CheckpointError
+    a = _state()
+    shared, per_rank = a.state_dict()
+    for key, flag in (("train_stream", "--train_file"), ("meta_stream", "--meta_file")):
+        bad = {**per_rank, key: {**per_rank[key], "n": 7}}
+        with pytest.raises(CheckpointError, match=f"{flag}: .*n was 7 in the checkpoint but is 6 now.*same data"):
+            _state().load_state_dict(shared, bad, world_changed=False)
