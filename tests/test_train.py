@@ -372,11 +372,13 @@ def test_two_runs_in_one_process_pair_and_the_groups_go_before_the_interpreter(t
     out, so the one registered before fit sees what fit's own handler left."""
     script = tmp_path / "twice.py"
     script.write_text(
-        "import atexit, sys, torch.distributed as td\n"
+        "import atexit, os, sys, torch.distributed as td\n"
         "atexit.register(lambda: print('at exit: group left', td.is_initialized(), flush=True))\n"
         "from dreamprm.cli import train\n"
         "for n in range(2):\n"
-        "    print('run', n, 'exit', train(sys.argv[1:] + ['--output_dir', f'" + str(tmp_path) + "/run{n}']))\n")
+        "    rc = train(sys.argv[1:] + ['--output_dir', f'" + str(tmp_path) + "/run{n}'])\n"
+        "    sys.stdout.flush()\n"  # the two ranks share one pipe: the marker in one write, not split by the other's
+        "    os.write(1, f'run {n} exit {rc}\\n'.encode())\n")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(script), *FAST, "--total_steps", "1", "--deepspeed", "ds_configs/zero3.json"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
